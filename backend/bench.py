@@ -1,0 +1,184 @@
+"""Latency of the backend as Label Studio sees it: HTTP round trip per click.
+
+    python -m backend.bench [--images 5] [--clicks 5] [--json] [--checkpoint default] [--device cpu]
+
+Serves the app on a free local port (threaded werkzeug server, as `python -m backend`) and the
+Berkeley images over HTTP, then replays interactive /predict requests in the exact shape Label
+Studio 1.23 sends them (tests/fixtures/labelstudio/012_POST_predict_interactive.json): for each
+image, the standard robot user (training.evaluation.clicker) places click after click from the
+ground truth and the previous answer, and every request carries *all* keypoints so far, as Label
+Studio does. Reports p50/p95 ms per click: all clicks, first clicks (image download + decode +
+model) and later clicks (cached session, one network run each), plus IoU after each click.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import platform
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import requests
+
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Object" background="#FF0000"/>
+  </BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true">
+    <Label value="Object" smart="true" background="#000000" showInline="true"/>
+  </KeyPointLabels>
+  <RectangleLabels name="rect" toName="image" smart="true">
+    <Label value="Object" smart="true" background="#000000" showInline="true"/>
+  </RectangleLabels>
+</View>"""
+
+
+def predict_body(task_id: int, image_url: str, regions: list) -> dict:
+    """An interactive /predict body shaped like the one Label Studio 1.23.2 sent (capture 012)."""
+    return {
+        "tasks": [{"id": task_id, "annotations": [], "drafts": [], "predictions": [],
+                   "data": {"image": image_url}, "meta": {}, "project": 1, "inner_id": task_id,
+                   "total_annotations": 0, "cancelled_annotations": 0, "total_predictions": 0}],
+        "project": "1.1795584533",
+        "label_config": LABEL_CONFIG,
+        "params": {"login": None, "password": None, "context": {"result": regions}},
+    }
+
+
+def keypoint(x: float, y: float, w: int, h: int, positive: bool = True, i: int = 0,
+             label: str = "Object") -> dict:
+    """A smart keypoint region as Label Studio sends it, at pixel centre (x, y) of a w x h image."""
+    return {"original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"x": (x + 0.5) / w * 100, "y": (y + 0.5) / h * 100, "width": 0.67,
+                      "keypointlabels": [label]},
+            "is_positive": positive, "id": f"kp{i}", "from_name": "kp", "to_name": "image",
+            "type": "keypointlabels", "origin": "manual"}
+
+
+def pct(values, q) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _serve(httpd) -> str:
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    host, port = httpd.server_address[:2]
+    return f"http://{host}:{port}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m backend.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from training.evaluation.datasets import default_data_root
+
+    ap.add_argument("--data", default=str(default_data_root() / "Berkeley"),
+                    help="Berkeley folder (images/, masks/); default $SIMCLICK_DATA_ROOT/Berkeley or ../shared/datasets")
+    ap.add_argument("--images", type=int, default=5)
+    ap.add_argument("--clicks", type=int, default=5, help="robot clicks per image")
+    ap.add_argument("--checkpoint", default=None, help="default: MODEL_CHECKPOINT or 'default'")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = ap.parse_args(argv)
+
+    from model.images import load_mask
+    from training.evaluation.clicker import RobotClicker
+    from werkzeug.serving import make_server
+
+    from .app import create_app
+    from .config import Config
+    from .masks import rle_to_mask
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    data = Path(args.data)
+    masks = sorted((data / "masks").glob("*.png"))[: args.images]
+    if not masks:
+        print(f"no masks under {data / 'masks'}", file=sys.stderr)
+        return 2
+
+    overrides = {}
+    if args.checkpoint:
+        overrides["checkpoint"] = args.checkpoint
+    if args.device:
+        overrides["device"] = args.device
+    cfg = Config.from_env(**overrides)
+    t0 = time.perf_counter()
+    app = create_app(cfg)
+    load_s = time.perf_counter() - t0
+    predictor = app.extensions["simclick"].predictor
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(data / "images"))
+    images_url = _serve(ThreadingHTTPServer(("127.0.0.1", 0), handler))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    backend_url = f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    http = requests.Session()
+
+    def post(body):
+        t = time.perf_counter()
+        r = http.post(backend_url + "/predict", json=body, timeout=300)
+        ms = (time.perf_counter() - t) * 1000
+        r.raise_for_status()
+        return r.json(), ms
+
+    # Warm-up on a copy of the first image under another URL (first torch call is slow).
+    stem0 = masks[0].stem
+    gt0 = load_mask(masks[0])
+    post(predict_body(0, f"{images_url}/{stem0}.jpg?warmup",
+                      [keypoint(gt0.shape[1] // 2, gt0.shape[0] // 2, gt0.shape[1], gt0.shape[0])]))
+
+    first, later, ious = [], [], [[] for _ in range(args.clicks)]
+    for n, mpath in enumerate(masks, start=1):
+        gt = load_mask(mpath)
+        h, w = gt.shape
+        robot = RobotClicker(gt)
+        pred = np.zeros_like(gt)
+        regions = []
+        for k in range(args.clicks):
+            c = robot.next_click(pred)
+            regions.append(keypoint(c.x, c.y, w, h, c.positive, k))
+            answer, ms = post(predict_body(n, f"{images_url}/{mpath.stem}.jpg", regions))
+            (first if k == 0 else later).append(ms)
+            pred = np.zeros_like(gt)
+            for item in answer["results"][0]["result"]:
+                pred |= rle_to_mask(item["value"]["rle"], h, w)
+            ious[k].append(float((pred & gt).sum() / max(1, (pred | gt).sum())))
+    server.shutdown()
+
+    every = first + later
+    report = {
+        "device": str(predictor.device),
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": __import__("torch").get_num_threads(),
+        "model_version": predictor.version,
+        "model_load_s": round(load_s, 2),
+        "images": len(masks), "clicks_per_image": args.clicks,
+        "ms_per_click": {"p50": round(pct(every, 50), 1), "p95": round(pct(every, 95), 1), "n": len(every)},
+        "first_click_ms": {"p50": round(pct(first, 50), 1), "p95": round(pct(first, 95), 1), "n": len(first)},
+        "later_click_ms": {"p50": round(pct(later, 50), 1), "p95": round(pct(later, 95), 1), "n": len(later)},
+        "mean_iou_per_click": [round(float(np.mean(v)), 3) for v in ious],
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"backend HTTP latency per click ({report['device']}, {report['torch_threads']} torch threads, "
+              f"model {report['model_version']}, {report['images']} images x {args.clicks} clicks)")
+        for name in ("ms_per_click", "first_click_ms", "later_click_ms"):
+            v = report[name]
+            print(f"  {name:15s} p50 {v['p50']:8.1f} ms   p95 {v['p95']:8.1f} ms   (n={v['n']})")
+        print(f"  mean IoU after each click: {report['mean_iou_per_click']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

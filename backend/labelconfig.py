@@ -1,0 +1,100 @@
+"""Read what the backend needs from a project's label config (the `<View>` XML).
+
+- the Image object tags (name -> task data key of `value="$key"`);
+- the output controls: BrushLabels (and PolygonLabels) with their toName and label values, so a
+  click for label "Cat" becomes a mask of the BrushLabels control that has `<Label value="Cat"/>`.
+"""
+from __future__ import annotations
+
+import functools
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+
+class LabelConfigError(ValueError):
+    """The label config cannot serve smart segmentation (message says what to add)."""
+
+
+OUTPUT_TYPES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
+
+
+@dataclass(frozen=True)
+class Control:
+    name: str
+    tag: str                 # e.g. "BrushLabels"
+    to_name: tuple[str, ...]
+    labels: tuple[str, ...]
+    smart: bool
+
+    @property
+    def result_type(self) -> str:
+        return self.tag.lower()
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    images: dict = field(default_factory=dict)      # Image tag name -> task data key
+    controls: tuple = ()                            # all labeling controls, document order
+
+    def image_key(self, to_name: str) -> str:
+        if to_name not in self.images:
+            raise LabelConfigError(
+                f"the label config has no <Image name=\"{to_name}\" value=\"$...\"/> "
+                f"(Image tags: {sorted(self.images) or 'none'})")
+        return self.images[to_name]
+
+    def output_for(self, label: str | None, to_name: str, output_format: str = "auto") -> tuple[Control, str]:
+        """The control and label a mask for `label` on image `to_name` is written to.
+
+        `label` None (an unlabeled smart region) is allowed when exactly one output label exists.
+        output_format: auto (brush first, else polygon), brush or polygon.
+        """
+        tags = {"auto": ("BrushLabels", "PolygonLabels"), "brush": ("BrushLabels",),
+                "polygon": ("PolygonLabels",)}[output_format]
+        for tag in tags:
+            candidates = [c for c in self.controls if c.tag == tag and to_name in c.to_name]
+            if label is None:
+                pairs = [(c, lab) for c in candidates for lab in c.labels]
+                if len(pairs) == 1:
+                    return pairs[0]
+                continue
+            for c in candidates:
+                if label in c.labels:
+                    return c, label
+        wanted = " or ".join(f"<{t}>" for t in tags)
+        if label is None:
+            raise LabelConfigError(
+                f"a smart region without a label needs exactly one label in {wanted} "
+                f"toName=\"{to_name}\"; give the smart region a label")
+        raise LabelConfigError(
+            f"label \"{label}\" has no {wanted} label of the same name for image \"{to_name}\": "
+            f"add <Label value=\"{label}\"/> to the {wanted} control with toName=\"{to_name}\"")
+
+
+def _bool(v: str | None) -> bool:
+    return (v or "").strip().lower() in ("true", "1", "yes")
+
+
+@functools.lru_cache(maxsize=64)
+def parse_label_config(xml: str) -> LabelConfig:
+    if not isinstance(xml, str) or not xml.strip():
+        raise LabelConfigError("empty label config")
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        raise LabelConfigError(f"label config is not valid XML: {e}") from None
+    images, controls = {}, []
+    for el in root.iter():
+        name = el.get("name")
+        if el.tag == "Image" and name:
+            value = el.get("value") or el.get("valueList") or ""
+            images[name] = value[1:] if value.startswith("$") else value
+        elif name and el.get("toName"):
+            labels = tuple(lab.get("value") for lab in el.iter("Label") if lab.get("value"))
+            controls.append(Control(name=name, tag=el.tag,
+                                    to_name=tuple(t.strip() for t in el.get("toName").split(",")),
+                                    labels=labels, smart=_bool(el.get("smart")) or any(
+                                        _bool(lab.get("smart")) for lab in el.iter("Label"))))
+    if not images:
+        raise LabelConfigError("the label config has no <Image name=... value=\"$...\"/> tag")
+    return LabelConfig(images=images, controls=tuple(controls))

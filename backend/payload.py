@@ -1,0 +1,201 @@
+"""Parse Label Studio's POST /predict body into per-object prompts.
+
+Label Studio (1.23) sends `params.context.result`: the smart regions the annotator just placed.
+All smart keypoints of one label arrive together, a smart rectangle in its own call, a smart brush
+stroke as an RLE mask. Each region carries its label; every label is one object, and its mask goes
+to the BrushLabels (or PolygonLabels) label of the same name.
+
+Coordinates arrive in percent of the image; here they become full-resolution pixel coordinates of
+the image as the annotator sees it (x = column, y = row, pixel centres at integers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .labelconfig import LabelConfig, parse_label_config
+from .masks import MaskFormatError, rle_to_mask
+
+
+class PayloadError(ValueError):
+    """The request body is not what Label Studio sends; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Click:
+    x: float
+    y: float
+    positive: bool
+
+
+@dataclass
+class Prompt:
+    """Everything the annotator gave for one object (one label on one image)."""
+    label: str | None
+    to_name: str
+    clicks: list = field(default_factory=list)        # keypoints, in the order they were placed
+    box: tuple | None = None                          # (x0, y0, x1, y1) continuous pixels
+    brush: np.ndarray | None = None                   # bool H x W at (orig_h, orig_w)
+    size: tuple | None = None                         # (original_width, original_height) sent
+
+    @property
+    def key(self) -> tuple:
+        return (self.to_name, self.label)
+
+
+@dataclass
+class PredictRequest:
+    tasks: list
+    project: str
+    label_config: LabelConfig
+    label_config_xml: str
+    context: list | None          # None = batch prediction ("Retrieve predictions", task opened)
+
+    @property
+    def interactive(self) -> bool:
+        return self.context is not None
+
+
+def _num(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PayloadError(f"{what} must be a number, got {value!r}")
+    v = float(value)
+    if not np.isfinite(v):
+        raise PayloadError(f"{what} must be finite, got {value!r}")
+    return v
+
+
+def parse_predict(body) -> PredictRequest:
+    if not isinstance(body, dict):
+        raise PayloadError("the body must be a JSON object with tasks, label_config and params")
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
+        raise PayloadError("'tasks' must be a non-empty list of task objects")
+    for t in tasks:
+        if not isinstance(t.get("data"), dict):
+            raise PayloadError(f"task {t.get('id')!r} has no 'data' object")
+    xml = body.get("label_config")
+    if not isinstance(xml, str) or not xml.strip():
+        raise PayloadError("'label_config' (the project's <View> XML) is missing")
+    try:
+        lc = parse_label_config(xml)
+    except ValueError as e:
+        raise PayloadError(str(e)) from None
+    params = body.get("params") or {}
+    if not isinstance(params, dict):
+        raise PayloadError("'params' must be an object")
+    context = params.get("context")
+    results = None
+    if context is not None:
+        if not isinstance(context, dict):
+            raise PayloadError("'params.context' must be an object with a 'result' list, or null")
+        results = context.get("result")
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise PayloadError("'params.context.result' must be a list of region objects")
+    return PredictRequest(tasks=tasks, project=str(body.get("project") or ""), label_config=lc,
+                          label_config_xml=xml, context=results)
+
+
+def _label_of(region: dict, value: dict, rtype: str) -> str | None:
+    labels = value.get(rtype)
+    if labels is None:
+        return None
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise PayloadError(f"value.{rtype} must be a list of label names, got {labels!r}")
+    if len(labels) > 1:
+        raise PayloadError(f"a smart region has several labels {labels}; give it one")
+    return labels[0] if labels else None
+
+
+def _size(region: dict) -> tuple[int, int]:
+    w = _num(region.get("original_width"), "original_width")
+    h = _num(region.get("original_height"), "original_height")
+    if w < 1 or h < 1 or w != int(w) or h != int(h):
+        raise PayloadError(f"original_width/original_height must be positive integers, got {w}x{h}")
+    return int(w), int(h)
+
+
+def parse_prompts(results: list) -> list[Prompt]:
+    """Group the context regions by (image, label) into prompts, in order of first appearance.
+
+    Pixel coordinates here are relative to the (original_width, original_height) the region was
+    drawn on; `scale_to` maps them onto the image actually downloaded.
+    """
+    prompts: dict[tuple, Prompt] = {}
+    for i, region in enumerate(results):
+        rtype = str(region.get("type") or "").lower()
+        value = region.get("value")
+        if not isinstance(value, dict):
+            raise PayloadError(f"context.result[{i}] has no 'value' object")
+        if rtype not in ("keypointlabels", "keypoint", "rectanglelabels", "rectangle",
+                         "brushlabels", "brush"):
+            continue  # e.g. a Choices or TextArea result of the same annotation: not a prompt
+        rot = region.get("image_rotation") or 0
+        if _num(rot, "image_rotation") % 360 != 0:
+            raise PayloadError("smart regions on a rotated image (image_rotation != 0) are not "
+                               "supported: rotate the image back to 0 degrees")
+        to_name = region.get("to_name")
+        if not isinstance(to_name, str) or not to_name:
+            raise PayloadError(f"context.result[{i}] has no 'to_name'")
+        w, h = _size(region)
+        label = _label_of(region, value, rtype if rtype.endswith("labels") else rtype + "labels")
+        p = prompts.setdefault((to_name, label), Prompt(label=label, to_name=to_name, size=(w, h)))
+        if p.size != (w, h):
+            raise PayloadError(f"regions of label {label!r} disagree on the image size: "
+                               f"{p.size} and {(w, h)}")
+        if rtype.startswith("keypoint"):
+            x = _num(value.get("x"), "keypoint value.x") / 100.0 * w - 0.5
+            y = _num(value.get("y"), "keypoint value.y") / 100.0 * h - 0.5
+            if not (-0.5 <= x <= w - 0.5 and -0.5 <= y <= h - 0.5):
+                raise PayloadError(f"keypoint at ({value.get('x')}%, {value.get('y')}%) is outside the image")
+            positive = region.get("is_positive", True)
+            if not isinstance(positive, bool):
+                raise PayloadError(f"is_positive must be true or false, got {positive!r}")
+            p.clicks.append(Click(min(max(x, 0.0), w - 1.0), min(max(y, 0.0), h - 1.0), positive))
+        elif rtype.startswith("rectangle"):
+            x0 = _num(value.get("x"), "rectangle value.x") / 100.0 * w
+            y0 = _num(value.get("y"), "rectangle value.y") / 100.0 * h
+            bw = _num(value.get("width"), "rectangle value.width") / 100.0 * w
+            bh = _num(value.get("height"), "rectangle value.height") / 100.0 * h
+            if bw <= 0 or bh <= 0:
+                raise PayloadError("rectangle width and height must be > 0")
+            if value.get("rotation") and _num(value.get("rotation"), "rotation") % 360 != 0:
+                th = np.deg2rad(_num(value["rotation"], "rotation"))
+                # Label Studio rotates around the top-left corner: take the rotated box's bounds.
+                xs = [x0 + dx * np.cos(th) - dy * np.sin(th) for dx, dy in ((0, 0), (bw, 0), (0, bh), (bw, bh))]
+                ys = [y0 + dx * np.sin(th) + dy * np.cos(th) for dx, dy in ((0, 0), (bw, 0), (0, bh), (bw, bh))]
+                x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+            else:
+                x1, y1 = x0 + bw, y0 + bh
+            x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(w)), min(y1, float(h))
+            if x1 - x0 < 1 or y1 - y0 < 1:
+                raise PayloadError("the rectangle lies outside the image or is under one pixel")
+            p.box = (x0, y0, x1, y1)   # the latest box of a label wins
+        else:
+            if value.get("format", "rle") != "rle":
+                raise PayloadError(f"brush value.format must be 'rle', got {value.get('format')!r}")
+            try:
+                m = rle_to_mask(value.get("rle"), h, w)
+            except MaskFormatError as e:
+                raise PayloadError(f"brush stroke of label {label!r}: {e}") from None
+            p.brush = m if p.brush is None else (p.brush | m)
+    return list(prompts.values())
+
+
+def scale_prompt(p: Prompt, width: int, height: int) -> Prompt:
+    """Map a prompt drawn on p.size onto an image of width x height (no-op when equal)."""
+    if p.size == (width, height) or p.size is None:
+        return p
+    sw, sh = p.size
+    fx, fy = width / sw, height / sh
+    clicks = [Click(min((c.x + 0.5) * fx - 0.5, width - 1.0), min((c.y + 0.5) * fy - 0.5, height - 1.0),
+                    c.positive) for c in p.clicks]
+    box = None if p.box is None else (p.box[0] * fx, p.box[1] * fy, p.box[2] * fx, p.box[3] * fy)
+    brush = None
+    if p.brush is not None:
+        import cv2
+        brush = cv2.resize(p.brush.astype(np.uint8), (width, height),
+                           interpolation=cv2.INTER_NEAREST).astype(bool)
+    return Prompt(label=p.label, to_name=p.to_name, clicks=clicks, box=box, brush=brush,
+                  size=(width, height))

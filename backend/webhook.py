@@ -1,0 +1,131 @@
+"""POST /webhook: validate Label Studio's events, record them, hand training events to a queue.
+
+Label Studio sends every project event to the ML backend's /webhook and waits about a second for
+the answer, so nothing slow happens here: training events are passed to an *enqueue* function
+(TRAINING_ENQUEUE="package.module:function", called with a WebhookEvent, returning a job id or
+None, or a dict {"job": id or None, ...} merged into the answer) that must only put a job on a
+queue. With REDIS_URL set, the default is training.jobs:enqueue_webhook (RQ, see training/jobs.py). Without one, events are validated, recorded and
+acknowledged.
+
+Events and what they carry (Label Studio 1.23):
+- ANNOTATION_CREATED / ANNOTATION_UPDATED: annotation, task, project;
+- START_TRAINING (from POST /api/ml/{id}/train): only the project; the trainer pulls annotations;
+- ANNOTATIONS_DELETED (plural), TASKS_CREATED, TASKS_DELETED, PROJECT_UPDATED, ...: acknowledged.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+log = logging.getLogger(__name__)
+
+TRAINING_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "START_TRAINING"})
+# What each action must carry (key -> required type) to be usable.
+REQUIRED = {
+    "ANNOTATION_CREATED": {"annotation": dict, "task": dict, "project": dict},
+    "ANNOTATION_UPDATED": {"annotation": dict, "task": dict, "project": dict},
+    "START_TRAINING": {"project": dict},
+}
+
+
+class WebhookError(ValueError):
+    pass
+
+
+@dataclass
+class WebhookEvent:
+    action: str
+    project_id: Optional[int]
+    task_id: Optional[int] = None
+    annotation_id: Optional[int] = None
+    payload: dict = field(default_factory=dict, repr=False)
+    received_at: float = field(default_factory=time.time)
+
+    def summary(self) -> dict:
+        return {"action": self.action, "project": self.project_id, "task": self.task_id,
+                "annotation": self.annotation_id, "received_at": self.received_at}
+
+
+def _id(obj) -> Optional[int]:
+    if isinstance(obj, dict):
+        obj = obj.get("id")
+    return obj if isinstance(obj, int) and not isinstance(obj, bool) else None
+
+
+def parse_event(body) -> WebhookEvent:
+    if not isinstance(body, dict):
+        raise WebhookError("the webhook body must be a JSON object with an 'action'")
+    action = body.get("action")
+    if not isinstance(action, str) or not action:
+        raise WebhookError("the webhook body has no 'action' string")
+    for key, typ in REQUIRED.get(action, {}).items():
+        if not isinstance(body.get(key), typ):
+            raise WebhookError(f"{action} event without a '{key}' object")
+    project_id = _id(body.get("project"))
+    if action in REQUIRED and project_id is None:
+        raise WebhookError(f"{action} event without a project id")
+    ann = body.get("annotation") if isinstance(body.get("annotation"), dict) else {}
+    task_id = _id(body.get("task")) or _id(ann.get("task"))
+    if action.startswith("ANNOTATION_") and action in REQUIRED:
+        if _id(ann) is None or not isinstance(ann.get("result"), list):
+            raise WebhookError(f"{action} event whose annotation has no id or result list")
+    return WebhookEvent(action=action, project_id=project_id, task_id=task_id,
+                        annotation_id=_id(ann), payload=body)
+
+
+def load_enqueue(spec: str) -> Optional[Callable[[WebhookEvent], Optional[str]]]:
+    """'package.module:function' -> the function (ImportError/AttributeError if it is not there)."""
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    if not callable(fn):
+        raise TypeError(f"TRAINING_ENQUEUE {spec!r} is not callable")
+    return fn
+
+
+class WebhookHandler:
+    def __init__(self, enqueue: Optional[Callable[[WebhookEvent], Optional[str]]] = None,
+                 history: int = 100):
+        self.enqueue = enqueue
+        self._recent = deque(maxlen=history)
+        self._lock = threading.Lock()
+
+    def handle(self, body) -> tuple[dict, int]:
+        event = parse_event(body)   # WebhookError -> 400 in the app
+        record = event.summary()
+        answer = {"status": "ok", "action": event.action}
+        status = 200
+        if event.action in TRAINING_ACTIONS:
+            if self.enqueue is None:
+                answer["training"] = "no training queue configured (TRAINING_ENQUEUE)"
+            else:
+                try:
+                    job = self.enqueue(event)
+                    if isinstance(job, dict):   # {"job": id or None, "training": what happened}
+                        answer.update(job)
+                        record["job"] = job.get("job")
+                    else:
+                        answer["job"] = record["job"] = job
+                except Exception as e:  # a queue outage must not take the worker down
+                    log.exception("enqueueing %s for project %s failed", event.action, event.project_id)
+                    answer = {"status": "error", "action": event.action,
+                              "error": f"could not enqueue the training job: {type(e).__name__}: {e}"}
+                    record["error"] = answer["error"]
+                    status = 503
+        else:
+            answer["status"] = "ignored"
+        with self._lock:
+            self._recent.append(record)
+        log.info("webhook %s project=%s task=%s annotation=%s -> %s", event.action, event.project_id,
+                 event.task_id, event.annotation_id, answer.get("job", answer["status"]))
+        return answer, status
+
+    def recent(self) -> list[dict]:
+        with self._lock:
+            return list(self._recent)

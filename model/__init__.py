@@ -1,0 +1,1 @@
+"""The interactive segmentation network (DeepLabv3+ with SPM) and the click-by-click predictor."""

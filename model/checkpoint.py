@@ -1,0 +1,172 @@
+"""Inference checkpoints: one .safetensors file whose header carries the JSON config.
+
+Why one file: safetensors' header is JSON and holds string metadata, so the weights and their
+config (architecture, backbone, input size, version, training data, metrics) travel together and
+one atomic rename publishes both; a loader can never pair weights with the wrong config.
+`python -m model.checkpoint info FILE` prints the JSON.
+
+Loading never unpickles: only safetensors is accepted, and a pickle or torch.save zip is refused
+with a clear error before any byte of it is interpreted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from .config import ModelConfig
+
+FORMAT = "simclick-checkpoint/1"
+META_KEY = "simclick"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "simclick-lite2.safetensors"
+
+
+class CheckpointError(ValueError):
+    """The file is not a loadable SimClick checkpoint (wrong format, pickle, corrupt, mismatched)."""
+
+
+def resolve(checkpoint: str | os.PathLike | None) -> Path:
+    """'default' / None -> $SIMCLICK_CHECKPOINT or the shipped default; anything else is a path."""
+    if checkpoint in (None, "default"):
+        checkpoint = os.environ.get("SIMCLICK_CHECKPOINT") or DEFAULT_CHECKPOINT
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: ModelConfig, info: dict | None = None,
+                    half: bool = False) -> Path:
+    """Atomically write weights + config: temp file in the same directory, fsync, rename.
+
+    `info` holds the rest of the card: version, training data, metrics... (JSON-serialisable).
+    `half` stores floating tensors as fp16 (the loader converts back to fp32).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for k, v in state_dict.items():
+        v = v.detach().cpu().contiguous()
+        if half and v.is_floating_point():
+            v = v.half()
+        tensors[k] = v
+    meta = {"format": FORMAT, "model": config.to_dict(), **(info or {})}
+    blob = safetensors_bytes(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    atomic_write_bytes(path, blob)
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """A crash at any point leaves either the old file or the new one, never a torn file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file 0600; weights are read by other users (a container's service user)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _refuse_non_safetensors(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise CheckpointError(
+            f"{path} is a pickle / torch.save file; SimClick loads only .safetensors checkpoints "
+            "(pickles can run arbitrary code). Convert it with model.checkpoint.save_checkpoint.")
+    if len(head) < 8:
+        raise CheckpointError(f"{path} is not a safetensors file (too short)")
+    header_len = int.from_bytes(head[:8], "little")
+    if header_len <= 0 or header_len > 100_000_000 or head[8:9] != b"{":
+        raise CheckpointError(f"{path} is not a safetensors file (bad header)")
+
+
+def read_info(path: str | os.PathLike) -> dict:
+    """The checkpoint's JSON card (format, model config, version, training, metrics)."""
+    path = Path(path)
+    _refuse_non_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from e
+    if META_KEY not in meta:
+        raise CheckpointError(f"{path}: safetensors file without a SimClick config (metadata key {META_KEY!r})")
+    info = json.loads(meta[META_KEY])
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {info.get('format')!r}")
+    return info
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict, ModelConfig, dict]:
+    """-> (state_dict in fp32, ModelConfig, info)."""
+    path = Path(path)
+    info = read_info(path)
+    config = ModelConfig.from_dict(info["model"])
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            state[k] = t.float() if t.is_floating_point() else t
+    return state, config, info
+
+
+def build_model(path: str | os.PathLike):
+    """Load a checkpoint into a fresh InteractiveSegNet (strict: every tensor must match)."""
+    from .network import InteractiveSegNet
+
+    state, config, info = load_checkpoint(path)
+    net = InteractiveSegNet(config, pretrained=False)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return net, info
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m model.checkpoint", description="Inspect a SimClick checkpoint.")
+    ap.add_argument("command", choices=["info"])
+    ap.add_argument("path", nargs="?", default="default")
+    args = ap.parse_args(argv)
+    path = resolve(args.path)
+    info = read_info(path)
+    info["sha256"] = file_sha256(path)
+    info["path"] = str(path)
+    json.dump(info, sys.stdout, indent=2, sort_keys=True)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Click encoding shared by the network, the predictor and training.
+
+A batch of clicks is a float tensor (B, M, 3) of (y, x, sign) in the network input's pixel
+coordinates (pixel centres at integer positions); sign is +1 positive, -1 negative, 0 padding, so
+samples with different click counts share one tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def disk_maps(clicks: torch.Tensor, height: int, width: int, radius: float) -> torch.Tensor:
+    """(B, M, 3) clicks -> (B, 2, H, W) binary disk maps: channel 0 positive, 1 negative."""
+    b, m, _ = clicks.shape
+    dev = clicks.device
+    yy = torch.arange(height, device=dev, dtype=torch.float32).view(1, height, 1)
+    xx = torch.arange(width, device=dev, dtype=torch.float32).view(1, 1, width)
+    out = torch.zeros(b, 2, height, width, device=dev, dtype=torch.float32)
+    r2 = float(radius) ** 2
+    # A loop over the (few) clicks keeps memory at B x H x W instead of B x M x H x W.
+    for j in range(m):
+        cy = clicks[:, j, 0].view(b, 1, 1).float()
+        cx = clicks[:, j, 1].view(b, 1, 1).float()
+        sign = clicks[:, j, 2].view(b, 1, 1)
+        disk = ((yy - cy) ** 2 + (xx - cx) ** 2) <= r2
+        out[:, 0] = torch.maximum(out[:, 0], (disk & (sign > 0)).float())
+        out[:, 1] = torch.maximum(out[:, 1], (disk & (sign < 0)).float())
+    return out
+
+
+def proximity_maps(clicks: torch.Tensor, input_hw: tuple[int, int], out_hw: tuple[int, int],
+                   falloff: float = 0.15) -> torch.Tensor:
+    """(B, M, 3) clicks -> (B, 2, h, w) maps of exp(-d / (falloff * long side)), d the distance from
+    each output cell centre to the nearest positive (channel 0) / negative (channel 1) click in input
+    pixels; 0 where there is no click of that sign. A smooth "how near a click" signal for the decoder,
+    whose own receptive field is a few cells."""
+    height, width = input_hw
+    h, w = out_hw
+    b, m, _ = clicks.shape
+    dev = clicks.device
+    yy = ((torch.arange(h, device=dev, dtype=torch.float32) + 0.5) * height / h - 0.5).view(1, h, 1)
+    xx = ((torch.arange(w, device=dev, dtype=torch.float32) + 0.5) * width / w - 0.5).view(1, 1, w)
+    scale = 1.0 / (falloff * max(height, width))
+    out = torch.zeros(b, 2, h, w, device=dev, dtype=torch.float32)
+    for j in range(m):
+        cy = clicks[:, j, 0].view(b, 1, 1).float()
+        cx = clicks[:, j, 1].view(b, 1, 1).float()
+        sign = clicks[:, j, 2].view(b, 1, 1)
+        near = torch.exp(-torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) * scale)
+        out[:, 0] = torch.maximum(out[:, 0], near * (sign > 0))
+        out[:, 1] = torch.maximum(out[:, 1], near * (sign < 0))
+    return out
+
+
+def sample_at_clicks(feature: torch.Tensor, clicks: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly sample (B, C, h, w) features at click positions given in input pixels -> (B, M, C)."""
+    height, width = input_hw
+    y = (clicks[..., 0] + 0.5) / height * 2 - 1
+    x = (clicks[..., 1] + 0.5) / width * 2 - 1
+    grid = torch.stack([x, y], dim=-1).unsqueeze(1).to(feature.dtype)  # (B, 1, M, 2)
+    s = torch.nn.functional.grid_sample(feature, grid, mode="bilinear", align_corners=False)
+    return s.squeeze(2).transpose(1, 2)  # (B, M, C)
+
+
+def pack_clicks(click_lists, device=None) -> torch.Tensor:
+    """[[(y, x, positive), ...], ...] -> (B, M, 3) tensor padded with sign 0 (M >= 1)."""
+    m = max(1, max((len(c) for c in click_lists), default=0))
+    out = torch.zeros(len(click_lists), m, 3, dtype=torch.float32)
+    for i, cl in enumerate(click_lists):
+        for j, (y, x, pos) in enumerate(cl):
+            out[i, j] = torch.tensor([y, x, 1.0 if pos else -1.0])
+    return out.to(device) if device is not None else out

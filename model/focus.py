@@ -1,0 +1,70 @@
+"""IAM, the intention-driven focus view (method.md): where to look again, and how to paste back.
+
+All functions work on masks at the predictor's working resolution, in (y, x) pixel coordinates.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+
+def changed_region(prev: np.ndarray, new: np.ndarray, y: int, x: int) -> np.ndarray:
+    """The connected region (8-connectivity) of pixels whose label flipped that contains the click;
+    empty when the click's own pixel did not flip. This is what the user meant to fix."""
+    changed = (prev != new).astype(np.uint8)
+    if not changed[y, x]:
+        return np.zeros_like(prev, dtype=bool)
+    _, labels = cv2.connectedComponents(changed, connectivity=8)
+    return labels == labels[y, x]
+
+
+def focus_radius(prev: np.ndarray, region: np.ndarray, y: int, x: int, min_radius: float = 5.0) -> float:
+    """Crop half-size before expansion: the changed region's extent around the click (Chebyshev,
+    so the square crop covers it); if the click changed nothing, its distance to the previous
+    mask's boundary; never below `min_radius`."""
+    if region.any():
+        ys, xs = np.nonzero(region)
+        r = float(max(np.abs(ys - y).max(), np.abs(xs - x).max()))
+    elif prev.any() and not prev.all():
+        # Distance from the click to the nearest pixel of the other label = to the boundary.
+        inside = bool(prev[y, x])
+        dist = ndimage.distance_transform_edt(prev if inside else ~prev)
+        r = float(dist[y, x])
+    else:
+        r = 0.0
+    return max(r, float(min_radius))
+
+
+def focus_box(y: float, x: float, half: float, height: int, width: int) -> tuple[int, int, int, int]:
+    """A square (y0, x0, y1, x1), end exclusive, of side 2*half+1 centred on the click, shifted to
+    lie inside the image and clipped where the image is smaller than the square."""
+    side = int(round(2 * half + 1))
+    side_y, side_x = min(side, height), min(side, width)
+    y0 = int(round(y - side_y / 2))
+    x0 = int(round(x - side_x / 2))
+    y0 = min(max(y0, 0), height - side_y)
+    x0 = min(max(x0, 0), width - side_x)
+    return y0, x0, y0 + side_y, x0 + side_x
+
+
+def paste(prob: np.ndarray, crop_prob: np.ndarray, box: tuple[int, int, int, int], positive: bool,
+          region: np.ndarray | None, intention: bool = True) -> np.ndarray:
+    """Paste a refined crop into a copy of `prob`.
+
+    Intention rule: a positive click asks for foreground, a negative one for background, so outside
+    the changed region the refinement may only move pixels in the click's direction.
+    """
+    y0, x0, y1, x1 = box
+    out = prob.copy()
+    old = prob[y0:y1, x0:x1]
+    new = crop_prob
+    if intention:
+        directed = np.maximum(old, new) if positive else np.minimum(old, new)
+        if region is not None:
+            free = region[y0:y1, x0:x1]
+            new = np.where(free, new, directed)
+        else:
+            new = directed
+    out[y0:y1, x0:x1] = new
+    return out

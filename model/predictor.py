@@ -1,0 +1,273 @@
+"""Click-by-click prediction with the two-stage network.
+
+    predictor = Predictor.load("default")          # or a .safetensors path
+    session = predictor.open(image)                # H x W x 3 uint8 RGB (see model.images)
+    prob = session.add_click(x=120, y=80, positive=True)   # float32 H x W in [0, 1], full resolution
+    session.undo(); session.reset()
+
+Per click: a coarse pass on the whole image (long side `coarse_size`), then the IAM focus view:
+crop around what the click changed, refine with the same network, paste back, and repeat on a
+shrinking crop while the refinement still changes the mask. The session keeps the mask at a
+bounded working resolution (long side <= `max_work_side`) and answers at full resolution.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import torch
+
+from . import focus
+from .checkpoint import build_model, file_sha256, resolve
+from .fold import fold_batchnorm
+from .images import to_rgb8
+
+
+class Click(NamedTuple):
+    x: float          # column, full-resolution pixels
+    y: float          # row
+    positive: bool
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    coarse: bool = True            # stage 1: whole image
+    refine: bool = True            # stage 2: IAM focus view
+    coarse_size: int = 384         # long side of the coarse view (rounded to a multiple of 32)
+    focus_size: int = 0            # side of the focus crop given to the network; 0 = model input_size
+    focus_expand: float = 1.75     # crop side = (2r + 1) * expand
+    focus_min_radius: float = 5.0  # px at working resolution (method.md)
+    focus_min_side: int = 48       # smallest crop, px at working resolution
+    focus_passes: int = 2          # progressive focus: at most this many refinements per click
+    focus_shrink: float = 0.6      # each further pass shrinks the crop by this factor
+    focus_tolerance: float = 0.005  # stop refining when a pass flips fewer than this fraction of the crop
+    intention: bool = True         # refined pixels move only in the click's direction (outside the changed region)
+    max_work_side: int = 2048      # working resolution bound (memory/time on 8000 x 6000 photos)
+    threshold: float = 0.5
+    max_history: int = 64          # undo depth
+
+    def __post_init__(self):
+        if not (self.coarse or self.refine):
+            raise ValueError("at least one of the coarse and refine stages must be enabled")
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _round32(v: float) -> int:
+    return max(32, int(round(v / 32)) * 32)
+
+
+class Predictor:
+    """Holds one network in eval mode; sessions share it. Thread-safe: the weights are read-only
+    under inference_mode and each session serialises its own calls."""
+
+    def __init__(self, net: torch.nn.Module, info: dict | None = None, device=None,
+                 options: PredictorOptions | None = None):
+        self.device = pick_device(device)
+        self.info = info or {}
+        self.options = options or PredictorOptions()
+        self.config = net.config
+        # A folded copy: BN costs nothing at inference, and a network still being trained is untouched.
+        net = fold_batchnorm(net).to(self.device)
+        if self.device.type == "cpu":
+            net = net.to(memory_format=torch.channels_last)  # faster oneDNN convolutions
+        self.net = net
+        self.version = str(self.info.get("version", "unversioned"))
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def load(cls, checkpoint: str | None = "default", device=None, **options) -> "Predictor":
+        path = resolve(checkpoint)
+        net, info = build_model(path)
+        info = dict(info, checkpoint_path=str(path), checkpoint_sha256=file_sha256(path))
+        return cls(net, info, device=device, options=PredictorOptions(**options))
+
+    def with_options(self, **changes) -> "Predictor":
+        """Same weights, other options (ablations: coarse/refine/intention on or off)."""
+        p = Predictor.__new__(Predictor)
+        p.__dict__.update(self.__dict__)
+        p.options = replace(self.options, **changes)
+        p.timings = {}
+        return p
+
+    def open(self, image: np.ndarray, prior_mask: np.ndarray | None = None) -> "Session":
+        return Session(self, to_rgb8(image), prior_mask)
+
+    @torch.inference_mode()
+    def run_net(self, image: torch.Tensor, clicks: list[tuple[float, float, bool]], prev: np.ndarray) -> np.ndarray:
+        """One forward pass. image (1, 3, h, w) float in [0, 1] on the device; clicks (y, x, pos)
+        in its pixel coordinates; prev (h, w) bool. Returns the (h, w) float32 probability."""
+        cl = torch.tensor([[(y, x, 1.0 if p else -1.0) for y, x, p in clicks]], dtype=torch.float32,
+                          device=self.device)
+        prev_t = torch.from_numpy(prev.astype(np.float32))[None, None].to(self.device)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = self.net(image, cl, prev_t).logits
+        else:
+            logits = self.net(image.contiguous(memory_format=torch.channels_last), cl, prev_t).logits
+        return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+
+    def to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float().div_(255.0)
+
+
+class Session:
+    """One image being annotated: its clicks, its current mask, its undo history."""
+
+    def __init__(self, predictor: Predictor, image: np.ndarray, prior_mask: np.ndarray | None = None):
+        self.predictor = predictor
+        opt = predictor.options
+        self.height, self.width = image.shape[:2]
+        # Working resolution: bounded so 8000 x 6000 photos cost what a 2 MP photo costs.
+        self.scale = min(1.0, opt.max_work_side / max(self.height, self.width))
+        if self.scale < 1.0:
+            wh = (max(1, round(self.width * self.scale)), max(1, round(self.height * self.scale)))
+            self.work = cv2.resize(image, wh, interpolation=cv2.INTER_AREA)
+        else:
+            self.work = image
+        self.wh, self.ww = self.work.shape[:2]
+        # Coarse view, computed once per image (the per-image cache).
+        s = opt.coarse_size / max(self.wh, self.ww)
+        self.coarse_hw = (_round32(self.wh * s), _round32(self.ww * s))
+        coarse = cv2.resize(self.work, self.coarse_hw[::-1], interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+        self.coarse_tensor = predictor.to_tensor(coarse)
+        self.focus_size = opt.focus_size or predictor.config.input_size
+        self._lock = threading.Lock()
+        self._prior = None
+        if prior_mask is not None:
+            prior_mask = np.asarray(prior_mask)
+            if prior_mask.shape[:2] != (self.height, self.width):
+                raise ValueError(f"prior mask is {prior_mask.shape[:2]}, image is {(self.height, self.width)}")
+            self._prior = self._to_work(prior_mask.astype(np.float32))
+        self.clicks: list[Click] = []
+        self.last_timing: dict = {}
+        self._history: list[np.ndarray] = []
+        self.prob = self._initial_prob()
+
+    # -- public API ---------------------------------------------------------------------------
+    def add_click(self, x: float, y: float, positive: bool) -> np.ndarray:
+        """Add a click at full-resolution (x, y) and return the full-resolution probability map."""
+        x, y = float(x), float(y)
+        if not (np.isfinite(x) and np.isfinite(y)) or not (0 <= x <= self.width and 0 <= y <= self.height):
+            raise ValueError(f"click ({x:g}, {y:g}) is outside the {self.width}x{self.height} image")
+        with self._lock:
+            self._history.append(self.prob.astype(np.float16))
+            if len(self._history) > self.predictor.options.max_history:
+                self._history.pop(0)
+            self.clicks.append(Click(x, y, bool(positive)))
+            self.prob = self._predict(self.prob)
+            return self.full_prob()
+
+    def undo(self) -> np.ndarray | None:
+        """Remove the last click; returns the restored probability map (None if there was no click)."""
+        with self._lock:
+            if not self.clicks:
+                return None
+            self.clicks.pop()
+            self.prob = self._history.pop().astype(np.float32) if self._history else self._initial_prob()
+            return self.full_prob()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.clicks.clear()
+            self._history.clear()
+            self.prob = self._initial_prob()
+
+    def full_prob(self) -> np.ndarray:
+        if self.scale < 1.0:
+            return cv2.resize(self.prob, (self.width, self.height), interpolation=cv2.INTER_LINEAR)
+        return self.prob.copy()
+
+    def mask(self) -> np.ndarray:
+        return self.full_prob() > self.predictor.options.threshold
+
+    # -- internals ----------------------------------------------------------------------------
+    def _initial_prob(self) -> np.ndarray:
+        if self._prior is not None:
+            return self._prior.copy()
+        return np.zeros((self.wh, self.ww), np.float32)
+
+    def _to_work(self, a: np.ndarray) -> np.ndarray:
+        if a.shape[:2] == (self.wh, self.ww):
+            return a.astype(np.float32)
+        return cv2.resize(a.astype(np.float32), (self.ww, self.wh), interpolation=cv2.INTER_AREA)
+
+    def _work_clicks(self):
+        # Full-res pixel centre -> working-res pixel centre.
+        s = self.scale
+        return [((c.y + 0.5) * s - 0.5, (c.x + 0.5) * s - 0.5, c.positive) for c in self.clicks]
+
+    def _predict(self, prev_prob: np.ndarray) -> np.ndarray:
+        p = self.predictor
+        opt = p.options
+        thr = opt.threshold
+        prev = prev_prob > thr
+        clicks = self._work_clicks()
+        cy, cx, positive = clicks[-1]
+        iy = int(min(max(round(cy), 0), self.wh - 1))
+        ix = int(min(max(round(cx), 0), self.ww - 1))
+
+        prob = prev_prob
+        t0 = time.perf_counter()
+        if opt.coarse:
+            h, w = self.coarse_hw
+            sy, sx = h / self.wh, w / self.ww
+            net_clicks = [((y + 0.5) * sy - 0.5, (x + 0.5) * sx - 0.5, pos) for y, x, pos in clicks]
+            prev_small = cv2.resize(prev.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+            coarse = p.run_net(self.coarse_tensor, net_clicks, prev_small)
+            prob = cv2.resize(coarse, (self.ww, self.wh), interpolation=cv2.INTER_LINEAR)
+        t1 = time.perf_counter()
+        self.last_timing = {"coarse_ms": (t1 - t0) * 1000, "refine_ms": 0.0, "refine_passes": 0}
+        if not opt.refine:
+            return prob
+
+        region = focus.changed_region(prev, prob > thr, iy, ix)
+        r = focus.focus_radius(prev, region, iy, ix, opt.focus_min_radius)
+        if not opt.coarse and not region.any() and not prev.any():
+            r = max(r, 0.25 * max(self.wh, self.ww))  # refine-only, nothing known yet: a wide first look
+        half = max(r * opt.focus_expand, opt.focus_min_side / 2)
+        coarse_scale = max(self.coarse_hw) / max(self.wh, self.ww) if opt.coarse else 0.0
+        for _ in range(opt.focus_passes):
+            box = focus.focus_box(cy, cx, half, self.wh, self.ww)
+            y0, x0, y1, x1 = box
+            side = max(y1 - y0, x1 - x0)
+            # A crop that is not zoomed in beyond the coarse view adds nothing but time.
+            if self.focus_size / side <= 1.2 * coarse_scale:
+                break
+            refined = self._refine(box, clicks, prob > thr)
+            self.last_timing["refine_passes"] += 1
+            before = prob[y0:y1, x0:x1] > thr
+            prob = focus.paste(prob, refined, box, positive, region if region.any() else None, opt.intention)
+            flipped = np.count_nonzero(before != (prob[y0:y1, x0:x1] > thr)) / before.size
+            if flipped < opt.focus_tolerance:
+                break
+            half *= opt.focus_shrink
+            if 2 * half + 1 < opt.focus_min_side:
+                break
+        self.last_timing["refine_ms"] = (time.perf_counter() - t1) * 1000
+        return prob
+
+    def _refine(self, box, clicks, current: np.ndarray) -> np.ndarray:
+        """Predict the crop `box` of the working image at the network's focus size."""
+        y0, x0, y1, x1 = box
+        ch, cw = y1 - y0, x1 - x0
+        # Square crops keep the aspect; crops clipped by the border are stretched to the square.
+        s = self.focus_size
+        crop = cv2.resize(self.work[y0:y1, x0:x1], (s, s),
+                          interpolation=cv2.INTER_AREA if max(ch, cw) > s else cv2.INTER_LINEAR)
+        sy, sx = s / ch, s / cw
+        inside = [c for c in clicks[:-1] if y0 - 0.5 <= c[0] < y1 - 0.5 and x0 - 0.5 <= c[1] < x1 - 0.5]
+        ly, lx, lpos = clicks[-1]  # the latest click is the crop's reason to exist: always in it
+        inside.append((min(max(ly, y0), y1 - 1), min(max(lx, x0), x1 - 1), lpos))
+        net_clicks = [((y - y0 + 0.5) * sy - 0.5, (x - x0 + 0.5) * sx - 0.5, pos) for y, x, pos in inside]
+        prev = cv2.resize(current[y0:y1, x0:x1].astype(np.uint8), (s, s), interpolation=cv2.INTER_NEAREST).astype(bool)
+        out = self.predictor.run_net(self.predictor.to_tensor(crop), net_clicks, prev)
+        return cv2.resize(out, (cw, ch), interpolation=cv2.INTER_LINEAR)

@@ -1,0 +1,86 @@
+"""Shared fixtures. The repository root is put on sys.path so tests import model/, backend/, training/."""
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tests run on CPU with the default thread count; keep BLAS from oversubscribing the 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+DATASETS = Path(os.environ.get("SIMCLICK_DATA_ROOT", ROOT.parent / "shared" / "datasets"))
+
+
+# -- shared by the fine-tuning tests (test_jobs_*, test_registry*, test_finetune_*) ----------------
+import pytest  # noqa: E402
+
+
+_TINY = {}
+
+
+def make_tiny_checkpoint(path, seed=0, version="tiny"):
+    """A small real network (efficientnet-lite2 backbone, 128 px input, 32-channel heads, random
+    init; `seed` perturbs every weight, so each seed is another model) saved as a SimClick
+    checkpoint: cheap enough to fine-tune and evaluate in tests."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import ModelConfig
+    from model.network import InteractiveSegNet
+
+    if "net" not in _TINY:      # building the backbone costs seconds: once per process
+        torch.manual_seed(0)
+        _TINY["net"] = InteractiveSegNet(ModelConfig(input_size=128, aspp_channels=32, decoder_channels=32),
+                                         pretrained=False)
+    net = _TINY["net"]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    if seed:
+        g = torch.Generator().manual_seed(seed)
+        for k, v in state.items():
+            if v.is_floating_point() and v.numel() > 1:
+                state[k] = v + 0.01 * v.std().nan_to_num(0.0) * torch.randn(v.shape, generator=g)
+    return save_checkpoint(path, state, net.config, {"version": version})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def label_studio_server(tmp_path_factory):
+    """One real Label Studio 1.23 for the whole session (tests/e2e/ls_harness.py); skipped only when
+    it is not installed and the package index is unreachable. SIMCLICK_LS_URL + SIMCLICK_LS_TOKEN
+    reuse a running server."""
+    sys.path.insert(0, str(Path(__file__).parent / "e2e"))
+    import ls_harness
+
+    if os.environ.get("SIMCLICK_LS_URL"):
+        ls = ls_harness.LabelStudio(tmp_path_factory.mktemp("ls"), token=os.environ["SIMCLICK_LS_TOKEN"])
+        ls.url = os.environ["SIMCLICK_LS_URL"].rstrip("/")
+        yield ls
+        return
+    try:
+        ls_harness.ensure_installed()
+    except ls_harness.IndexUnreachable as e:
+        pytest.skip(f"cannot install Label Studio for the end-to-end test: {e}")
+    ls = ls_harness.LabelStudio(tmp_path_factory.mktemp("ls"))
+    try:
+        ls.start()
+        yield ls
+    finally:
+        ls.stop()
+
+
+@pytest.fixture(scope="session")
+def label_studio_pat(label_studio_server):
+    """The admin's personal access token on that server. Label Studio 1.23 gives a user one valid
+    token (a second POST /api/token/ is 409), so every test of the session must share this one.
+    SIMCLICK_LS_PAT: the token of a reused server."""
+    if os.environ.get("SIMCLICK_LS_PAT"):
+        return os.environ["SIMCLICK_LS_PAT"]
+    r = label_studio_server.api("POST", "/api/token/")
+    assert r.status_code == 201, f"cannot create a personal access token: {r.status_code} {r.text[:300]}"
+    return r.json()["token"]

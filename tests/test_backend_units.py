@@ -1,0 +1,426 @@
+"""Unit tests of the ML backend's parts: config, label config, payload parsing, RLE, polygons,
+brush strokes, caches, webhooks, token handling. No model is loaded here."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle, encode_rle
+
+from backend.config import Config, ConfigError, help_text
+from backend.engine import Frame, Segmenter, TTLCache, brush_clicks, common_prefix
+from backend.fetch import FetchError, ImageFetcher, LabelStudioAuth, SetupInfo, _jwt_payload, origin
+from backend.labelconfig import LabelConfigError, parse_label_config
+from backend.masks import mask_to_polygons, mask_to_rle, polygon_to_mask, rle_to_mask
+from backend.payload import Click, PayloadError, parse_predict, parse_prompts, scale_prompt
+from backend.webhook import WebhookError, WebhookHandler, parse_event
+
+FIX = Path(__file__).parent / "fixtures" / "labelstudio"
+
+
+def capture(name: str) -> dict:
+    return json.loads((FIX / name).read_text())["body"]
+
+
+def ls_response(name: str) -> tuple[dict, int]:
+    """ls_*.json: Label Studio's JSON answer, then its HTTP status on the next line."""
+    lines = (FIX / name).read_text().splitlines()
+    return json.loads(lines[0]), int(lines[1])
+
+
+# -- config ---------------------------------------------------------------------------------------
+def test_config_defaults_and_parsing():
+    cfg = Config.from_env({})
+    assert cfg.checkpoint == "default" and cfg.session_cache_size == 16 and cfg.output_format == "auto"
+    cfg = Config.from_env({"SESSION_CACHE_SIZE": "3", "OUTPUT_FORMAT": "Polygon",
+                           "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": "/srv/data"})
+    assert cfg.session_cache_size == 3 and cfg.output_format == "polygon"
+    assert cfg.local_files_root == "/srv/data"
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"SESSION_CACHE_SIZE": "zero"}, "SESSION_CACHE_SIZE"),
+    ({"SESSION_CACHE_SIZE": "0"}, "SESSION_CACHE_SIZE"),
+    ({"OUTPUT_FORMAT": "mesh"}, "OUTPUT_FORMAT"),
+    ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
+    ({"LABEL_STUDIO_URL": "localhost:8080"}, "LABEL_STUDIO_URL"),
+    ({"MASK_THRESHOLD": "1.5"}, "MASK_THRESHOLD"),
+    ({"TRAINING_ENQUEUE": "training.jobs"}, "TRAINING_ENQUEUE"),
+])
+def test_config_rejects_bad_values(env, needle):
+    with pytest.raises(ConfigError, match=needle):
+        Config.from_env(env)
+
+
+def test_help_lists_every_variable():
+    text = help_text()
+    for var in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS",
+                "BASIC_AUTH_USER", "TRAINING_ENQUEUE", "SESSION_CACHE_SIZE", "CACHE_TTL"):
+        assert f"`{var}`" in text
+
+
+# -- label config ---------------------------------------------------------------------------------
+def test_label_config_from_capture():
+    lc = parse_label_config(capture("007_POST_setup.json")["schema"])
+    assert lc.images == {"image": "image"}
+    ctrl, label = lc.output_for("Object", "image")
+    assert (ctrl.name, ctrl.tag, label) == ("tag", "BrushLabels", "Object")
+    assert ctrl.to_name == ("image",)
+    smart = {c.name for c in lc.controls if c.smart}
+    assert smart == {"kp", "rect"}
+    with pytest.raises(LabelConfigError, match='add <Label value="Dog"/>'):
+        lc.output_for("Dog", "image")
+    with pytest.raises(LabelConfigError, match="no <Image"):
+        lc.image_key("other")
+    with pytest.raises(LabelConfigError):
+        lc.output_for("Object", "image", "polygon")
+
+
+def test_label_config_polygon_and_multi_label():
+    lc = parse_label_config("""<View><Image name="img" value="$url"/>
+      <PolygonLabels name="poly" toName="img"><Label value="Cat"/><Label value="Dog"/></PolygonLabels>
+      <BrushLabels name="brush" toName="img"><Label value="Dog"/></BrushLabels>
+      <KeyPointLabels name="kp" toName="img" smart="true"><Label value="Cat"/><Label value="Dog"/></KeyPointLabels>
+    </View>""")
+    assert lc.image_key("img") == "url"
+    assert lc.output_for("Dog", "img")[0].name == "brush"           # auto: brush first
+    assert lc.output_for("Cat", "img")[0].name == "poly"            # only a polygon label exists
+    assert lc.output_for("Dog", "img", "polygon")[0].name == "poly"
+    with pytest.raises(LabelConfigError, match="without a label"):
+        lc.output_for(None, "img", "polygon")                        # two polygon labels: ambiguous
+    assert lc.output_for(None, "img", "brush") == (lc.output_for("Dog", "img")[0], "Dog")
+
+
+@pytest.mark.parametrize("xml", ["", "<View><Image", "<View><Text name='t' value='$t'/></View>"])
+def test_label_config_errors(xml):
+    with pytest.raises(LabelConfigError):
+        parse_label_config(xml)
+
+
+# -- payload parsing -------------------------------------------------------------------------------
+def test_parse_captured_interactive_predict():
+    req = parse_predict(capture("012_POST_predict_interactive.json"))
+    assert req.interactive and req.project == "1.1795584533"
+    assert req.tasks[0]["data"]["image"] == "/data/upload/1/8edb2332-test.png"
+    prompts = parse_prompts(req.context)
+    assert len(prompts) == 1
+    p = prompts[0]
+    assert (p.label, p.to_name, p.size) == ("Object", "image", (48, 32))
+    # 50% of 48 px is the border between pixels 23 and 24: centre coordinates put it at 23.5.
+    assert p.clicks == [Click(23.5, 15.5, True), Click(26.5, 15.5, False)]
+    assert p.box is None and p.brush is None
+
+
+def test_parse_captured_batch_predict():
+    req = parse_predict(capture("015_POST_predict_batch.json"))
+    assert not req.interactive and len(req.tasks) == 1
+
+
+def _region(rtype, value, label="Object", w=200, h=100, **extra):
+    value = dict(value)
+    value[rtype if rtype.endswith("labels") else rtype + "labels"] = [label] if label else []
+    return dict({"type": rtype, "value": value, "original_width": w, "original_height": h,
+                 "image_rotation": 0, "from_name": "x", "to_name": "image"}, **extra)
+
+
+def test_parse_rectangle_brush_and_grouping():
+    stroke = np.zeros((100, 200), bool)
+    stroke[40:60, 50:70] = True
+    results = [
+        _region("keypointlabels", {"x": 10, "y": 20}, "Cat", is_positive=False),
+        _region("rectanglelabels", {"x": 25, "y": 10, "width": 50, "height": 40}, "Dog"),
+        _region("brushlabels", {"format": "rle", "rle": mask_to_rle(stroke)}, "Cat"),
+        _region("keypointlabels", {"x": 50, "y": 50}, "Cat"),
+        {"type": "choices", "value": {"choices": ["a"]}, "to_name": "image", "from_name": "c"},
+    ]
+    prompts = {p.label: p for p in parse_prompts(results)}
+    assert set(prompts) == {"Cat", "Dog"}
+    cat = prompts["Cat"]
+    assert cat.clicks == [Click(19.5, 19.5, False), Click(99.5, 49.5, True)]
+    assert np.array_equal(cat.brush, stroke)
+    assert prompts["Dog"].box == (50.0, 10.0, 150.0, 50.0)
+    # Rescaling onto a 2x larger image keeps pixel centres consistent.
+    big = scale_prompt(cat, 400, 200)
+    assert big.clicks[1] == Click(199.5, 99.5, True) and big.brush.shape == (200, 400)
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda b: b.pop("tasks"), "tasks"),
+    (lambda b: b.update(label_config=""), "label_config"),
+    (lambda b: b["params"].update(context=[1]), "context"),
+    (lambda b: b["params"]["context"].update(result="x"), "result"),
+    (lambda b: b["params"]["context"]["result"][0]["value"].update(x="50"), "number"),
+    (lambda b: b["params"]["context"]["result"][0]["value"].update(x=150.0), "outside the image"),
+    (lambda b: b["params"]["context"]["result"][0].update(original_width=0), "original_width"),
+    (lambda b: b["params"]["context"]["result"][0].update(is_positive="yes"), "is_positive"),
+    (lambda b: b["params"]["context"]["result"][0].update(image_rotation=90), "rotate"),
+    (lambda b: b["params"]["context"]["result"][0]["value"].update(keypointlabels=["A", "B"]), "several labels"),
+])
+def test_bad_payloads_say_what_is_wrong(mutate, needle):
+    body = copy.deepcopy(capture("012_POST_predict_interactive.json"))
+    mutate(body)
+    with pytest.raises(PayloadError, match=needle):
+        parse_prompts(parse_predict(body).context)
+
+
+def test_bad_brush_rle_is_a_payload_error():
+    good = mask_to_rle(np.ones((100, 200), bool))
+    for rle, needle in ((good[:3], "too short"), (mask_to_rle(np.ones((10, 10), bool)), "holds 400"),
+                        (["a"], "integers"), (None, "non-empty list")):
+        with pytest.raises(PayloadError, match=needle):
+            parse_prompts([_region("brushlabels", {"format": "rle", "rle": rle})])
+
+
+# -- RLE and polygons ------------------------------------------------------------------------------
+def test_rle_round_trip_through_the_sdk():
+    rng = np.random.default_rng(0)
+    for h, w in ((1, 1), (32, 48), (97, 131)):
+        m = rng.random((h, w)) > 0.6
+        m[: h // 2, : w // 3] = True  # long runs too
+        rle = mask_to_rle(m)
+        assert all(isinstance(v, int) and 0 <= v <= 255 for v in rle)
+        flat = decode_rle(rle)                   # the sdk's own decoder
+        assert flat.shape == (h * w * 4,)
+        rgba = flat.reshape(h, w, 4)
+        assert np.array_equal(rgba[..., 3] == 255, m) and np.array_equal(rgba[..., 3] == 0, ~m)
+        assert np.array_equal(rle_to_mask(rle, h, w), m)
+    # and what the sdk's encoder makes, we decode
+    m = rng.random((20, 30)) > 0.5
+    assert np.array_equal(rle_to_mask(encode_rle(np.repeat(m.ravel().astype(np.uint8) * 255, 4)), 20, 30), m)
+
+
+def test_rle_matches_label_studio_captures():
+    """The annotation Label Studio stored and the answer it relayed decode and re-encode byte-exactly."""
+    ann = capture("016_POST_webhook_ANNOTATION_CREATED.json")["annotation"]["result"][0]
+    m = rle_to_mask(ann["value"]["rle"], ann["original_height"], ann["original_width"])
+    assert m.sum() == 384 and mask_to_rle(m) == ann["value"]["rle"]
+    data, status = ls_response("ls_interactive_annotating_response.json")
+    item = data["data"]["result"][0]
+    m = rle_to_mask(item["value"]["rle"], 32, 48)
+    assert status == 200 and m.any() and mask_to_rle(m) == item["value"]["rle"]
+
+
+def test_polygons_follow_the_mask():
+    m = np.zeros((100, 200), bool)
+    m[20:60, 30:90] = True               # a rectangle
+    yy, xx = np.mgrid[:100, :200]
+    m |= (yy - 50) ** 2 + (xx - 150) ** 2 < 25 ** 2   # a disk, separate component
+    polys = mask_to_polygons(m, tolerance=1.0)
+    assert len(polys) == 2
+    back = np.zeros_like(m)
+    for p in polys:
+        assert all(0 <= x <= 100 and 0 <= y <= 100 for x, y in p)
+        back |= polygon_to_mask(p, 100, 200)
+    iou = (back & m).sum() / (back | m).sum()
+    assert iou > 0.95
+    rect = min(polys, key=len)
+    assert len(rect) == 4                 # the rectangle simplifies to its 4 corners
+    coarse = mask_to_polygons(m, tolerance=6.0)
+    assert sum(map(len, coarse)) < sum(map(len, polys))
+
+
+# -- brush strokes, caches, click sequences ---------------------------------------------------------
+def test_brush_scribble_gives_spread_clicks_and_no_prior():
+    s = np.zeros((200, 300), bool)
+    s[95:105, 20:280] = True                      # a long thin scribble
+    clicks, blob = brush_clicks(s)
+    assert not blob and 3 <= len(clicks) <= 5
+    assert all(s[int(c.y), int(c.x)] and 97 <= c.y <= 102 for c in clicks)
+    xs = sorted(c.x for c in clicks)
+    assert xs[0] < 80 and xs[-1] > 220           # spread along the stroke
+
+
+def test_brush_blob_is_a_prior_with_one_central_click():
+    s = np.zeros((200, 300), bool)
+    yy, xx = np.mgrid[:200, :300]
+    s[(yy - 100) ** 2 + (xx - 120) ** 2 < 40 ** 2] = True
+    clicks, blob = brush_clicks(s)
+    assert blob and len(clicks) == 1
+    assert abs(clicks[0].x - 120) <= 1 and abs(clicks[0].y - 100) <= 1
+    assert brush_clicks(np.zeros((5, 5), bool)) == ([], False)
+
+
+def test_common_prefix():
+    a = [Click(1, 2, True), Click(3, 4, False), Click(5, 6, True)]
+    assert common_prefix(a, a) == 3
+    assert common_prefix(a, a[:2]) == 2
+    assert common_prefix(a, [a[0], Click(3, 4, True)]) == 1      # sign changed
+    assert common_prefix(a, [Click(1.0004, 2, True)]) == 1       # float noise is the same click
+    assert common_prefix(a, [Click(1.5, 2, True)]) == 0
+
+
+def test_ttl_cache_lru_and_expiry():
+    now = [0.0]
+    c = TTLCache(2, ttl=10, clock=lambda: now[0])
+    c.put("a", 1)
+    c.put("b", 2)
+    assert c.get("a") == 1            # a is now the most recent
+    c.put("c", 3)                     # evicts b, the least recently used
+    assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3
+    now[0] = 11
+    assert c.get("a") is None and len(c) == 1
+    c.put("d", 4)                     # expired entries are dropped on put
+    assert len(c) == 1
+
+
+def test_plan_box_crop_and_sticky_box():
+    seg = Segmenter(predictor=None, box_margin=0.1)
+    from backend.payload import Prompt
+    p = Prompt(label="A", to_name="image", box=(100.0, 50.0, 200.0, 150.0), size=(400, 300))
+    plan = seg.plan(p, 400, 300, None)
+    assert plan.frame == Frame(90, 40, 210, 160)
+    assert plan.clicks == [Click(59.5, 59.5, True)]          # box centre, in crop coordinates
+    # Keypoints later (box not resent): inside the old box they refine it...
+    from backend.engine import Entry
+    cached = Entry(session=None, frame=plan.frame, prior_sig=None, box=plan.box)
+    p2 = Prompt(label="A", to_name="image", clicks=[Click(120, 60, False)], size=(400, 300))
+    plan2 = seg.plan(p2, 400, 300, cached)
+    assert plan2.frame == plan.frame and plan2.clicks == [Click(59.5, 59.5, True), Click(30, 20, False)]
+    # ...outside it, the whole image is used and the box is dropped.
+    p3 = Prompt(label="A", to_name="image", clicks=[Click(10, 10, True)], size=(400, 300))
+    plan3 = seg.plan(p3, 400, 300, cached)
+    assert plan3.frame == Frame(0, 0, 400, 300) and plan3.clicks == [Click(10, 10, True)] and plan3.box is None
+
+
+# -- webhooks ---------------------------------------------------------------------------------------
+def test_webhook_events_from_captures():
+    ev = parse_event(capture("016_POST_webhook_ANNOTATION_CREATED.json"))
+    assert (ev.action, ev.project_id, ev.task_id, ev.annotation_id) == ("ANNOTATION_CREATED", 1, 1, 1)
+    ev = parse_event(capture("017_POST_webhook_START_TRAINING.json"))
+    assert (ev.action, ev.project_id, ev.task_id) == ("START_TRAINING", 1, None)
+
+
+def test_webhook_handler_enqueues_training_events_only():
+    seen = []
+    h = WebhookHandler(enqueue=lambda e: seen.append(e.action) or f"job-{len(seen)}", history=3)
+    ans, st = h.handle(capture("017_POST_webhook_START_TRAINING.json"))
+    assert st == 200 and ans["job"] == "job-1"
+    ans, st = h.handle({"action": "TASKS_CREATED", "project": {"id": 1}, "tasks": []})
+    assert st == 200 and ans["status"] == "ignored" and seen == ["START_TRAINING"]
+    ans, st = h.handle({"action": "ANNOTATIONS_DELETED", "project": {"id": 1}, "annotations": [{"id": 3}]})
+    assert ans["status"] == "ignored"
+    assert [e["action"] for e in h.recent()] == ["START_TRAINING", "TASKS_CREATED", "ANNOTATIONS_DELETED"]
+
+
+def test_webhook_queue_failure_is_503_not_a_crash():
+    def broken(event):
+        raise ConnectionError("redis down")
+    ans, st = WebhookHandler(enqueue=broken).handle(capture("017_POST_webhook_START_TRAINING.json"))
+    assert st == 503 and "redis down" in ans["error"]
+
+
+@pytest.mark.parametrize("body, needle", [
+    ([], "JSON object"),
+    ({"project": {"id": 1}}, "action"),
+    ({"action": "START_TRAINING"}, "project"),
+    ({"action": "START_TRAINING", "project": {"title": "x"}}, "project id"),
+    ({"action": "ANNOTATION_CREATED", "project": {"id": 1}, "task": {"id": 1}}, "annotation"),
+    ({"action": "ANNOTATION_UPDATED", "project": {"id": 1}, "task": {"id": 1}, "annotation": {"id": 2}},
+     "result list"),
+])
+def test_webhook_validation(body, needle):
+    with pytest.raises(WebhookError, match=needle):
+        parse_event(body)
+
+
+# -- tokens and URL routing (no network) ------------------------------------------------------------
+def test_token_kinds():
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent / "e2e"))
+    from image_server import make_jwt
+    pat = make_jwt({"token_type": "refresh", "exp": int(time.time()) + 100})
+    assert _jwt_payload(pat)["token_type"] == "refresh"
+    assert LabelStudioAuth("http://x", pat, None, 1).is_pat
+    assert not LabelStudioAuth("http://x", "0123456789abcdef" * 2, None, 1).is_pat
+    assert LabelStudioAuth("http://x", "abc", None, 1).header() == {"Authorization": "Token abc"}
+    assert _jwt_payload("a.b.c") is None and _jwt_payload("nodots") is None
+
+
+def test_origin():
+    assert origin("http://LocalHost:8080/data/x") == origin("http://localhost:8080")
+    assert origin("https://a.com/x") == "https://a.com:443"
+    assert origin("http://a.com:8080") != origin("http://a.com:8081")
+
+
+def test_local_paths_only_under_the_allowed_root(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "a.png").write_bytes(b"png")
+    (tmp_path / "secret.txt").write_text("x")
+    f = ImageFetcher(Config.from_env({"LOCAL_FILES_ROOT": str(root)}))
+    assert f.fetch_bytes(str(root / "a.png")) == b"png"
+    assert f.fetch_bytes("/data/local-files/?d=a.png") == b"png"
+    assert f.fetch_bytes(f"file://{root}/a.png") == b"png"
+    for bad in (str(tmp_path / "secret.txt"), "/data/local-files/?d=../secret.txt", "/etc/passwd"):
+        with pytest.raises(FetchError, match="outside LOCAL_FILES_ROOT") as e:
+            f.fetch_bytes(bad)
+        assert e.value.status == 403
+    with pytest.raises(FetchError, match="not found"):
+        f.fetch_bytes(str(root / "b.png"))
+    nolocal = ImageFetcher(Config.from_env({}))
+    with pytest.raises(FetchError, match="set LOCAL_FILES_ROOT"):
+        nolocal.fetch_bytes(str(root / "a.png"))
+    with pytest.raises(FetchError, match="set LABEL_STUDIO_URL"):
+        nolocal.fetch_bytes("/data/upload/1/a.png")
+    with pytest.raises(FetchError, match="cloud storage"):
+        nolocal.fetch_bytes("s3://bucket/a.png")
+    with pytest.raises(FetchError, match="image URL"):
+        nolocal.fetch_bytes(None)
+
+
+def test_setup_hostname_is_a_fallback_server():
+    f = ImageFetcher(Config.from_env({}))
+    base, auth = f._ls_server(SetupInfo("http://ls:8080/", "tok123"), "/data/upload/1/a.png")
+    assert base == "http://ls:8080" and auth.header() == {"Authorization": "Token tok123"}
+    # An env key wins over the /setup token; the env URL wins over the /setup hostname.
+    f = ImageFetcher(Config.from_env({"LABEL_STUDIO_URL": "http://env:1", "LABEL_STUDIO_API_KEY": "envkey"}))
+    base, auth = f._ls_server(SetupInfo("http://ls:8080", "tok123"), "/data/upload/1/a.png")
+    assert base == "http://env:1" and auth.api_key == "envkey"
+    # Keys never go to another server's plain URL.
+    assert f._auth_for_origin("http://elsewhere.com/a.png", SetupInfo("http://ls:8080", "tok123")) is None
+    assert f._auth_for_origin("http://env:1/data/x.png", None).api_key == "envkey"
+
+
+def test_data_uri_and_decode_limits():
+    import base64
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(buf, "PNG")
+    f = ImageFetcher(Config.from_env({"MAX_IMAGE_PIXELS": "500"}))
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    with pytest.raises(FetchError, match="MAX_IMAGE_PIXELS") as e:
+        f.fetch(uri)
+    assert e.value.status == 413
+    img = ImageFetcher(Config.from_env({})).fetch(uri)
+    assert img.shape == (20, 30, 3) and tuple(img[0, 0]) == (200, 10, 10)
+    with pytest.raises(FetchError, match="not an image") as e:
+        f.decode(b"<html>login</html>", "x")
+    assert e.value.status == 422
+
+
+# -- answer format ------------------------------------------------------------------------------------
+def test_result_items_have_the_shape_label_studio_relayed():
+    from backend.app import result_items
+    lc = parse_label_config(capture("007_POST_setup.json")["schema"])
+    control, label = lc.output_for("Object", "image")
+    data, _ = ls_response("ls_interactive_annotating_response.json")
+    want = data["data"]["result"][0]
+    mask = rle_to_mask(want["value"]["rle"], want["original_height"], want["original_width"])
+    (item,) = result_items(control, label, "image", mask, 0.9)
+    assert set(item) == set(want) and set(item["value"]) == set(want["value"])
+    for k in ("from_name", "to_name", "original_width", "original_height", "image_rotation", "type",
+              "readonly", "score"):
+        assert item[k] == want[k], k
+    assert item["value"] == want["value"]          # byte-identical RLE, same label, same format
+    assert item["id"] and item["id"] != want["id"]
+    poly_lc = parse_label_config('<View><Image name="image" value="$image"/><PolygonLabels name="p" '
+                                 'toName="image"><Label value="Object"/></PolygonLabels></View>')
+    pc, _ = poly_lc.output_for("Object", "image")
+    items = result_items(pc, "Object", "image", mask, 0.7, polygon_tolerance=1.0)
+    assert len(items) == 1 and items[0]["type"] == "polygonlabels" and items[0]["from_name"] == "p"
+    assert items[0]["value"]["polygonlabels"] == ["Object"] and len(items[0]["value"]["points"]) >= 3

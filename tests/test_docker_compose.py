@@ -1,0 +1,140 @@
+"""Docker cannot run here: check docker/compose.yaml, the Dockerfiles and docker/README.md against
+each other and against the code (every variable is one the code reads, shared values agree, the
+commands exist, the pinned torch matches requirements.txt)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from backend.config import GUNICORN_SETTINGS, SETTINGS, Config
+from training.finetune import FINETUNE_SETTINGS, FinetuneSettings
+from training.jobs import JOB_SETTINGS, parser
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKER = REPO / "docker"
+SIMCLICK = ("backend", "worker", "worker-cuda")
+# Read by the code outside the three settings tables.
+OTHER_VARS = {"SIMCLICK_EVAL_DB", "SIMCLICK_DATA_ROOT", "SIMCLICK_TRAIN_ROOT", "SIMCLICK_CHECKPOINT"}
+LS_VARS = {"LABEL_STUDIO_USERNAME", "LABEL_STUDIO_PASSWORD", "ML_BLOCK_LOCAL_IP", "SSRF_PROTECTION_ENABLED"}
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def known_vars():
+    return ({s[1] for s in SETTINGS} | {g[0] for g in GUNICORN_SETTINGS} | {j[1] for j in JOB_SETTINGS}
+            | {f[1] for f in FINETUNE_SETTINGS} | OTHER_VARS)
+
+
+def interpolation_default(value):
+    m = re.fullmatch(r"\$\{(\w+):-([^}]*)\}", str(value))
+    return (m.group(1), m.group(2)) if m else (None, None)
+
+
+def test_services_and_their_wiring(compose):
+    services = compose["services"]
+    assert set(services) == {"label-studio", "redis", "backend", "worker", "worker-cuda", "rq-dashboard"}
+    assert services["worker-cuda"]["profiles"] == ["cuda"] and services["rq-dashboard"]["profiles"] == ["dashboard"]
+    known = known_vars()
+    envs = {name: {k: str(v) for k, v in services[name]["environment"].items()} for name in SIMCLICK}
+    for name, env in envs.items():
+        unknown = set(env) - known
+        assert not unknown, f"{name}: variables no code reads: {sorted(unknown)}"
+        url = urlsplit(env["REDIS_URL"])
+        assert url.scheme == "redis" and url.hostname in services and url.hostname == "redis"
+        ls = urlsplit(env["LABEL_STUDIO_URL"])
+        assert ls.hostname == "label-studio" and "8080:8080" in services["label-studio"]["ports"]
+        assert f"simclick-data:{env['DATA_DIR']}" in services[name]["volumes"], name
+        Config.from_env({k: v for k, v in env.items() if not v.startswith("${")})   # valid values
+    # Backend and workers agree on everything they share.
+    for var in ("REDIS_URL", "TRAINING_QUEUE", "DATA_DIR", "LABEL_STUDIO_URL", "SIMCLICK_EVAL_DB", "MODEL_CHECKPOINT"):
+        assert len({envs[n][var] for n in SIMCLICK}) == 1, var
+    assert set(services["label-studio"]["environment"]) <= LS_VARS
+    assert services["label-studio"]["environment"]["SSRF_PROTECTION_ENABLED"] == "false"
+    assert set(compose["volumes"]) == {"label-studio-data", "redis-data", "simclick-data"}
+    bind = envs["backend"]["GUNICORN_BIND"]
+    assert bind.startswith("0.0.0.0:") and f"{bind.split(':')[1]}:{bind.split(':')[1]}" in services["backend"]["ports"]
+    assert services["worker-cuda"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_defaults_match_the_code(compose):
+    code_defaults = {var: str(default) for _, var, default, *_ in SETTINGS}
+    code_defaults.update({var: str(default) for _, var, default, _ in JOB_SETTINGS})
+    fs = FinetuneSettings()
+    code_defaults.update({var: str(getattr(fs, name)) for name, var, _, _ in FINETUNE_SETTINGS})
+    checked = 0
+    for name in ("backend", "worker"):
+        for var, value in compose["services"][name]["environment"].items():
+            ref, default = interpolation_default(value)
+            if ref == var and var in code_defaults:
+                assert float(default) == float(code_defaults[var]) if default.replace(".", "").isdigit() \
+                    else default == code_defaults[var], (name, var, default, code_defaults[var])
+                checked += 1
+    assert checked >= 5
+
+
+def test_commands_exist(compose):
+    s = compose["services"]
+    for name in ("worker", "worker-cuda"):
+        cmd = s[name]["command"]
+        assert cmd[:3] == ["python", "-m", "training.jobs"]
+        assert parser().parse_args(cmd[3:]).command == "worker"
+    assert s["backend"]["command"] == ["gunicorn", "-c", "backend/gunicorn.conf.py"]
+    conf = (REPO / "backend" / "gunicorn.conf.py").read_text()
+    assert 'wsgi_app = "backend.wsgi:app"' in conf and (REPO / "backend" / "wsgi.py").exists()
+    assert "GUNICORN_BIND" in conf
+    makefile = (REPO / "Makefile").read_text()
+    assert "$(PY) -m training.jobs worker" in makefile
+
+
+def test_dockerfiles(compose):
+    reqs = dict(line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    for name, df in (("backend", "Dockerfile.cpu"), ("worker-cuda", "Dockerfile.cuda")):
+        build = compose["services"][name]["build"]
+        assert build["dockerfile"] == f"docker/{df}" and (DOCKER / build["context"]).resolve() == REPO
+        text = (DOCKER / df).read_text()
+        assert f"torch=={reqs['torch']}" in text and f"torchvision=={reqs['torchvision']}" in text
+        for src in re.findall(r"^COPY (\S+) ", text, re.M):
+            assert (REPO / src).exists(), f"{df}: COPY {src} does not exist"
+        assert "pip install -r requirements.txt" in text and "DATA_DIR=/data" in text
+        assert 'CMD ["gunicorn", "-c", "backend/gunicorn.conf.py"]' in text
+        ignore = (DOCKER / f"{df}.dockerignore").read_text()
+        assert "!requirements.txt" in ignore and "!training/**" in ignore
+    assert "cu1" in (DOCKER / "Dockerfile.cuda").read_text() and "/whl/cpu" in (DOCKER / "Dockerfile.cpu").read_text()
+
+
+def test_readme_matches_compose(compose):
+    readme = (DOCKER / "README.md").read_text()
+    for service in compose["services"]:
+        assert f"`{service}`" in readme, service
+    # Every variable the compose file takes from the environment is documented with its default.
+    taken = {}
+    for svc in compose["services"].values():
+        for var, value in (svc.get("environment") or {}).items():
+            ref, default = interpolation_default(value)
+            if ref:
+                taken.setdefault(ref, set()).add(default)
+    for svc in compose["services"].values():
+        for vol in svc.get("volumes") or []:
+            ref, default = interpolation_default(str(vol).split(":/")[0])
+            if ref:
+                taken.setdefault(ref, set()).add(default)
+    assert len(taken) >= 10
+    for var, defaults in taken.items():
+        row = next((line for line in readme.splitlines() if f"`{var}`" in line and line.startswith("|")), None)
+        assert row is not None, f"{var} is not in docker/README.md"
+        shown = row.split("[", 1)[1].split("]", 1)[0] if "[" in row else ""
+        for default in defaults:
+            assert re.search(rf"(^|[ ;]){re.escape(default)}($|[ ;])", shown), \
+                f"docker/README.md gives another default for {var}: {row} (compose: {default!r})"
+    for fixed in ("LABEL_STUDIO_URL=http://label-studio:8080", "REDIS_URL=redis://redis:6379/0", "DATA_DIR=/data"):
+        assert fixed in readme
+    for line in ("docker compose up -d --build", "--profile cuda", "--profile dashboard"):
+        assert line in readme and line in (DOCKER / "compose.yaml").read_text()

@@ -1,0 +1,124 @@
+"""The fine-tuning job's pieces that need no queue: the promotion rule, the checked pull of
+Label Studio-format annotations (bad ones skipped with a logged reason), the train/holdout split,
+and the FINETUNE_* settings. Images go through the backend's real fetcher (local files)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.config import Config
+from backend.fetch import ImageFetcher
+from backend.masks import mask_to_rle, rle_to_mask
+from training import labelstudio_pull as pull
+from training.finetune import FinetuneSettings, decide
+from training.make_ls_export import brush_result
+
+
+# -- the promotion rule ----------------------------------------------------------------------------
+@pytest.mark.parametrize("hp, hc, bench, margin, gain, promote, needle", [
+    (6.0, 4.5, {"GrabCut": {"parent": 3.0, "candidate": 3.05}}, 0.1, 0.0, True, "6.00 -> 4.50"),
+    (6.0, 6.0, {}, 0.1, 0.0, False, "not better"),
+    (6.0, 6.5, {}, 0.1, 0.0, False, "not better"),
+    (6.0, 5.9, {}, 0.1, 0.5, False, "by more than 0.5"),
+    (6.0, 4.0, {"GrabCut": {"parent": 3.0, "candidate": 3.1}}, 0.1, 0.0, True, "margin 0.1"),
+    (6.0, 4.0, {"GrabCut": {"parent": 3.0, "candidate": 2.0},
+                "Berkeley": {"parent": 4.0, "candidate": 4.6}}, 0.5, 0.0, False, "Berkeley NoC@90 got worse by 0.60"),
+])
+def test_promotion_rule(hp, hc, bench, margin, gain, promote, needle):
+    ok, reason = decide(hp, hc, bench, margin, gain)
+    assert ok is promote and needle in reason
+
+
+def test_settings_from_env_and_overrides():
+    s = FinetuneSettings.from_env({"FINETUNE_STEPS": "12", "FINETUNE_BENCH_DATASETS": "", "FINETUNE_LR": "3e-4",
+                                   "FINETUNE_KEEP_WORKDIR": "yes"}, batch_size=3)
+    assert (s.steps, s.bench_datasets, s.lr, s.keep_workdir, s.batch_size) == (12, "", 3e-4, True, 3)
+    assert FinetuneSettings.from_env({}).bench_datasets == "GrabCut,Berkeley"
+    with pytest.raises(ValueError, match="FINETUNE_STEPS"):
+        FinetuneSettings.from_env({"FINETUNE_STEPS": "many"})
+    with pytest.raises(ValueError, match="unknown"):
+        FinetuneSettings.from_env({}, stepz=3)
+
+
+# -- the split -------------------------------------------------------------------------------------
+def test_split_is_deterministic_and_stable_as_the_project_grows():
+    a_train, a_hold = pull.split_tasks(range(1, 41), 0.2, 0)
+    b_train, b_hold = pull.split_tasks(range(1, 201), 0.2, 0)
+    assert pull.split_tasks(reversed(range(1, 41)), 0.2, 0) == (a_train, a_hold)
+    assert set(a_hold) <= set(b_hold) and not set(a_hold) & set(b_train)   # no task changes side
+    assert 0.1 < len(b_hold) / 200 < 0.3
+    train, hold = pull.split_tasks([1, 2, 3], 0.0, 2)       # topped up to min_holdout
+    assert len(hold) == 2 and len(train) == 1
+    assert pull.split_tasks([5], 0.9, 2) == ([5], [])        # never everything
+
+
+# -- the checked pull ------------------------------------------------------------------------------
+def _img(path, h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _disk(h, w, r):
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - h / 2) ** 2 + (xx - w / 2) ** 2 < r * r
+
+
+def _task(tid, url, results, cancelled=False):
+    return {"id": tid, "data": {"image": url},
+            "annotations": [{"id": 100 + tid, "was_cancelled": cancelled, "result": results,
+                             "updated_at": f"2026-02-0{tid % 9 + 1}T00:00:00Z"}]}
+
+
+def test_bad_annotations_are_skipped_with_a_logged_reason(tmp_path, caplog):
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    h, w = 60, 80
+    for i in range(1, 8):
+        _img(imgs / f"im{i}.png", h, w, i)
+    good = _disk(h, w, 15)
+    wrong_rle = brush_result(_disk(40, 40, 10))
+    wrong_rle["original_width"], wrong_rle["original_height"] = w, h          # RLE of 40x40 declared 80x60
+    poly = {"type": "polygonlabels", "from_name": "poly", "to_name": "image", "original_width": w,
+            "original_height": h, "value": {"points": [[10, 10], [90, 10], [90, 90], [10, 90]],
+                                            "polygonlabels": ["Object"]}}
+    tasks = [
+        _task(1, "/data/local-files/?d=im1.png", [brush_result(good)]),
+        _task(2, "/data/local-files/?d=im2.png", [brush_result(np.zeros((h, w), bool))]),     # empty mask
+        _task(3, "/data/local-files/?d=im3.png", [wrong_rle]),                               # wrong size
+        _task(4, "/data/local-files/?d=deleted.png", [brush_result(good)]),                  # deleted image
+        _task(5, "/data/local-files/?d=im5.png", [brush_result(_disk(30, 30, 8))]),          # image is 80x60
+        _task(6, "/data/local-files/?d=im6.png", [brush_result(good)], cancelled=True),      # not counted
+        _task(7, "/data/local-files/?d=im7.png", [poly, {"type": "keypointlabels", "value": {}},
+                                                   brush_result(_disk(h, w, 3))]),           # polygon + tiny
+    ]
+    fetcher = ImageFetcher(Config.from_env({"LOCAL_FILES_ROOT": str(imgs)}))
+    caplog.set_level(logging.WARNING, logger="training.labelstudio_pull")
+    report = pull.build_dataset(tasks, fetcher, tmp_path / "out", holdout_fraction=0.0, min_holdout=1,
+                                min_area=100)
+    reasons = {(s["task"], s["reason"].split(":")[0].split(" (")[0]) for s in report.skipped}
+    assert reasons == {(2, "empty mask"), (3, "wrong size"), (4, "image unavailable"),
+                       (5, "wrong size"), (7, "mask of 25 px < 100 px")}, report.skipped
+    for s in report.skipped:                       # each one is in the log with its task and reason
+        assert any(f"task {s['task']} " in r.getMessage() and s["reason"] in r.getMessage()
+                   for r in caplog.records)
+    assert "local image not found" in next(s["reason"] for s in report.skipped if s["task"] == 4)
+    assert (report.tasks, report.annotations, report.kept) == (7, 6, 2)
+    assert sorted(report.train_tasks + report.holdout_tasks) == [1, 7] and len(report.holdout_tasks) == 1
+    # The written exports are what training.data.LabelStudioSource reads: the polygon became RLE.
+    from training.data import LabelStudioSource
+    exported = json.loads((tmp_path / "out" / "train.json").read_text()) + \
+        json.loads((tmp_path / "out" / "holdout.json").read_text())
+    src = LabelStudioSource(exported, image_dir=tmp_path / "out" / "images", min_area=100)
+    masks = {it.id.split("/")[0]: src.load(i, np.random.default_rng(0)).mask for i, it in enumerate(src.items)}
+    assert np.array_equal(masks["1"], good)
+    poly_mask = masks["7"]
+    assert poly_mask[10:50, 10:70].all() and not poly_mask[:5].any()
+    r7 = next(t for t in exported if t["id"] == 7)["annotations"][0]["result"][0]
+    assert np.array_equal(rle_to_mask(r7["value"]["rle"], h, w), poly_mask)
+    assert mask_to_rle(poly_mask) == r7["value"]["rle"]
+    pairs = pull.holdout_pairs(tmp_path / "out")
+    assert len(pairs) == 1 and pairs[0][0].shape[:2] == pairs[0][1].shape == (h, w)

@@ -1,0 +1,178 @@
+"""End to end with a real Label Studio 1.23 (tests/e2e/ls_harness.py, session fixture
+`label_studio_server` in conftest.py), our backend as a real process, the real Redis (db 13) and a
+real RQ worker in burst mode:
+
+annotate tasks through the Label Studio API (good masks, an empty mask, a mask of the wrong size, a
+task whose image is gone) -> press Train (POST /api/ml/{id}/train) -> Label Studio's START_TRAINING
+webhook -> the backend enqueues -> `python -m training.jobs worker --burst` pulls the annotations
+with label-studio-sdk (personal access token), downloads the images from Label Studio, skips the
+bad ones with their reasons, fine-tunes a small model, evaluates holdout + GrabCut + Berkeley
+(first instance each), and registers a version that is promoted or refused with its numbers; the
+backend lists it and serves it if promoted.
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import requests
+from PIL import Image
+
+from backend.bench import LABEL_CONFIG
+from training.make_ls_export import brush_result, sod_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+DB = 13
+QUEUE = "simclick-test-e2e"
+sys.path.insert(0, str(Path(__file__).parent / "e2e"))
+import ls_harness  # noqa: E402
+
+
+def _wait(pred, timeout, what, log=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}\n" + (Path(log).read_text(errors="replace")[-3000:] if log else ""))
+
+
+@pytest.fixture(scope="module")
+def rconn():
+    conn = redis.Redis(db=DB)
+    conn.flushdb()
+    yield conn
+    conn.flushdb()
+
+
+def test_train_button_to_a_registered_version(label_studio_server, label_studio_pat, rconn, tiny_checkpoint, tmp_path,
+                                              monkeypatch):
+    ls = label_studio_server
+    url = f"redis://127.0.0.1:6379/{DB}"
+    data_dir = tmp_path / "data"
+    common = dict(REDIS_URL=url, TRAINING_QUEUE=QUEUE, DATA_DIR=str(data_dir), MODEL_CHECKPOINT=str(tiny_checkpoint),
+                  LABEL_STUDIO_URL=ls.url, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    # -- our backend, a real process, connected to a project -----------------------------------------
+    port = ls_harness.free_port()
+    blog = tmp_path / "backend.log"
+    backend = subprocess.Popen([sys.executable, "-m", "backend", "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=REPO, env=dict(os.environ, **common, LABEL_STUDIO_API_KEY=ls.token,
+                                                  MODEL_RELOAD_INTERVAL="0.5"),
+                               stdout=open(blog, "wb"), stderr=subprocess.STDOUT)
+    burl = f"http://127.0.0.1:{port}"
+    try:
+        r = ls.api("POST", "/api/projects", json={"title": "simclick-finetune-e2e", "label_config": LABEL_CONFIG})
+        assert r.status_code == 201, r.text
+        pid = r.json()["id"]
+        pairs = list(sod_pairs(Path(os.environ.get("SIMCLICK_TRAIN_ROOT", REPO.parent / "shared" / "datasets" / "train")),
+                               count=5))
+        files = [(p.name, (p.name, p.read_bytes(), "image/jpeg")) for _, p, _ in pairs]   # one field per file
+        r = ls.api("POST", f"/api/projects/{pid}/import", files=files)
+        assert r.status_code == 201, r.text
+        r = ls.api("POST", f"/api/projects/{pid}/import",      # a task whose upload is gone
+                   json=[{"image": f"/data/upload/{pid}/0badc0de-deleted.jpg"}])
+        assert r.status_code == 201, r.text
+        tasks = sorted(ls.api("GET", f"/api/tasks?project={pid}&page_size=100").json()["tasks"], key=lambda t: t["id"])
+        by_name = {t["data"]["image"].rsplit("-", 1)[-1]: t["id"] for t in tasks}
+        assert len(by_name) == 6, [t["data"] for t in tasks]
+        ls_harness.wait_http(burl + "/health", 180, backend, blog)
+        r = ls.api("POST", "/api/ml", json={"url": burl, "project": pid, "title": "simclick", "is_interactive": True})
+        assert r.status_code == 201 and r.json()["state"] == "CO", r.text
+        ml = r.json()["id"]
+        # -- annotate through the API --------------------------------------------------------------------
+        for k, (stem, path, mask) in enumerate(pairs):
+            result = [brush_result(mask, rid=f"m{k}")]
+            if k == 0:
+                result.append(brush_result(np.zeros_like(mask), rid="empty"))          # empty mask
+            if k == 1:
+                bad = brush_result(np.ones((20, 30), bool), rid="wrongsize")            # RLE of 30x20 ...
+                bad["original_width"], bad["original_height"] = mask.shape[1], mask.shape[0]   # ... said to be the image size
+                result.append(bad)
+            r = ls.api("POST", f"/api/tasks/{by_name[path.name]}/annotations", json={"result": result})
+            assert r.status_code == 201, r.text
+        gone = by_name["deleted.jpg"]
+        r = ls.api("POST", f"/api/tasks/{gone}/annotations", json={"result": [brush_result(pairs[0][2], rid="g")]})
+        assert r.status_code == 201, r.text
+        # -- press Train -----------------------------------------------------------------------------------
+        r = ls.api("POST", f"/api/ml/{ml}/train", json={})
+        assert r.status_code == 200, r.text
+
+        def delivered():    # Label Studio sends webhooks asynchronously: wait for all seven
+            ev = requests.get(burl + "/webhook/events", timeout=10).json()["events"]
+            train = [e for e in ev if e["action"] == "START_TRAINING" and e.get("job")]
+            return ev if train and sum(e["action"] == "ANNOTATION_CREATED" for e in ev) == 6 else None
+
+        events = _wait(delivered, 60, "6 ANNOTATION_CREATED and START_TRAINING webhooks", blog)
+        assert not any(e.get("error") for e in events), events
+        job_id = next(e["job"] for e in events if e["action"] == "START_TRAINING")
+        status = requests.get(f"{burl}/jobs/{job_id}", timeout=10).json()
+        assert (status["status"], status["stage"], status["project"]) == ("queued", "queued", str(pid))
+
+        # -- the worker, burst mode, pulling with a personal access token ---------------------------------
+        wlog = tmp_path / "worker.log"
+        wenv = dict(os.environ, **common, LABEL_STUDIO_API_KEY=label_studio_pat,
+                    FINETUNE_STEPS="4", FINETUNE_BATCH_SIZE="2", FINETUNE_CROP_SIZE="128", FINETUNE_WARMUP_STEPS="1",
+                    FINETUNE_SIM_ROUNDS="1", FINETUNE_CHECKPOINT_EVERY="4", FINETUNE_MIN_TRAIN="2",
+                    FINETUNE_MIN_HOLDOUT="1", FINETUNE_BENCH_DATASETS="GrabCut,Berkeley", FINETUNE_BENCH_LIMIT="1",
+                    FINETUNE_EVAL_COARSE_SIZE="128", FINETUNE_THREADS="1",
+                    SIMCLICK_EVAL_DB=str(tmp_path / "eval.sqlite"))
+        w = subprocess.run([sys.executable, "-m", "training.jobs", "worker", "--burst", "--name", "e2e"],
+                           cwd=REPO, env=wenv, stdout=open(wlog, "wb"), stderr=subprocess.STDOUT, timeout=400)
+        assert w.returncode == 0, wlog.read_text(errors="replace")[-3000:]
+        status = requests.get(f"{burl}/jobs/{job_id}", timeout=10).json()
+        assert status["status"] == "finished", (status, wlog.read_text(errors="replace")[-3000:])
+        res = status["result"]
+        assert (status["stage"], status["percent"]) == ("done", 100)
+        # Bad annotations skipped, each with its reason (and in the worker's log).
+        reasons = {(s["task"], s["reason"].split(":")[0].split(" (")[0]) for s in res["skipped"]}
+        assert {(by_name[pairs[0][1].name], "empty mask"), (by_name[pairs[1][1].name], "wrong size"),
+                (gone, "image unavailable")} <= reasons, res["skipped"]
+        wtext = wlog.read_text(errors="replace")
+        assert "empty mask" in wtext and "image unavailable" in wtext and "wrong size" in wtext
+        assert res["data"]["kept"] == 5 and res["data"]["source"].startswith("Label Studio")
+        # Promoted or refused, with its numbers.
+        m = res["metrics"]
+        h, bench = m["holdout"], m["benchmarks"]
+        assert set(bench) == {"GrabCut", "Berkeley"} and h["instances"] >= 1
+        print(f"\nproject {pid}: {res['version']} {res['status']}: {res['reason']}; holdout NoC@90 "
+              f"{h['parent']['noc90']:.2f} -> {h['candidate']['noc90']:.2f}; "
+              + ", ".join(f"{d} {b['parent']:.2f} -> {b['candidate']:.2f}" for d, b in bench.items())
+              + f"; timings {res['timings']}")
+        assert res["version"] == f"p{pid}-v001" and res["status"] in ("promoted", "kept") and res["reason"]
+        from training.finetune import decide
+        assert decide(h["parent"]["noc90"], h["candidate"]["noc90"], bench, 0.10)[0] is res["promoted"]
+        versions = requests.get(f"{burl}/versions", params={"project": pid}, timeout=10).json()
+        assert res["version"] in versions["versions"]
+        assert (versions["promoted"] == res["version"]) is res["promoted"]
+        served = _wait(lambda: requests.get(f"{burl}/versions", params={"project": pid}, timeout=10).json()["model_version"]
+                       == (res["version"] if res["promoted"] else versions["model_version"]), 10, "the served version")
+        assert served
+
+        # Triggers lost while Redis was down are re-derived from Label Studio: annotations newer
+        # than the newest one the version was trained on.
+        from training import jobs
+        monkeypatch.setenv("LABEL_STUDIO_URL", ls.url)
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio_pat)
+        s = jobs.JobSettings.from_env({"REDIS_URL": url, "TRAINING_QUEUE": QUEUE})
+        root = data_dir / "registry"
+        assert jobs.resync_counter(rconn, pid, s, root)["annotations_since_last_training"] == 0
+        r = ls.api("POST", f"/api/tasks/{by_name[pairs[2][1].name]}/annotations",
+                   json={"result": [brush_result(pairs[2][2], rid="again")]})
+        assert r.status_code == 201, r.text
+        rconn.delete(f"simclick:annotations:{pid}")                 # the count was lost
+        again = jobs.resync_counter(rconn, pid, s, root)
+        assert again["annotations_since_last_training"] == 1 and int(rconn.get(f"simclick:annotations:{pid}")) == 1
+    finally:
+        backend.terminate()
+        try:
+            backend.wait(15)
+        except subprocess.TimeoutExpired:
+            backend.kill()

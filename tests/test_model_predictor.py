@@ -1,0 +1,255 @@
+"""Predictor, IAM focus view, checkpoints and odd images."""
+import io
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import focus
+from model.checkpoint import CheckpointError, load_checkpoint, read_info, save_checkpoint
+from model.config import ModelConfig
+from model.images import ImageError, load_image
+from model.network import InteractiveSegNet
+from model.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    net = InteractiveSegNet(ModelConfig(input_size=128))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, net.state_dict(), net.config, {"version": "tiny-1"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_ckpt):
+    return Predictor.load(tiny_ckpt, device="cpu", coarse_size=128)
+
+
+# -- IAM focus view --------------------------------------------------------------------------
+def test_changed_region_is_the_flood_fill_from_the_click():
+    prev = np.zeros((50, 50), bool)
+    new = prev.copy()
+    new[5:15, 5:15] = True      # a change under the click
+    new[30:40, 30:40] = True    # an unrelated change elsewhere
+    region = focus.changed_region(prev, new, 10, 10)
+    assert region.sum() == 100 and region[10, 10] and not region[35, 35]
+    assert not focus.changed_region(prev, new, 25, 25).any()  # click on an unchanged pixel
+
+
+def test_focus_radius_rules():
+    prev = np.zeros((60, 60), bool)
+    region = np.zeros_like(prev)
+    region[20:31, 25:28] = True
+    assert focus.focus_radius(prev, region, 25, 26) == 5.0              # extent 5 rows away
+    region[20:51, 25:28] = True
+    assert focus.focus_radius(prev, region, 25, 26) == 25.0             # Chebyshev extent
+    prev[10:50, 10:50] = True
+    empty = np.zeros_like(prev)
+    assert focus.focus_radius(prev, empty, 30, 20) == 11.0  # to the nearest background pixel (col 9)
+    assert focus.focus_radius(prev, empty, 30, 12) == 5.0               # never below the minimum
+    assert focus.focus_radius(np.zeros_like(prev), empty, 30, 30) == 5.0
+
+
+def test_focus_box_is_square_centred_and_inside():
+    assert focus.focus_box(50, 50, 10, 200, 200) == (40, 40, 61, 61)
+    y0, x0, y1, x1 = focus.focus_box(2, 198, 10, 200, 200)
+    assert (y0, x1) == (0, 200) and y1 - y0 == 21 and x1 - x0 == 21
+    assert focus.focus_box(5, 5, 500, 40, 80) == (0, 0, 40, 80)
+
+
+def test_paste_back_with_intention_rule():
+    prob = np.full((20, 20), 0.8, np.float32)
+    prob[:, 10:] = 0.1
+    crop = np.full((10, 10), 0.3, np.float32)
+    box = (5, 5, 15, 15)
+    region = np.zeros((20, 20), bool)
+    region[5:10, 5:10] = True
+    out = focus.paste(prob, crop, box, positive=True, region=region, intention=True)
+    assert out[6, 6] == pytest.approx(0.3)    # inside the changed region: free
+    assert out[12, 6] == pytest.approx(0.8)   # positive click may not erase foreground
+    assert out[12, 12] == pytest.approx(0.3)  # ... but may add it
+    assert out[0, 0] == pytest.approx(0.8) and np.array_equal(prob[:5], out[:5])  # outside the box untouched
+    free = focus.paste(prob, crop, box, positive=True, region=None, intention=False)
+    assert np.all(free[5:15, 5:15] == pytest.approx(0.3))
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    torch.manual_seed(1)
+    net = InteractiveSegNet(ModelConfig(backbone="resnet50", spm_mode="split"))
+    info = {"version": "rt-1", "metrics": {"GrabCut": {"noc90": 1.5}}, "training": {"data": ["BSDS500"]}}
+    path = save_checkpoint(tmp_path / "a.safetensors", net.state_dict(), net.config, info)
+    state, config, got = load_checkpoint(path)
+    assert config == net.config
+    assert got["metrics"] == info["metrics"] and got["version"] == "rt-1"
+    ref = net.state_dict()
+    assert set(state) == set(ref)
+    for k, v in ref.items():
+        assert torch.equal(state[k], v), k
+    assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed, not left behind
+
+
+def test_half_checkpoint_is_close(tmp_path):
+    net = InteractiveSegNet(ModelConfig())
+    path = save_checkpoint(tmp_path / "h.safetensors", net.state_dict(), net.config, {}, half=True)
+    state, _, _ = load_checkpoint(path)
+    w = net.state_dict()["head.weight"]
+    assert state["head.weight"].dtype == torch.float32
+    assert torch.allclose(state["head.weight"], w, atol=1e-3)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_pickle_payload_is_refused_and_never_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = tmp_path / "evil.safetensors"
+    raw.write_bytes(pickle.dumps({"w": _Evil()}))
+    with pytest.raises(CheckpointError, match="pickle"):
+        read_info(raw)
+    zipped = tmp_path / "evil2.safetensors"
+    torch.save({"w": torch.zeros(1)}, zipped)
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(zipped)
+    with pytest.raises(CheckpointError):
+        Predictor.load(str(zipped))
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, tiny_ckpt):
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(tiny_ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(bad)
+
+
+# -- predictor -------------------------------------------------------------------------------
+def test_session_clicks_undo_reset(predictor):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (90, 140, 3), dtype=np.uint8)
+    s = predictor.open(image)
+    p1 = s.add_click(70, 40, True)
+    assert p1.shape == (90, 140) and p1.dtype == np.float32 and 0 <= p1.min() <= p1.max() <= 1
+    p2 = s.add_click(10, 10, False)
+    assert len(s.clicks) == 2 and s.last_timing["coarse_ms"] > 0
+    back = s.undo()
+    assert len(s.clicks) == 1
+    assert np.allclose(back, p1, atol=1e-3)   # undo restores the previous map (fp16 history)
+    s.reset()
+    assert s.clicks == [] and s.undo() is None
+    assert np.array_equal(s.add_click(70, 40, True), p1)  # deterministic from a clean state
+    del p2
+
+
+def test_click_outside_the_image_is_a_value_error(predictor):
+    s = predictor.open(np.zeros((30, 40, 3), np.uint8))
+    for x, y in [(-1, 5), (41, 5), (5, 31), (float("nan"), 1)]:
+        with pytest.raises(ValueError, match="outside"):
+            s.add_click(x, y, True)
+    assert s.clicks == []
+
+
+def test_stages_switchable(predictor):
+    image = np.random.default_rng(1).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    coarse_only = predictor.with_options(refine=False).open(image)
+    coarse_only.add_click(40, 30, True)
+    assert coarse_only.last_timing["refine_passes"] == 0
+    refine_only = predictor.with_options(coarse=False).open(image)
+    refine_only.add_click(40, 30, True)
+    assert refine_only.last_timing["coarse_ms"] < 1 and refine_only.last_timing["refine_passes"] >= 1
+    with pytest.raises(ValueError):
+        predictor.with_options(coarse=False, refine=False)
+
+
+def test_prior_mask_is_the_starting_state(predictor):
+    image = np.zeros((50, 60, 3), np.uint8)
+    prior = np.zeros((50, 60), bool)
+    prior[10:30, 10:30] = True
+    s = predictor.open(image, prior_mask=prior)
+    assert np.array_equal(s.mask(), prior)
+    with pytest.raises(ValueError, match="prior mask"):
+        predictor.open(image, prior_mask=np.zeros((10, 10), bool))
+
+
+def test_huge_image_works_at_bounded_resolution(predictor):
+    image = np.zeros((6000, 8000, 3), np.uint8)
+    image[2000:4000, 3000:5000] = 200
+    s = predictor.open(image)
+    assert max(s.wh, s.ww) == predictor.options.max_work_side
+    prob = s.add_click(4000, 3000, True)
+    assert prob.shape == (6000, 8000)
+    assert s.add_click(7999.5, 5999.5, False).shape == (6000, 8000)
+
+
+def test_concurrent_sessions_match_sequential(predictor):
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 255, (80, 80, 3), dtype=np.uint8) for _ in range(4)]
+    expected = [predictor.open(im).add_click(40, 40, True) for im in images]
+    got = [None] * 4
+
+    def work(i):
+        got[i] = predictor.open(images[i]).add_click(40, 40, True)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for e, g in zip(expected, got):
+        assert np.allclose(e, g, atol=1e-5)
+
+
+# -- odd images --------------------------------------------------------------------------------
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_sixteen_bit_png():
+    a = (np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16)
+    rgb = load_image(_encode(Image.fromarray(a), "PNG"))
+    assert rgb.shape == (30, 40, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0, 0] == 0 and rgb.max() > 200  # full 16-bit range mapped, not clipped
+
+
+def test_rgba_grey_and_palette():
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 10
+    assert load_image(_encode(Image.fromarray(rgba, "RGBA"), "PNG"))[0, 0].tolist() == [200, 0, 0]
+    grey = load_image(_encode(Image.fromarray(np.full((10, 12), 77, np.uint8)), "PNG"))
+    assert grey.shape == (10, 12, 3) and (grey == 77).all()
+    pal = Image.fromarray(np.full((10, 12), 3, np.uint8)).convert("P")
+    assert load_image(_encode(pal, "PNG")).shape == (10, 12, 3)
+
+
+def test_exif_orientation_is_applied():
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :10] = 255  # white band on the left of the stored pixels
+    img = Image.fromarray(a)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    rgb = load_image(_encode(img, "JPEG", exif=exif, quality=95))
+    assert rgb.shape == (40, 20, 3)          # displayed portrait
+    assert rgb[:10].mean() > 200 and rgb[-10:].mean() < 50  # band now on top
+
+
+def test_corrupt_image_is_an_image_error():
+    with pytest.raises(ImageError):
+        load_image(b"\x89PNG\r\n\x1a\nnot really")
+
+
+def test_predictor_on_odd_images(predictor):
+    a16 = (np.random.default_rng(3).integers(0, 65535, (50, 70))).astype(np.uint16)
+    for src in (_encode(Image.fromarray(a16), "PNG"),
+                _encode(Image.fromarray(np.zeros((50, 70, 4), np.uint8), "RGBA"), "PNG")):
+        s = predictor.open(load_image(src))
+        assert s.add_click(35, 25, True).shape == (50, 70)

@@ -1,0 +1,126 @@
+"""The backend serves each project's promoted registry version, picks up a promotion or rollback
+without a restart (sessions of the old version dropped), lists versions, and rolls back through
+the admin route (behind basic auth when it is configured). Real app, real small models."""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend.app import create_app
+from backend.bench import keypoint, predict_body
+from backend.config import Config
+from tests.conftest import make_tiny_checkpoint
+from training.registry import ProjectRegistry
+
+
+@pytest.fixture(scope="module")
+def base_predictor(tiny_checkpoint):
+    from model.predictor import Predictor
+    return Predictor.load(str(tiny_checkpoint), coarse_size=128)
+
+
+def _image_uri():
+    img = np.zeros((96, 128, 3), np.uint8)
+    img[30:70, 40:90] = (200, 60, 60)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+URI = _image_uri()
+
+
+def predict(c, project, clicks=((64, 50),), auth=None):
+    body = predict_body(1, URI, [keypoint(x, y, 128, 96, True, i) for i, (x, y) in enumerate(clicks)])
+    body["project"] = project
+    r = c.post("/predict", json=body, headers=auth or {})
+    assert r.status_code == 200, r.get_json()
+    return r.get_json()["results"][0]["model_version"]
+
+
+def wait_version(c, project, want, timeout=10.0, auth=None):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predict(c, project, auth=auth)
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def test_hot_reload_versions_and_rollback(base_predictor, tiny_checkpoint, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "registry"
+    app = create_app(Config.from_env({"MODEL_REGISTRY": str(root), "MODEL_RELOAD_INTERVAL": "0.2"}), base_predictor)
+    c = app.test_client()
+    backend = app.extensions["simclick"]
+    base_version = base_predictor.version
+    assert predict(c, "5.1795584533") == base_version             # no registry yet: the base model
+    assert c.get("/versions").get_json()["versions"] == [base_version]
+
+    reg = ProjectRegistry(root, 5)
+    base = reg.ensure_base(tiny_checkpoint)
+    v1 = reg.add("p5-v001", make_tiny_checkpoint(tmp_path / "v1.safetensors", seed=1, version="p5-v001"),
+                 parent=base.name, job_id="job-1", metrics={"holdout": {"parent": {"noc90": 9.0},
+                                                                        "candidate": {"noc90": 7.5}}},
+                 decision={"promote": True, "reason": "holdout NoC@90 9.00 -> 7.50"})
+    assert predict(c, "5.1795584533") == base_version             # registered is not promoted
+    old_segmenter = backend.models.for_project("5").segmenter
+    assert len(old_segmenter.sessions) == 1
+    reg.promote(v1.name, reason="better", served_before=base.name)
+    assert wait_version(c, "5.1795584533", v1.name) == v1.name     # no restart
+    served = backend.models.for_project("5")
+    assert served.segmenter is not old_segmenter and served.predictor.version == "p5-v001"
+    assert len(served.segmenter.sessions) == 1                     # old sessions dropped, a new one
+    assert predict(c, "6.1795584999") == base_version             # other projects untouched
+    assert any("now serving p5-v001" in r.getMessage() for r in caplog.records)
+
+    listing = c.get("/versions?project=5").get_json()
+    assert listing["promoted"] == v1.name and listing["model_version"] == v1.name
+    assert listing["versions"] == [base_version, base.name, v1.name]
+    detail = {d["name"]: d for d in listing["details"]}
+    assert detail[v1.name]["promoted"] and detail[v1.name]["metrics"]["holdout"]["candidate"]["noc90"] == 7.5
+    assert detail[v1.name]["parent"] == base.name and detail[v1.name]["job_id"] == "job-1"
+    everything = c.get("/versions").get_json()
+    assert everything["projects"]["5"]["promoted"] == v1.name and v1.name in everything["versions"]
+
+    # Admin rollback: back to the base version, picked up by the next requests.
+    r = c.post("/admin/rollback", json={"project": 5, "reason": "masks got worse"})
+    assert r.status_code == 200 and r.get_json()["promoted"] == base.name, r.get_json()
+    assert wait_version(c, "5.1795584533", base.name) == base.name
+    assert c.post("/admin/rollback", json={"project": 5}).status_code == 409   # nothing before the base
+    assert c.post("/admin/rollback", json={"project": 5, "to": "p5-v404"}).status_code == 404
+
+    # A promoted version whose file got corrupted on disk: logged, the current model keeps serving.
+    v2 = reg.add("p5-v002", make_tiny_checkpoint(tmp_path / "v2.safetensors", seed=2, version="p5-v002"),
+                 parent=base.name)
+    v2.checkpoint.chmod(0o644)
+    v2.checkpoint.write_bytes(b"\x80\x04corrupt")
+    reg.promote(v2.name)
+    assert wait_version(c, "5.1795584533", "p5-v002", timeout=1.5) == base.name
+    assert any("cannot load promoted version p5-v002" in r.getMessage() for r in caplog.records)
+
+
+def test_admin_route_behind_basic_auth(base_predictor, tmp_path):
+    root = tmp_path / "registry"
+    reg = ProjectRegistry(root, 8)
+    base = reg.ensure_base(base_predictor.info["checkpoint_path"])
+    v = reg.add("p8-v001", base.checkpoint, parent=base.name)
+    reg.promote(v.name, served_before=base.name)
+    app = create_app(Config.from_env({"MODEL_REGISTRY": str(root), "BASIC_AUTH_USER": "admin",
+                                      "BASIC_AUTH_PASS": "s3cret-pass"}), base_predictor)
+    c = app.test_client()
+    assert c.post("/admin/rollback", json={"project": 8}).status_code == 401
+    assert c.get("/versions?project=8").status_code == 401
+    good = {"Authorization": "Basic " + base64.b64encode(b"admin:s3cret-pass").decode()}
+    r = c.post("/admin/rollback", json={"project": 8}, headers=good)
+    assert r.status_code == 200 and r.get_json()["promoted"] == base.name
+    assert reg.promoted().name == base.name
+    off = create_app(Config.from_env({"MODEL_REGISTRY": "off"}), base_predictor).test_client()
+    assert off.post("/admin/rollback", json={"project": 8}).status_code == 404
+    assert predict(off, "8.1") == base_predictor.version

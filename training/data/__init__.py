@@ -1,0 +1,27 @@
+"""Training data for SimClick: instance sources, the weighted train/val mixture, augmentation to a
+fixed crop, the torch Dataset/DataLoader, and click simulation (initial clicks, robot-user clicks on
+errors, focus-view crops). See each module's docstring; the click convention is in ``clicks``.
+
+Typical use in the training loop::
+
+    from training.data import (Mixture, default_sources, ClickSegDataset, make_loader,
+                               add_next_clicks, last_clicks, sample_focus_boxes, focus_view)
+    mix = Mixture(default_sources(), weights={"bsds": .35, "sod": .15, "coco": .5}, seed=0)
+    train = ClickSegDataset(mix, "train", length=4000, seed=0)
+    for epoch in range(E):
+        for batch in make_loader(train, batch_size=8, num_workers=2, epoch=epoch):
+            ...
+"""
+from .augment import AugmentConfig, Augmented, augment, color_jitter, eval_config
+from .clicks import (PAD_CLICK, InitialClickConfig, add_next_clicks, crop_resize, empty_clicks,
+                     focus_view, last_clicks, next_clicks, num_clicks, padded_edt, random_clicks,
+                     remap_clicks, sample_focus_boxes, sample_initial_clicks)
+from .dataset import ClickSegDataset, collate, make_loader, worker_init_fn
+from .mixture import Mixture, assign_splits, key_hash
+from .sources import (DEFAULT_WEIGHTS, AreaFilter, BenchmarkDataError, BSDSSource, COCOSource,
+                      Instance, InstanceSource, Item, LabelStudioSource, SBDSource, SODSource,
+                      assert_not_benchmark, decode_coco_segmentation, decode_ls_brush,
+                      default_data_root, default_sources, ls_url_basename, read_bsds_segmentations,
+                      read_sbd_instances, source_from_spec)
+
+__all__ = [n for n in dir() if not n.startswith("_")]

@@ -1,0 +1,231 @@
+"""Command line: evaluate a checkpoint, list/compare the history, plot versions.
+
+    python -m training.evaluate --checkpoint PATH|default|oracle|grabcut --datasets GrabCut,Berkeley,DAVIS \
+        [--limit N] [--workers N] [--json] [--max-clicks 100] [--report DIR] [--tag T] [--db URL]
+    python -m training.evaluate history [--dataset X] [--version V] [--compare A B]
+    python -m training.evaluate plot --versions A,B --out DIR [--datasets GrabCut,DAVIS]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .protocol import CURVE_CLICKS, THRESHOLD, Protocol
+
+DEFAULT_DATASETS = "GrabCut,Berkeley,DAVIS"
+
+
+def _csv(value: str) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None,
+                   help="history database: URL (postgresql://user@host/db) or SQLite path; "
+                        "default $SIMCLICK_EVAL_DB or data/evaluation.sqlite")
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate",
+                                description="NoC evaluation with the standard robot user "
+                                            "(subcommands: history, plot; see --help of each)")
+    p.add_argument("--checkpoint", default="default",
+                   help="checkpoint file, 'default' (the shipped model), or a reference predictor: "
+                        "'oracle' (returns the ground truth; NoC must be 1.00) or 'grabcut' (OpenCV GrabCut)")
+    p.add_argument("--datasets", default=DEFAULT_DATASETS,
+                   help="comma-separated: GrabCut, Berkeley, DAVIS, SBD, COCO-MVal, PascalVOC "
+                        "(Name=/folder to point one elsewhere); default %(default)s")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding the data sets (default $SIMCLICK_DATA_ROOT or ../shared/datasets)")
+    p.add_argument("--limit", type=int, default=None, help="first N instances of each data set")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: CPU count on CPU, 1 on a GPU)")
+    p.add_argument("--device", default=None, help="torch device for the network (default: cuda if available)")
+    p.add_argument("--predictor-options", default=None, metavar="NAME=VALUE,...",
+                   help="predictor settings for ablations, e.g. refine=false or intention=false,focus_passes=1 "
+                        "(see model.predictor.PredictorOptions); the version is recorded with them")
+    p.add_argument("--max-clicks", type=int, default=CURVE_CLICKS,
+                   help="click budget: 20 (protocol), or 100 to add NoC100@85/90 and NoF100@90")
+    p.add_argument("--threshold", type=float, default=THRESHOLD,
+                   help="probability threshold (protocol: %(default)s; 0.5 is a deviation)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per data set on stdout (tables go to stderr)")
+    p.add_argument("--report", type=Path, default=None, help="write a failure report (PNG + index.html) here")
+    p.add_argument("--report-k", type=int, default=10, help="worst instances per data set in the report")
+    _db_arg(p)
+    p.add_argument("--no-record", action="store_true", help="do not store the run in the history")
+    p.add_argument("--tag", default=None, help="free label stored with the run")
+    p.add_argument("--notes", default=None, help="free notes stored with the run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def history_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate history",
+                                description="list stored runs, or compare two runs / model versions")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--version", default=None, help="only this model version")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="run ids (12 or #12) or model versions; shows B - A per data set")
+    p.add_argument("--json", action="store_true")
+    _db_arg(p)
+    return p
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate plot",
+                                description="mIoU-vs-clicks curves and NoC@90 across versions (PNG)")
+    p.add_argument("--versions", required=True, help="comma-separated model versions or run ids")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--datasets", default=None, help="comma-separated subset (default: all with runs)")
+    _db_arg(p)
+    return p
+
+
+def _default_workers(spec) -> int:
+    if not spec.is_reference and (spec.device or "").startswith("cuda"):
+        return 1
+    if not spec.is_reference and spec.device is None:
+        try:
+            import torch
+            if torch.cuda.is_available():
+                return 1
+        except ImportError:
+            pass
+    return max(1, os.cpu_count() or 1)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except Exception as e:  # a missing data set or checkpoint is a usage error, not a crash
+        if isinstance(e, FileNotFoundError) or type(e).__name__ == "CheckpointError":
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .datasets import canonical_name, load_dataset
+    from .history import record_run
+    from .predictors import PredictorSpec, checkpoint_hash
+    from .report import write_index, write_report
+    from .runner import evaluate_dataset
+    from .tables import detail_table, paper_table
+
+    protocol = Protocol(max_clicks=args.max_clicks, threshold=args.threshold)
+    from .predictors import parse_options
+
+    try:
+        spec = PredictorSpec(args.checkpoint, args.device, parse_options(args.predictor_options))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not spec.is_reference:
+        from model.checkpoint import resolve  # fail before any work: 'default' -> $SIMCLICK_CHECKPOINT or shipped file
+        resolve(args.checkpoint)
+    workers = args.workers if args.workers is not None else _default_workers(spec)
+    names = _csv(args.datasets)
+    try:
+        for n in names:
+            canonical_name(n.split("=", 1)[0])
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    sets = [(canonical_name(n.split("=", 1)[0]), load_dataset(n, args.data_root, args.limit)) for n in names]
+    predictor = spec() if workers <= 1 else spec  # one predictor for all data sets
+    log = sys.stderr if args.json else sys.stdout
+    metrics, sections = [], []
+    started = time.perf_counter()
+    for name, samples in sets:
+        result = evaluate_dataset(predictor, samples, dataset=name, protocol=protocol, workers=workers,
+                                  progress=not args.no_progress,
+                                  report_k=args.report_k if args.report else 0)
+        out = result.to_json()
+        out["checkpoint"] = args.checkpoint
+        out["checkpoint_hash"] = checkpoint_hash(spec, result.checkpoint_path, result.model_version,
+                                                  result.checkpoint_sha256)
+        out["workers"] = workers
+        if not args.no_record:
+            out["run_id"] = record_run(
+                result, args.db, checkpoint=args.checkpoint, checkpoint_hash=out["checkpoint_hash"],
+                complete=args.limit is None or args.limit >= _full_size(name, args), tag=args.tag,
+                notes=args.notes, extra_protocol={"limit": args.limit, "workers": workers,
+                                                  "data_root": str(args.data_root or "")})
+        if args.json:
+            print(json.dumps({k: v for k, v in out.items() if k != "miou"} | {"miou": out["miou"]}), flush=True)
+        if args.report:
+            by_id = {s.sample_id: s for s in samples}
+            sections.append((result, write_report(result, lambda i: by_id[i].load(), args.report, args.report_k)))
+        metrics.append(out)
+    total = time.perf_counter() - started
+    version = metrics[0]["model_version"]
+    print(f"\n{version} ({args.checkpoint}) on {metrics[0]['device']}, {workers} worker(s), "
+          f"threshold {protocol.threshold}, {protocol.max_clicks} clicks max\n", file=log)
+    print(paper_table(version, metrics), file=log)
+    print("\n" + detail_table(metrics), file=log)
+    print(f"\nwall time {total:.1f} s" + ("" if args.no_record else
+          f"; stored as run(s) {', '.join(str(m['run_id']) for m in metrics)}"), file=log)
+    if args.report:
+        print(f"failure report: {write_index(args.report, sections)}", file=log)
+    return 0
+
+
+def _full_size(name: str, args: argparse.Namespace) -> int:
+    """Instances in the whole data set (only called with --limit)."""
+    from .datasets import load_dataset
+    return len(load_dataset(name, args.data_root, args.limit + 1))
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from .history import compare, list_runs
+    from .tables import compare_table, history_table
+
+    if args.compare:
+        a, b = args.compare
+        try:
+            rows = compare(a, b, args.db)
+        except KeyError as e:
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            return 2
+        print(json.dumps(rows, default=str) if args.json else compare_table(a, b, rows))
+        return 0
+    rows = list_runs(args.db, args.dataset, args.version)
+    if args.json:
+        print(json.dumps(rows, default=str))
+    elif not rows:
+        print("no runs stored yet")
+    else:
+        print(history_table(rows))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_versions
+
+    try:
+        paths = plot_versions(_csv(args.versions), args.out, args.db, _csv(args.datasets) if args.datasets else None)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "history":
+        return cmd_history(history_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "plot":
+        return cmd_plot(plot_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    elif "--compare" in argv and "--checkpoint" not in argv:  # `python -m training.evaluate --compare A B`
+        return cmd_history(history_parser().parse_args(argv))
+    return cmd_run(run_parser().parse_args(argv))

@@ -1,0 +1,29 @@
+"""Constants of the standard interactive-segmentation protocol (../shared/docs/evaluation-protocol.md).
+
+Anything that deviates from the protocol is a named option of `Protocol`, off by default.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+CURVE_CLICKS = 20          # every instance is run to 20 clicks (mIoU@k curve, NoC20)
+THRESHOLD = 0.49           # prediction = prob > 0.49 (RITM)
+TARGETS = (0.85, 0.90)     # NoC@85, NoC@90
+NOF_TARGET = 0.90          # NoF@90
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one evaluation is run. The defaults are the published protocol."""
+
+    max_clicks: int = CURVE_CLICKS  # 100 adds NoC100@85/90 and NoF100@90 (clicks past 20 stop at 0.90)
+    threshold: float = THRESHOLD
+
+    def __post_init__(self) -> None:
+        if self.max_clicks < CURVE_CLICKS:
+            raise ValueError(f"max_clicks must be >= {CURVE_CLICKS} (the mIoU curve needs {CURVE_CLICKS})")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError("threshold must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

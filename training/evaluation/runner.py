@@ -1,0 +1,211 @@
+"""Run the robot user against a predictor: one instance, a list of samples, optionally in workers.
+
+Python API (also what the fine-tuning worker calls):
+
+    from training.evaluation import evaluate_dataset, samples_from_arrays, load_dataset
+    result = evaluate_dataset(predictor_or_factory, load_dataset("GrabCut"), dataset="GrabCut")
+    result = evaluate_dataset(predictor, samples_from_arrays(holdout_pairs), dataset="holdout")
+    result.metrics()  # noc85, noc90, nof90, miou, spc, ...
+
+`predictor_or_factory` is either a loaded predictor (anything with `open`) or a zero-argument
+callable that builds one; with workers > 1 it must be a picklable factory (each worker process
+builds its own predictor, with one torch/OpenCV thread each).
+"""
+from __future__ import annotations
+
+import heapq
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .clicker import RobotClicker
+from .metrics import iou, noc, summarize
+from .protocol import CURVE_CLICKS, NOF_TARGET, Protocol
+from .samples import LoadedSample, Sample
+
+
+@dataclass
+class InstanceResult:
+    sample_id: str
+    ious: List[float]                      # IoU after click 1, 2, ... (>= 20 values)
+    clicks: List[Tuple[int, int, bool]]    # (x, y, positive) of each click
+    seconds: float                         # predictor wall time: open() + every add_click()
+    masks: Optional[Dict[int, np.ndarray]] = None  # click -> packed prediction (failure report only)
+    shape: Tuple[int, int] = (0, 0)
+
+    def noc(self, target: float = NOF_TARGET, budget: int = CURVE_CLICKS) -> int:
+        return noc(self.ious, target, budget)
+
+    def mask(self, click: int) -> np.ndarray:
+        h, w = self.shape
+        return np.unpackbits(self.masks[click], count=h * w).reshape(h, w).astype(bool)
+
+
+@dataclass
+class DatasetResult:
+    dataset: str
+    model_version: str
+    device: str
+    protocol: Protocol
+    instances: List[InstanceResult]
+    wall_seconds: float = 0.0
+    checkpoint_path: Optional[str] = None
+    checkpoint_sha256: Optional[str] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> Dict[str, Any]:
+        m = summarize([r.ious for r in self.instances], sum(r.seconds for r in self.instances),
+                      sum(len(r.ious) for r in self.instances), self.protocol.max_clicks)
+        return {"dataset": self.dataset, **m, "device": self.device, "model_version": self.model_version}
+
+    def to_json(self) -> Dict[str, Any]:
+        """The CLI's --json object: dataset, instances, noc85, noc90, nof90, spc, device, model_version, ..."""
+        m = self.metrics()
+        m["max_clicks"] = self.protocol.max_clicks
+        m["wall_seconds"] = round(self.wall_seconds, 3)
+        return m
+
+
+def open_session(predictor: Any, sample: LoadedSample):
+    if getattr(predictor, "needs_gt", False):
+        return predictor.open(sample.image, gt=sample.gt)
+    return predictor.open(sample.image)
+
+
+def run_instance(predictor: Any, sample: LoadedSample, protocol: Protocol = Protocol(),
+                 keep_masks: bool = False) -> InstanceResult:
+    """Click until 20 clicks are made; past 20 (max_clicks > 20) only until IoU >= 0.90."""
+    gt, ignore = sample.gt, sample.ignore
+    h, w = gt.shape
+    clicker = RobotClicker(gt, ignore)
+    pred = np.zeros((h, w), dtype=bool)
+    t0 = time.perf_counter()
+    session = open_session(predictor, sample)
+    seconds = time.perf_counter() - t0
+    ious: List[float] = []
+    masks: Dict[int, np.ndarray] = {}
+    for k in range(1, protocol.max_clicks + 1):
+        c = clicker.next_click(pred)
+        t0 = time.perf_counter()
+        prob = session.add_click(c.x, c.y, c.positive)
+        seconds += time.perf_counter() - t0
+        prob = np.asarray(prob)
+        if prob.shape != (h, w):
+            raise ValueError(f"{sample.sample_id}: predictor returned {prob.shape}, expected {(h, w)}")
+        pred = prob > protocol.threshold
+        ious.append(iou(gt, pred, ignore))
+        if keep_masks and (k == 1 or k == CURVE_CLICKS):
+            masks[k] = np.packbits(pred)
+        if k >= CURVE_CLICKS and ious[-1] >= NOF_TARGET:
+            break
+    if keep_masks and CURVE_CLICKS not in masks:  # cannot happen (max_clicks >= 20), kept for safety
+        masks[len(ious)] = np.packbits(pred)
+    return InstanceResult(sample.sample_id, ious, [c.as_tuple() for c in clicker.clicks], seconds,
+                          masks if keep_masks else None, (h, w))
+
+
+# ---------------------------------------------------------------- workers
+
+_WORKER: Dict[str, Any] = {}
+
+
+def _predictor_info(predictor: Any) -> Dict[str, Optional[str]]:
+    """version, device and (for the network) the checkpoint file and its sha256, as the predictor reports them."""
+    card = getattr(predictor, "info", None)
+    card = card if isinstance(card, dict) else {}
+    path = getattr(predictor, "checkpoint_path", None) or card.get("checkpoint_path")
+    return {"version": str(getattr(predictor, "version", type(predictor).__name__)),
+            "device": str(getattr(predictor, "device", "cpu")),
+            "checkpoint_path": str(path) if path else None,
+            "checkpoint_sha256": card.get("checkpoint_sha256")}
+
+
+def _single_thread() -> None:
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    try:
+        import cv2
+        cv2.setNumThreads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _init_worker(factory: Callable[[], Any], protocol: Protocol, keep_masks: bool) -> None:
+    _single_thread()
+    try:
+        _WORKER["predictor"] = factory()
+    except BaseException as e:  # re-raised by _work: a failing initializer would make Pool respawn forever
+        _WORKER["error"] = e
+        return
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    _WORKER.update(protocol=protocol, keep_masks=keep_masks, info=_predictor_info(_WORKER["predictor"]))
+
+
+def _work(sample: Sample) -> Tuple[InstanceResult, Dict[str, Optional[str]]]:
+    if "error" in _WORKER:
+        raise _WORKER["error"]
+    r = run_instance(_WORKER["predictor"], sample.load(), _WORKER["protocol"], _WORKER["keep_masks"])
+    return r, _WORKER["info"]
+
+
+class _WorstK:
+    """Keep packed masks only for the K worst instances (highest NoC@90, then lowest final IoU)."""
+
+    def __init__(self, k: int):
+        self.k, self.heap = k, []
+
+    def offer(self, i: int, r: InstanceResult) -> None:
+        if r.masks is None:
+            return
+        key = (r.noc(), -r.ious[CURVE_CLICKS - 1], -i)
+        if self.k <= 0:
+            r.masks = None
+        elif len(self.heap) < self.k:
+            heapq.heappush(self.heap, (key, i, r))
+        else:
+            dropped = heapq.heappushpop(self.heap, (key, i, r))
+            dropped[2].masks = None
+
+
+def evaluate_dataset(predictor_or_factory: Any, samples: Sequence[Sample], dataset: str = "custom",
+                     protocol: Protocol = Protocol(), workers: int = 1, progress: bool = True,
+                     report_k: int = 0) -> DatasetResult:
+    """Evaluate one data set. `report_k` > 0 keeps predictions of the worst K for a failure report."""
+    from tqdm import tqdm
+
+    keep = report_k > 0
+    worst = _WorstK(report_k)
+    results: List[InstanceResult] = []
+    info: Dict[str, Optional[str]] = {}
+    bar = tqdm(total=len(samples), desc=dataset, unit="inst", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        if workers <= 1 or len(samples) <= 1:
+            predictor = predictor_or_factory if hasattr(predictor_or_factory, "open") else predictor_or_factory()
+            info = _predictor_info(predictor)
+            for s in samples:
+                results.append(run_instance(predictor, s.load(), protocol, keep))
+                worst.offer(len(results) - 1, results[-1])
+                bar.update(1)
+        else:
+            if hasattr(predictor_or_factory, "open"):
+                raise TypeError("workers > 1 needs a picklable predictor factory, not a loaded predictor")
+            ctx = mp.get_context("spawn")  # safe with torch/CUDA and OpenCV thread pools
+            with ctx.Pool(min(workers, len(samples)), initializer=_init_worker,
+                          initargs=(predictor_or_factory, protocol, keep)) as pool:
+                for r, info in pool.imap(_work, samples, chunksize=1):
+                    results.append(r)
+                    worst.offer(len(results) - 1, r)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return DatasetResult(dataset, info.get("version") or "unknown", info.get("device") or "cpu", protocol,
+                         results, time.perf_counter() - start, info.get("checkpoint_path"),
+                         checkpoint_sha256=info.get("checkpoint_sha256"))

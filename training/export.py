@@ -1,0 +1,69 @@
+"""Export an inference checkpoint from a training state (e.g. to ship a model mid-run).
+
+    python -m training.export runs/cpu-lite2/state.safetensors model/weights/simclick-lite2.safetensors \
+        [--half] [--version NAME] [--metrics metrics.json]
+
+The inference file keeps only the network's weights (no optimizer, no PEM buffer) and a card built
+from the state's header: config, steps, training hours, data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import ModelConfig
+
+
+def export(state_path: Path, out: Path, half: bool = False, version: str | None = None,
+           metrics: dict | None = None) -> Path:
+    with safe_open(str(state_path), framework="pt") as f:
+        header = json.loads((f.metadata() or {}).get("state", "{}"))
+        weights = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
+    if "config" not in header:
+        raise ValueError(f"{state_path}: not a SimClick training state")
+    cfg = header["config"]
+    model_cfg = ModelConfig.from_dict(_architecture(header))
+    step = header["step"]
+    info = {
+        "version": version or f"{Path(cfg['out_dir']).name}-s{step}",
+        "training": {"config": cfg, "steps": step, "hours": round(header.get("elapsed", 0) / 3600, 3),
+                     "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        "metrics": metrics or {},
+    }
+    return save_checkpoint(out, weights, model_cfg, info, half=half)
+
+
+def _architecture(header: dict) -> dict:
+    """The network's config: recorded in the state; in states written before that, the init
+    checkpoint's (a run that continues a checkpoint) or the training config's."""
+    if header.get("model_config"):
+        return header["model_config"]
+    cfg = header["config"]
+    if cfg.get("init_checkpoint"):
+        return load_checkpoint(cfg["init_checkpoint"])[1].to_dict()
+    return cfg["model"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("state", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--half", action="store_true", help="store weights as fp16 (half the size)")
+    ap.add_argument("--version")
+    ap.add_argument("--metrics", type=Path, help="JSON file of metrics to put in the card")
+    args = ap.parse_args(argv)
+    metrics = json.loads(args.metrics.read_text()) if args.metrics else None
+    path = export(args.state, args.out, args.half, args.version, metrics)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""The fine-tuning job: pull -> train -> evaluate -> register -> promote (or keep with the reason).
+
+    result = run_finetune(project=3, job_id="train-p3-7", settings=FinetuneSettings.from_env())
+
+Stages (reported through `progress(stage, percent, **extra)`; the RQ job puts them in job.meta):
+  pull      the project's finished annotations from Label Studio (training.labelstudio_pull),
+            images downloaded as the backend does, bad regions skipped with their reason, a
+            deterministic train/holdout split by task;
+  train     training.train.train() from the project's promoted version (or the base checkpoint)
+            with a LabelStudioSource on the pulled images; resumed from its last state when a
+            retried job finds one in its work folder;
+  evaluate  the robot user (NoC) on the holdout, parent and candidate, and on the benchmarks
+            (GrabCut, Berkeley, first `bench_limit` instances); every run is recorded in the
+            evaluation history (training.evaluation.history), tagged with the job id;
+  register  the candidate becomes an immutable registry version with its parent, job id, train
+            config, metrics and the decision;
+  promote   only if its holdout NoC@90 beats the parent's by more than `min_holdout_gain` and no
+            benchmark NoC@90 got worse by more than `bench_margin`.
+
+Settings come from FINETUNE_* environment variables (table: FINETUNE_SETTINGS, printed by
+`python -m training.jobs --help-env`); a job's own overrides win.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+
+# (field, environment variable, default, help)
+FINETUNE_SETTINGS = [
+    ("steps", "FINETUNE_STEPS", 300, "training steps of one fine-tuning job"),
+    ("batch_size", "FINETUNE_BATCH_SIZE", 4, "crops per step"),
+    ("crop_size", "FINETUNE_CROP_SIZE", 320, "training crop side, px"),
+    ("lr", "FINETUNE_LR", 1e-4, "peak learning rate (backbone gets 0.1x)"),
+    ("warmup_steps", "FINETUNE_WARMUP_STEPS", 20, "linear warm-up steps"),
+    ("max_sim_rounds", "FINETUNE_SIM_ROUNDS", 3, "iterative click-simulation rounds per step"),
+    ("checkpoint_every", "FINETUNE_CHECKPOINT_EVERY", 25, "steps between resumable states (a retried job resumes)"),
+    ("holdout_fraction", "FINETUNE_HOLDOUT_FRACTION", 0.2, "share of annotated tasks held out for the promotion test"),
+    ("min_holdout", "FINETUNE_MIN_HOLDOUT", 2, "at least this many holdout tasks"),
+    ("min_train", "FINETUNE_MIN_TRAIN", 4, "no training with fewer usable training regions"),
+    ("min_area", "FINETUNE_MIN_AREA", 400, "regions smaller than this many pixels are skipped"),
+    ("labels", "FINETUNE_LABELS", "", "comma-separated labels to learn from; empty = all"),
+    ("bench_datasets", "FINETUNE_BENCH_DATASETS", "GrabCut,Berkeley", "benchmarks checked before a promotion; empty = none"),
+    ("bench_limit", "FINETUNE_BENCH_LIMIT", 20, "first N instances of each benchmark; 0 = all"),
+    ("bench_margin", "FINETUNE_BENCH_MARGIN", 0.10, "largest NoC@90 increase allowed on a benchmark"),
+    ("min_holdout_gain", "FINETUNE_MIN_GAIN", 0.0, "holdout NoC@90 must drop by more than this"),
+    ("eval_coarse_size", "FINETUNE_EVAL_COARSE_SIZE", 0, "coarse view of the evaluation predictor; 0 = predictor default"),
+    ("device", "FINETUNE_DEVICE", "", "cpu or cuda; empty = cuda if available"),
+    ("threads", "FINETUNE_THREADS", 0, "torch CPU threads; 0 = torch default"),
+    ("seed", "FINETUNE_SEED", 0, "seed of the split and of training"),
+    ("keep_workdir", "FINETUNE_KEEP_WORKDIR", False, "keep DATA_DIR/jobs/<job> after a finished job"),
+]
+
+
+def _parse(kind, raw):
+    if isinstance(kind, bool):
+        return str(raw).strip().lower() in ("1", "true", "yes", "on")
+    return type(kind)(raw)
+
+
+@dataclass
+class FinetuneSettings:
+    steps: int = 300
+    batch_size: int = 4
+    crop_size: int = 320
+    lr: float = 1e-4
+    warmup_steps: int = 20
+    max_sim_rounds: int = 3
+    checkpoint_every: int = 25
+    holdout_fraction: float = 0.2
+    min_holdout: int = 2
+    min_train: int = 4
+    min_area: int = 400
+    labels: str = ""
+    bench_datasets: str = "GrabCut,Berkeley"
+    bench_limit: int = 20
+    bench_margin: float = 0.10
+    min_holdout_gain: float = 0.0
+    eval_coarse_size: int = 0
+    device: str = ""
+    threads: int = 0
+    seed: int = 0
+    keep_workdir: bool = False
+
+    @classmethod
+    def from_env(cls, env: Optional[dict] = None, **overrides) -> "FinetuneSettings":
+        env = os.environ if env is None else env
+        values = {}
+        for name, var, default, _ in FINETUNE_SETTINGS:
+            raw = env.get(var)
+            if raw is not None and str(raw).strip() != "":
+                try:
+                    values[name] = _parse(default, raw)
+                except ValueError:
+                    raise ValueError(f"{var}={raw!r}: expected {type(default).__name__}") from None
+            elif raw is not None and isinstance(default, str):
+                values[name] = ""
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown fine-tuning settings {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        s = cls(**values)
+        if s.steps < 1 or s.batch_size < 1 or s.crop_size < 32:
+            raise ValueError("FINETUNE_STEPS, FINETUNE_BATCH_SIZE must be >= 1, FINETUNE_CROP_SIZE >= 32")
+        return s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- the decision ----------------------------------------------------------------------------------
+def decide(holdout_parent: float, holdout_candidate: float, bench: Dict[str, Dict[str, float]],
+           margin: float, min_gain: float = 0.0) -> tuple[bool, str]:
+    """Promote iff the holdout NoC@90 improves by more than min_gain and no benchmark NoC@90 got
+    worse by more than margin. bench: dataset -> {"parent": noc90, "candidate": noc90}."""
+    gain = holdout_parent - holdout_candidate
+    if not gain > min_gain:
+        return False, (f"holdout NoC@90 {holdout_candidate:.2f} is not better than the parent's "
+                       f"{holdout_parent:.2f}" + (f" by more than {min_gain:g}" if min_gain else ""))
+    for ds, m in sorted(bench.items()):
+        worse = m["candidate"] - m["parent"]
+        if worse > margin + 1e-9:
+            return False, (f"{ds} NoC@90 got worse by {worse:.2f} ({m['parent']:.2f} -> "
+                           f"{m['candidate']:.2f}), more than the allowed {margin:g}")
+    bench_txt = "; ".join(f"{ds} {m['parent']:.2f} -> {m['candidate']:.2f}" for ds, m in sorted(bench.items()))
+    return True, (f"holdout NoC@90 {holdout_parent:.2f} -> {holdout_candidate:.2f}"
+                  + (f"; {bench_txt} (margin {margin:g})" if bench else "; no benchmark configured"))
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+class _TrainProgress(threading.Thread):
+    """Reads the trainer's log.csv once a second and reports the step (train.train has no callback)."""
+
+    def __init__(self, log_path: Path, steps: int, report: Callable[[int], None]):
+        super().__init__(daemon=True)
+        self.log_path, self.steps, self.report = log_path, steps, report
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        last = -1
+        while not self.stop_event.wait(1.0):
+            try:
+                with open(self.log_path) as f:
+                    lines = f.read().splitlines()
+                step = int(lines[-1].split(",", 1)[0]) if len(lines) > 1 else 0
+            except (OSError, ValueError, IndexError):
+                continue
+            if step != last:
+                last = step
+                try:
+                    self.report(step)
+                except Exception:  # progress is best effort: never kill training for it
+                    log.exception("progress report failed")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(5)
+
+
+def _predictor(path: Path, settings: FinetuneSettings, version: str):
+    """The evaluation predictor, named by its registry version (the name the history records)."""
+    from model.predictor import Predictor
+
+    opts = {"coarse_size": settings.eval_coarse_size} if settings.eval_coarse_size else {}
+    p = Predictor.load(str(path), device=settings.device or None, **opts)
+    p.version = version
+    return p
+
+
+def _evaluate(predictor, samples, dataset: str):
+    from training.evaluation.runner import evaluate_dataset
+
+    return evaluate_dataset(predictor, samples, dataset=dataset, progress=False)
+
+
+def _record(result, checkpoint: Path, sha: str, complete: bool, job_id: str, extra: dict) -> Optional[int]:
+    from training.evaluation.history import record_run
+
+    try:
+        return record_run(result, checkpoint=str(checkpoint), checkpoint_hash=sha, complete=complete,
+                          tag=f"finetune:{job_id}", notes=json.dumps(extra, default=str),
+                          extra_protocol=extra)
+    except Exception:  # the history is a record, not a gate: a database outage must not lose the job
+        log.exception("could not record the %s run in the evaluation history", result.dataset)
+        return None
+
+
+def _cached_bench(sha: str, dataset: str, limit: Optional[int], coarse_size: int) -> Optional[float]:
+    """The NoC@90 of an earlier run of the same checkpoint file on the same instances with the same
+    protocol and predictor options, if the history has one (the parent is evaluated once)."""
+    from training.evaluation.history import list_runs
+    from training.evaluation.protocol import CURVE_CLICKS, THRESHOLD
+
+    try:
+        rows = list_runs(dataset=dataset, full=True)
+    except Exception:
+        return None
+    for r in reversed(rows):
+        proto = r.get("protocol") or {}
+        if (r["checkpoint_hash"] == sha and proto.get("limit") == limit and r["max_clicks"] == CURVE_CLICKS
+                and proto.get("threshold") == THRESHOLD and int(proto.get("coarse_size") or 0) == coarse_size):
+            return float(r["noc90"])
+    return None
+
+
+# -- the job ---------------------------------------------------------------------------------------
+def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings] = None,
+                 progress: Optional[Progress] = None, export: Optional[str] = None,
+                 registry_root: Optional[str] = None, base_checkpoint: Optional[str] = None,
+                 work_root: Optional[str] = None, before_register: Optional[Callable[[], None]] = None) -> dict:
+    """One fine-tuning job for one project. Returns a JSON-able summary (also the RQ job result).
+    `before_register` is called right before the registry is changed (the job's lock check)."""
+    import torch
+
+    from backend.config import Config
+    from backend.fetch import ImageFetcher
+    from model.checkpoint import atomic_write_bytes, file_sha256, resolve
+    from training import labelstudio_pull as pull
+    from training.registry import ProjectRegistry, data_dir, default_root, project_key
+
+    settings = settings or FinetuneSettings.from_env()
+    progress = progress or (lambda stage, percent, **kw: None)
+    pid = project_key(project)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    t_start = time.perf_counter()
+    timings: Dict[str, float] = {}
+    registry = ProjectRegistry(registry_root or default_root(), pid)
+    work = Path(work_root or data_dir() / "jobs") / job_id
+    work.mkdir(parents=True, exist_ok=True)
+
+    # -- parent: the promoted version, else the base checkpoint (registered once) ------------------
+    parent = registry.promoted()
+    if parent is None:
+        parent = registry.ensure_base(resolve(base_checkpoint or os.environ.get("MODEL_CHECKPOINT") or "default"))
+    name = registry.reserve(job_id)
+    summary: Dict[str, Any] = {"job_id": job_id, "project": pid, "version": name, "parent": parent.name,
+                               "settings": settings.to_dict()}
+    if registry.exists(name):
+        # An earlier attempt of this job registered the version and died before promoting.
+        if before_register:
+            before_register()
+        return _finish_existing(registry, name, parent, summary)
+
+    # -- pull ----------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    progress("pull", 1)
+    data = work / "data"
+    done_marker = data / "report.json"
+    if done_marker.exists():
+        report = json.loads(done_marker.read_text())
+        log.info("job %s: reusing the annotations pulled by an earlier attempt", job_id)
+    else:
+        cfg = Config.from_env()
+        fetcher = ImageFetcher(cfg)
+        if export:
+            tasks = pull.load_export(export)
+            source = f"export {export}"
+        else:
+            client = pull.ls_client(cfg.label_studio_url, cfg.label_studio_api_key)
+            _, tasks = pull.fetch_tasks(client, int(pid))
+            source = f"Label Studio {cfg.label_studio_url} project {pid}"
+        labels = [s.strip() for s in settings.labels.split(",") if s.strip()] or None
+        report = pull.build_dataset(
+            tasks, fetcher, data, holdout_fraction=settings.holdout_fraction, min_holdout=settings.min_holdout,
+            seed=settings.seed, labels=labels, min_area=settings.min_area,
+            progress=lambda i, n: progress("pull", 1 + int(9 * i / max(1, n)), detail=f"task {i + 1}/{n}"),
+        ).to_dict()
+        report["source"] = source
+        atomic_write_bytes(data / "report.json", json.dumps(report, indent=2, default=str).encode())
+    timings["pull_s"] = round(time.perf_counter() - t0, 2)
+    summary["data"] = {k: report[k] for k in ("tasks", "annotations", "regions", "kept", "train_regions",
+                                              "holdout_regions", "train_tasks", "holdout_tasks",
+                                              "latest_annotation", "source")}
+    summary["skipped"] = report["skipped"]
+    if report["train_regions"] < settings.min_train or report["holdout_regions"] < 1:
+        summary.update(status="not trained", promoted=False,
+                       reason=(f"not enough usable annotations: {report['train_regions']} training and "
+                               f"{report['holdout_regions']} holdout region(s); need at least "
+                               f"{settings.min_train} and 1 (skipped {len(report['skipped'])})"))
+        progress("done", 100, detail=summary["reason"])
+        _cleanup(work, settings)
+        return summary
+
+    # -- train ---------------------------------------------------------------------------------------
+    from training.config import TrainConfig
+    from training.train import train
+
+    t0 = time.perf_counter()
+    out = work / "train"
+    tcfg = TrainConfig(
+        out_dir=str(out), init_checkpoint=str(parent.checkpoint), data_root=str(data),
+        sources=[{"type": "labelstudio", "export": str(data / "train.json"), "image_dir": str(data / "images"),
+                  "name": f"ls-project-{pid}", "min_area": settings.min_area}],
+        val_fraction=0.0, val_instances=0, crop_size=settings.crop_size, steps=settings.steps,
+        batch_size=settings.batch_size, num_workers=0, lr=settings.lr,
+        warmup_steps=min(settings.warmup_steps, max(1, settings.steps // 5)),
+        max_sim_rounds=settings.max_sim_rounds, checkpoint_every=max(1, settings.checkpoint_every),
+        # A few crops per step: the backbone's BatchNorm keeps its statistics (batch ones are noise).
+        freeze_backbone_bn=True,
+        device=settings.device or "auto", seed=settings.seed, version=name,
+        notes=f"fine-tuned from {parent.name} by job {job_id} on project {pid}")
+    resume = (out / "state.safetensors").exists()
+    progress("train", 10, detail=("resuming" if resume else "starting") + f" from {parent.name}")
+    watcher = _TrainProgress(out / "log.csv", settings.steps,
+                             lambda step: progress("train", 10 + int(60 * step / settings.steps),
+                                                   detail=f"step {step}/{settings.steps}", step=step))
+    watcher.start()
+    try:
+        train_summary = train(tcfg, resume=resume, progress=False)
+    finally:
+        watcher.stop()
+    timings["train_s"] = round(time.perf_counter() - t0, 2)
+    candidate_path = Path(train_summary["last_checkpoint"])
+    summary["train"] = {"steps": train_summary["steps"], "resumed": resume, "device": train_summary["device"]}
+
+    # -- evaluate ------------------------------------------------------------------------------------
+    from training.evaluation.datasets import load_dataset
+    from training.evaluation.samples import samples_from_arrays
+
+    t0 = time.perf_counter()
+    progress("evaluate", 70, detail="holdout")
+    holdout = samples_from_arrays(pull.holdout_pairs(data), prefix=f"p{pid}-holdout-")
+    parent_sha, cand_sha = parent.info.get("sha256") or file_sha256(parent.checkpoint), file_sha256(candidate_path)
+    parent_pred = _predictor(parent.checkpoint, settings, parent.name)
+    cand_pred = _predictor(candidate_path, settings, name)
+    extra = {"job_id": job_id, "project": pid, "holdout_tasks": report["holdout_tasks"],
+             "coarse_size": settings.eval_coarse_size}
+    ds_name = f"ls-p{pid}-holdout"
+    res_parent = _evaluate(parent_pred, holdout, ds_name)
+    progress("evaluate", 76, detail="holdout (candidate)")
+    res_cand = _evaluate(cand_pred, holdout, ds_name)
+    runs = {"holdout_parent": _record(res_parent, parent.checkpoint, parent_sha, True, job_id, extra),
+            "holdout_candidate": _record(res_cand, candidate_path, cand_sha, True, job_id, extra)}
+    mp, mc = res_parent.metrics(), res_cand.metrics()
+    metrics: Dict[str, Any] = {"holdout": {"instances": len(holdout),
+                                           "parent": {k: mp[k] for k in ("noc85", "noc90", "nof90")},
+                                           "candidate": {k: mc[k] for k in ("noc85", "noc90", "nof90")}}}
+    bench: Dict[str, Dict[str, float]] = {}
+    names = [s.strip() for s in settings.bench_datasets.split(",") if s.strip()]
+    limit = settings.bench_limit or None
+    for i, ds in enumerate(names):
+        progress("evaluate", 82 + int(12 * i / max(1, len(names))), detail=ds)
+        samples = load_dataset(ds, limit=limit)
+        bextra = {"job_id": job_id, "project": pid, "limit": limit, "coarse_size": settings.eval_coarse_size}
+        complete = limit is None or len(samples) < limit
+        cached = _cached_bench(parent_sha, ds, limit, settings.eval_coarse_size)
+        if cached is None:
+            rp = _evaluate(parent_pred, samples, ds)
+            runs[f"{ds}_parent"] = _record(rp, parent.checkpoint, parent_sha, complete, job_id, bextra)
+            cached = rp.metrics()["noc90"]
+        rc = _evaluate(cand_pred, samples, ds)
+        runs[f"{ds}_candidate"] = _record(rc, candidate_path, cand_sha, complete, job_id, bextra)
+        bench[ds] = {"parent": float(cached), "candidate": float(rc.metrics()["noc90"]), "instances": len(samples)}
+    metrics["benchmarks"] = bench
+    metrics["history_runs"] = runs
+    timings["evaluate_s"] = round(time.perf_counter() - t0, 2)
+
+    # -- decide, register, promote -------------------------------------------------------------------
+    promote, reason = decide(mp["noc90"], mc["noc90"], bench, settings.bench_margin, settings.min_holdout_gain)
+    progress("register", 95, detail=name)
+    if before_register:
+        before_register()
+    version = registry.add(
+        name, candidate_path, kind="finetuned", parent=parent.name, job_id=job_id,
+        train_config=tcfg.to_dict(), settings=settings.to_dict(), metrics=metrics,
+        data=summary["data"], skipped=report["skipped"][:200],
+        decision={"promote": promote, "reason": reason, "decided_at": time.time()})
+    if promote:
+        progress("promote", 98, detail=name)
+        registry.promote(version.name, reason=reason, actor=f"job {job_id}", served_before=parent.name)
+    timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    summary.update(status="promoted" if promote else "kept", promoted=promote, reason=reason,
+                   metrics=metrics, timings=timings)
+    log.info("job %s: %s %s (%s)", job_id, name, "promoted" if promote else "kept unpromoted", reason)
+    progress("done", 100, detail=f"{name} {'promoted' if promote else 'kept'}: {reason}")
+    _cleanup(work, settings)
+    return summary
+
+
+def _finish_existing(registry, name: str, parent, summary: dict) -> dict:
+    """A retried job whose version exists: apply its stored decision (promote if it said so)."""
+    v = registry.get(name)
+    d = v.decision
+    current = registry.promoted()
+    if d.get("promote") and (current is None or current.name != name):
+        # Promote only over the parent it was compared with: otherwise the comparison is stale.
+        if current is None or current.name == v.parent:
+            registry.promote(name, reason=d.get("reason", ""), actor=f"job {v.job_id} (retry)",
+                             served_before=v.parent)
+    current = registry.promoted()
+    summary.update(status="promoted" if current and current.name == name else "kept",
+                   promoted=bool(current and current.name == name), reason=d.get("reason"),
+                   metrics=v.info.get("metrics"), data=v.info.get("data"))
+    return summary
+
+
+def _cleanup(work: Path, settings: FinetuneSettings) -> None:
+    if not settings.keep_workdir:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,399 @@
+"""Train the interactive segmentation network.
+
+    python -m training.train --config training/configs/cpu-lite2.json [--resume] [--steps N]
+
+Each step (method.md, issue 4): a batch of augmented crops with initial clicks from the gt; 0..N
+rounds of clicks placed on the model's own errors without gradient (RITM), the previous mask fed
+back; then one loss on the global view and one on a focus-view crop around the latest click, both
+through the ONE network, plus PEM's prototype loss on the click vectors.
+
+Outputs in out_dir: state.safetensors (resumable, atomic, every `checkpoint_every` steps),
+log.csv, loss.png, val.csv, last.safetensors / best.safetensors (inference checkpoints), card.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import build_model, save_checkpoint
+from model.config import ModelConfig
+from model.network import InteractiveSegNet
+from model.pem import PrototypeLoss
+from model.predictor import Predictor, pick_device
+
+from .config import TrainConfig
+from .losses import LOSSES
+from .state import load_state, save_state
+
+LOG_FIELDS = ["step", "epoch", "loss", "seg", "focus", "pem", "iou", "lr", "grad_norm", "sec_per_step", "elapsed_h"]
+
+
+# -- data --------------------------------------------------------------------------------------
+def build_mixture(cfg: TrainConfig):
+    from training.data import Mixture, default_sources, source_from_spec
+
+    if cfg.sources:
+        sources = [source_from_spec(spec, cfg.data_root) for spec in cfg.sources]
+    else:
+        sources = default_sources(cfg.data_root)
+    return Mixture(sources, weights=cfg.source_weights, val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+
+def train_batches(cfg: TrainConfig, mixture, start_step: int):
+    """Yields (step, batch) from start_step on. A batch depends only on (seed, epoch, index), so a
+    resumed run sees exactly the batches the killed run would have seen."""
+    from training.data import ClickSegDataset, collate, worker_init_fn
+
+    per_epoch = 1000
+    ds = ClickSegDataset(mixture, "train", length=per_epoch * cfg.batch_size,
+                         augment_cfg=augment_config(cfg), seed=cfg.seed)
+    step = start_step
+    while step < cfg.steps:
+        epoch, offset = divmod(step, per_epoch)
+        ds.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=cfg.batch_size, sampler=range(offset * cfg.batch_size, len(ds)),
+            num_workers=cfg.num_workers, collate_fn=collate, drop_last=True,
+            worker_init_fn=worker_init_fn if cfg.num_workers > 0 else None,
+            persistent_workers=False, prefetch_factor=2 if cfg.num_workers > 0 else None)
+        for batch in loader:
+            yield step, epoch, batch
+            step += 1
+            if step >= cfg.steps:
+                return
+
+
+def augment_config(cfg: TrainConfig):
+    from training.data import AugmentConfig
+
+    extra = dict(cfg.augment)
+    if "scale_range" in extra:
+        extra["scale_range"] = tuple(extra["scale_range"])
+    return AugmentConfig(crop_size=cfg.crop_size, **extra)
+
+
+# -- model and optimiser -----------------------------------------------------------------------
+def build_net(cfg: TrainConfig) -> InteractiveSegNet:
+    if cfg.init_checkpoint:
+        net, info = build_model(cfg.init_checkpoint)
+        return net
+    return InteractiveSegNet(ModelConfig.from_dict(cfg.model), pretrained=cfg.pretrained)
+
+
+def build_optimizer(cfg: TrainConfig, net: InteractiveSegNet):
+    """Three groups: the pretrained backbone at lr x backbone_lr_mult (FocusCut/RITM practice), the
+    new head at lr, and the click inputs at lr x input_lr_mult.
+
+    Why the click inputs get their own, higher rate: the widened first conv starts its click and
+    mask channels at zero (and SPM's sign embedding near zero), and Adam moves a weight by at most
+    about lr per step, so at lr 5e-4 they need thousands of steps to matter next to the RGB filters
+    (measured: after 300 CPU steps the click weights were 1% of the RGB ones and the logit at a
+    positive click was still negative). The RGB filters of that conv stay as pretrained: a
+    gradient hook zeroes their part, so the high rate only moves the new channels.
+    """
+    first = net.backbone.first_conv().weight
+    inputs = [first] + ([net.spm.sign_embed.weight] if net.spm is not None else [])
+    taken = {id(p) for p in inputs}
+    backbone = [p for p in net.backbone.parameters() if id(p) not in taken]
+    head = [p for n, p in net.named_parameters() if not n.startswith("backbone.") and id(p) not in taken]
+    if cfg.freeze_rgb_stem and cfg.pretrained:
+        first.register_hook(_zero_rgb_grad)
+    groups = [{"params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult, "lr_mult": cfg.backbone_lr_mult},
+              {"params": head, "lr": cfg.lr, "lr_mult": 1.0},
+              # No weight decay here: it would shrink the frozen RGB filters that share this tensor.
+              {"params": inputs, "lr": cfg.lr * cfg.input_lr_mult, "lr_mult": cfg.input_lr_mult, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {cfg.optimizer!r}")
+
+
+def _zero_rgb_grad(grad: torch.Tensor) -> torch.Tensor:
+    grad = grad.clone()
+    grad[:, :3] = 0
+    return grad
+
+
+def set_train_mode(cfg: TrainConfig, net, step: int) -> None:
+    """Training mode, except that during the first `freeze_backbone_steps` the backbone is frozen:
+    no gradient (so no backward pass through it: a step costs about half) and BatchNorm on its
+    ImageNet statistics. The head learns to read the pretrained features and the late click maps
+    first; then the whole network, click channels of the first conv included, is trained."""
+    frozen = step < cfg.freeze_backbone_steps
+    net.train()
+    net.backbone.requires_grad_(not frozen)
+    if frozen or cfg.freeze_backbone_bn:
+        # BatchNorm statistics of a batch of 8 are noisy; the ImageNet ones are a steadier base
+        # (and switching from them to batch statistics when the backbone thaws would jolt it).
+        net.backbone.eval()
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 1% of the base rate."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# -- one step ----------------------------------------------------------------------------------
+def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) -> dict:
+    from training.data import add_next_clicks, focus_view, last_clicks, sample_focus_boxes
+
+    rng = np.random.default_rng([cfg.seed, step, 7])
+    torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks reproducible on resume
+    image = batch["image"].to(device)
+    gt = batch["mask"].to(device)
+    valid = batch["valid"].to(device)
+    clicks = batch["clicks"].to(device)
+    seg_loss = LOSSES[cfg.loss]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+
+    # Iterative click simulation: the model's own errors decide the next clicks (no gradient).
+    prev = torch.zeros_like(gt)
+    rounds = int(rng.integers(0, cfg.max_sim_rounds + 1))
+    if rounds:
+        net.eval()
+        with torch.no_grad(), autocast:
+            for _ in range(rounds):
+                prev = (torch.sigmoid(net(image, clicks, prev).logits.float()) > 0.5).float() * valid
+                clicks = add_next_clicks(clicks, gt > 0.5, prev > 0.5, valid > 0.5, rng, cfg.sim_inner_ratio)
+    set_train_mode(cfg, net, step)
+
+    with autocast:
+        out = net(image, clicks, prev, return_features=True)
+        loss_seg = seg_loss(out.logits, gt, valid)
+        loss_pem = pem(out.features, gt, out.click_feats, clicks[..., 2]) if pem is not None else torch.zeros((), device=device)
+        loss_focus = torch.zeros((), device=device)
+        # Own random stream: switching the focus view off for a step leaves the other draws alone.
+        if cfg.focus_view and np.random.default_rng([cfg.seed, step, 11]).random() < cfg.focus_prob:
+            # Second view: a crop around the latest click, fed the global prediction as its previous
+            # mask, as the predictor's refine stage does at inference.
+            boxes = sample_focus_boxes(last_clicks(clicks).cpu(), gt.shape[-2], gt.shape[-1], rng, valid=valid.cpu())
+            coarse = (torch.sigmoid(out.logits.detach().float()) > 0.5).float()
+            fv = focus_view(boxes, image, gt, prev=coarse, clicks=clicks, valid=valid, out_size=gt.shape[-1])
+            out2 = net(fv["image"], fv["clicks"].to(device), fv["prev"], return_features=True)
+            loss_focus = seg_loss(out2.logits, fv["mask"], fv["valid"])
+            if pem is not None:
+                loss_pem = 0.5 * (loss_pem + pem(out2.features, fv["mask"], out2.click_feats, fv["clicks"][..., 2].to(device)))
+        loss = loss_seg + loss_focus + cfg.pem_weight * loss_pem
+
+    with torch.no_grad():  # IoU of the global view's answer: a readable progress signal (the NFL value is not)
+        pred = (out.logits.detach().float() > 0) & (valid > 0.5)
+        truth = (gt > 0.5) & (valid > 0.5)
+        iou = ((pred & truth).sum((1, 2, 3)) / (pred | truth).sum((1, 2, 3)).clamp_min(1)).mean().item()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"step {step}: loss is {loss.item()}; lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
+    optimizer.step()
+    return {"loss": loss.item(), "seg": loss_seg.item(), "focus": loss_focus.item(), "pem": float(loss_pem.detach()),
+            "iou": iou, "grad_norm": float(grad_norm)}
+
+
+# -- validation, export ------------------------------------------------------------------------
+def validation_samples(cfg: TrainConfig, mixture) -> list:
+    """Held-out instances at full resolution (deterministic), as evaluation samples."""
+    from training.evaluation.samples import samples_from_arrays
+
+    pairs = []
+    for _, inst in mixture.instances("val", seed=cfg.seed):
+        pairs.append((inst.image, inst.mask))
+        if len(pairs) >= cfg.val_instances:
+            break
+    return samples_from_arrays(pairs, prefix="val")
+
+
+def validate(net, info: dict, samples: list, device) -> dict:
+    from training.evaluation.runner import evaluate_dataset
+
+    was_training = net.training
+    predictor = Predictor(net, info, device=device)
+    result = evaluate_dataset(predictor, samples, dataset="train-val", progress=False)
+    net.train(was_training)
+    m = result.metrics()
+    return {k: m[k] for k in ("noc85", "noc90", "nof90", "spc") if k in m}
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def card(cfg: TrainConfig, mixture, step: int, seconds: float, device, metrics: dict | None) -> dict:
+    return {
+        "version": cfg.version or f"{Path(cfg.out_dir).name}-s{step}",
+        "training": {
+            "config": cfg.to_dict(), "steps": step, "hours": round(seconds / 3600, 3),
+            "device": device_name(device), "data": mixture.summary(), "git_commit": git_commit(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "metrics": {"train-val": metrics} if metrics else {},
+    }
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def plot_losses(log_path: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(log_path.open()))
+    if len(rows) < 2:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for key in ("loss", "seg", "focus", "pem", "iou"):
+        have = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+        if len(have) < 2:
+            continue
+        x, v = np.array(have).T
+        k = max(1, len(v) // 30)  # moving average so the trend is readable
+        smooth = np.convolve(v, np.ones(k) / k, mode="valid")
+        ax.plot(x[k - 1:], smooth, label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss / batch IoU (moving average)")
+    ax.set_title(f"training loss - {log_path.parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+# -- main loop ---------------------------------------------------------------------------------
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    device = pick_device(None if cfg.device == "auto" else cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    net = build_net(cfg).to(device).train()
+    pem = PrototypeLoss(net.config.decoder_channels, cfg.pem_beta).to(device) if cfg.pem_weight > 0 else None
+    optimizer = build_optimizer(cfg, net)
+    mixture = build_mixture(cfg)
+    state_path = out / "state.safetensors"
+    log_path = out / "log.csv"
+    start, elapsed, best = 0, 0.0, None
+    if resume and state_path.exists():
+        header = load_state(state_path, net, pem, optimizer)
+        start, elapsed, best = header["step"], header["elapsed"], header.get("best")
+        _truncate_log(log_path, start)
+        print(f"resumed from {state_path} at step {start}", file=sys.stderr)
+    elif not log_path.exists() or not resume:
+        with log_path.open("w", newline="") as f:
+            csv.writer(f).writerow(LOG_FIELDS)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    val_samples = validation_samples(cfg, mixture) if cfg.val_instances > 0 else []
+
+    def checkpoint(step: int) -> None:
+        save_state(state_path, net, pem, optimizer,
+                   {"step": step, "elapsed": elapsed, "best": best, "config": cfg.to_dict()})
+        plot_losses(log_path, out / "loss.png")
+
+    def export(step: int, metrics: dict | None, name: str) -> Path:
+        return save_checkpoint(out / name, net.state_dict(), net.config,
+                               card(cfg, mixture, step, elapsed, device, metrics))
+
+    def run_validation(step: int) -> dict:
+        nonlocal best
+        metrics = validate(net, card(cfg, mixture, step, elapsed, device, None), val_samples, device)
+        with (out / "val.csv").open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if best is None or metrics["noc90"] < best["noc90"]:
+            best = {"step": step, **metrics}
+            export(step, metrics, "best.safetensors")
+        return metrics
+
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    done = start
+    t_last = time.perf_counter()
+    with log_path.open("a", newline="") as logf:
+        writer = csv.writer(logf)
+        for step, epoch, batch in train_batches(cfg, mixture, start):
+            lr = lr_at(cfg, step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+            stats = train_step(cfg, net, pem, optimizer, batch, step, device)
+            now = time.perf_counter()
+            dt, t_last = now - t_last, now
+            elapsed += dt
+            writer.writerow([step + 1, epoch, *(f"{stats[k]:.5f}" for k in ("loss", "seg", "focus", "pem", "iou")),
+                             f"{lr:.3e}", f"{stats['grad_norm']:.3f}", f"{dt:.3f}", f"{elapsed / 3600:.4f}"])
+            logf.flush()
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.1e}")
+            bar.update(1)
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                checkpoint(done)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and val_samples:
+                m = run_validation(done)
+                tqdm.write(f"step {done}: train-val NoC@85 {m['noc85']:.2f} NoC@90 {m['noc90']:.2f}", file=sys.stderr)
+                t_last = time.perf_counter()  # validation time is not training time
+    bar.close()
+    final = run_validation(done) if val_samples else {}
+    last = export(done, final or None, "last.safetensors")
+    summary = {"steps": done, "hours": round(elapsed / 3600, 3), "final": final, "best": best,
+               "last_checkpoint": str(last), "device": device_name(device)}
+    (out / "card.json").write_text(json.dumps(summary, indent=2))
+    checkpoint(done)
+    return summary
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log rows after the resumed step (they belong to work the kill threw away)."""
+    if not log_path.exists():
+        return
+    rows = [r for r in csv.DictReader(log_path.open()) if r.get("step") and int(r["step"]) <= step]
+    with log_path.open("w", newline="") as f:  # also brings a log of an older column set up to date
+        writer = csv.DictWriter(f, LOG_FIELDS, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="JSON training config (training/configs/)")
+    ap.add_argument("--resume", action="store_true", help="continue from out_dir/state.safetensors")
+    ap.add_argument("--steps", type=int, help="override the number of steps")
+    ap.add_argument("--out-dir", help="override the output directory")
+    ap.add_argument("--device", help="cpu | cuda | auto")
+    ap.add_argument("--data-root", help="training data root (default ../shared/datasets/train)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig.load(args.config, steps=args.steps, out_dir=args.out_dir, device=args.device,
+                           data_root=args.data_root)
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
