@@ -88,17 +88,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _refuse_non_safetensors(path: Path) -> None:
+    """Look at the first bytes before handing the file to any parser. The safetensors layout is
+    checked first: its header length is a little-endian u64, whose first byte may well be 0x80, the
+    same byte a pickle starts with, so the pickle test alone would refuse good files."""
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(9)
+    header_len = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if 0 < header_len <= 100_000_000 and head[8:9] == b"{":
+        return
     if head[:1] == b"\x80" or head[:2] == b"PK":
         raise CheckpointError(
             f"{path} is a pickle / torch.save file; SimClick loads only .safetensors checkpoints "
             "(pickles can run arbitrary code). Convert it with model.checkpoint.save_checkpoint.")
-    if len(head) < 8:
-        raise CheckpointError(f"{path} is not a safetensors file (too short)")
-    header_len = int.from_bytes(head[:8], "little")
-    if header_len <= 0 or header_len > 100_000_000 or head[8:9] != b"{":
-        raise CheckpointError(f"{path} is not a safetensors file (bad header)")
+    raise CheckpointError(f"{path} is not a safetensors file (bad or truncated header)")
 
 
 def read_info(path: str | os.PathLike) -> dict:

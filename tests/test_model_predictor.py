@@ -123,6 +123,21 @@ def test_pickle_payload_is_refused_and_never_run(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_checkpoint_whose_header_length_starts_with_the_pickle_byte_loads(tmp_path, tiny_ckpt):
+    """A safetensors header length is a little-endian u64: its first byte is 0x80 for one file in
+    256, the byte a pickle starts with. Such a file is a good checkpoint and must load (a CI run
+    once failed on exactly this)."""
+    state, config, _ = load_checkpoint(tiny_ckpt)
+    for pad in range(256):
+        path = save_checkpoint(tmp_path / "x.safetensors", state, config, {"version": "v", "note": "p" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    assert read_info(path)["note"] == "p" * pad
+    assert load_checkpoint(path)[0].keys() == state.keys()
+
+
 def test_truncated_checkpoint_is_a_clear_error(tmp_path, tiny_ckpt):
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(tiny_ckpt.read_bytes()[:1000])
