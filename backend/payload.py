@@ -152,7 +152,11 @@ def parse_prompts(results: list) -> list[Prompt]:
             positive = region.get("is_positive", True)
             if not isinstance(positive, bool):
                 raise PayloadError(f"is_positive must be true or false, got {positive!r}")
-            p.clicks.append(Click(min(max(x, 0.0), w - 1.0), min(max(y, 0.0), h - 1.0), positive))
+            # Rounded to 1e-4 px: the percent round trip leaves float noise (59.99999999 for
+            # pixel 60) that could move a disk edge or a focus crop and make a replayed sequence
+            # differ from a fresh one; real sub-pixel positions (23.5) are kept.
+            x, y = round(min(max(x, 0.0), w - 1.0), 4), round(min(max(y, 0.0), h - 1.0), 4)
+            p.clicks.append(Click(x, y, positive))
         elif rtype.startswith("rectangle"):
             x0 = _num(value.get("x"), "rectangle value.x") / 100.0 * w
             y0 = _num(value.get("y"), "rectangle value.y") / 100.0 * h

@@ -115,6 +115,17 @@ def test_parse_captured_interactive_predict():
     assert p.box is None and p.brush is None
 
 
+def test_keypoint_on_a_pixel_parses_to_exactly_that_pixel():
+    """Percent -> pixel is a float round trip; its noise (59.99999999) once made a replayed click
+    sequence differ from a fresh session. Whole pixels must come back whole."""
+    for w, h in ((321, 481), (640, 427), (4000, 3000), (97, 13)):
+        regions = [_region("keypoint", {"x": (x + 0.5) / w * 100, "y": (y + 0.5) / h * 100}, w=w, h=h)
+                   for x, y in ((0, 0), (w - 1, h - 1), (w // 3, h // 7), (w // 2 + 1, h // 2 - 1))]
+        got = [(c.x, c.y) for c in parse_prompts(regions)[0].clicks]
+        assert got == [(0, 0), (w - 1, h - 1), (w // 3, h // 7), (w // 2 + 1, h // 2 - 1)]
+        assert all(float(v).is_integer() for xy in got for v in xy)
+
+
 def test_parse_captured_batch_predict():
     req = parse_predict(capture("015_POST_predict_batch.json"))
     assert not req.interactive and len(req.tasks) == 1
