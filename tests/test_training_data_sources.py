@@ -14,7 +14,7 @@ from training.data import (AreaFilter, BenchmarkDataError, BSDSSource, COCOSourc
                            default_sources, ls_url_basename, read_bsds_segmentations, source_from_spec)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
-TRAIN_ROOT = SHARED / "train"
+TRAIN_ROOT = (SHARED / "train").resolve()   # the sources resolve symlinks; so must the expectations
 needs_data = pytest.mark.skipif(not TRAIN_ROOT.is_dir(), reason=f"training data not at {TRAIN_ROOT}")
 
 
