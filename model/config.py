@@ -27,12 +27,19 @@ class ModelConfig:
     # to the decoder at stride 4. The early (first-conv) path alone learned too slowly on the CPU
     # budget we have: the click signal must cross the whole pretrained backbone. See the model card.
     late_fusion: bool = False
+    # Where the clicks enter: "early" = the first conv (the paper's), "late" = only the head, after a
+    # click-free backbone whose features are computed once per image (model/network.py).
+    fusion: str = "early"
+    # A stride-2 head that corrects the upsampled stride-4 logits with the finest image feature.
+    boundary_head: bool = False
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.spm_mode not in ("all", "split"):
             raise ValueError(f"spm_mode must be 'all' or 'split', not {self.spm_mode!r}")
+        if self.fusion not in ("early", "late"):
+            raise ValueError(f"fusion must be 'early' or 'late', not {self.fusion!r}")
         if self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, not {self.input_size}")
 

@@ -1,6 +1,20 @@
 """The interactive segmentation network: DeepLabv3+ with click maps and the previous mask as input,
 SPM on the decoder feature, a one-channel logit head. One network serves both the coarse view and
-the focus view (the caller decides what it crops)."""
+the focus view (the caller decides what it crops).
+
+Two ways for the clicks to enter (``ModelConfig.fusion``):
+
+- ``early`` (the paper's): the disks and the previous mask are input channels of the first conv, so
+  every click runs the whole network.
+- ``late`` (ours): the backbone sees the image alone; the clicks and the previous mask enter the
+  head, at stride 16 (before ASPP, so the context branch knows which object is meant), at stride 4
+  (the decoder) and at stride 2 (the boundary head). The image encoding is computed once per image
+  (or per training crop) and every click costs only the head: several clicks are trained per
+  backbone pass, and at inference a click on a cached image is a head pass.
+
+The network is split into ``encode(image)`` (click-free, cacheable) and ``decode(code, clicks,
+prev)``; ``forward`` is both. For early fusion ``encode`` only normalises the image.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,13 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
-from .backbones import FEATURE_CHANNELS, build_backbone
+from .backbones import EXTRA_CHANNELS, FEATURE_CHANNELS, STRIDE2_CHANNELS, build_backbone
 from .clicks import disk_maps, proximity_maps, sample_at_clicks
 from .config import ModelConfig
 from .spm import SPM
 
 LOW_LEVEL_CHANNELS = 48  # DeepLabv3+'s reduction of the stride-4 feature
-LATE_CHANNELS = 5        # late fusion at stride 4: pos/neg disks, pos/neg proximity, previous mask
+GUIDE_CHANNELS = 5       # click guidance at a stride: pos/neg disks, pos/neg proximity, previous mask
+CONTEXT_CHANNELS = 256   # late fusion: stride-16 feature after the clicks are mixed in
+FINE_CHANNELS = 32       # boundary head width at stride 2
+
+
+def _conv_bn_relu(cin: int, cout: int, k: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 def _sep_conv(cin: int, cout: int) -> nn.Sequential:
@@ -31,48 +51,127 @@ class NetOutput:
     logits: torch.Tensor            # (B, 1, H, W) at input resolution
     features: torch.Tensor | None = None      # decoder feature F before SPM (B, C, H/4, W/4)
     click_feats: torch.Tensor | None = None   # F sampled at the clicks (B, M, C)
+    coarse_logits: torch.Tensor | None = None  # boundary head: the stride-4 logits it refined (B, 1, H/4, W/4)
+
+
+@dataclass
+class ImageCode:
+    """What ``encode`` computed for an image: the normalised image (early fusion) or the backbone
+    features (late fusion). Reusable for every click on that image."""
+    size: tuple[int, int]
+    image: torch.Tensor | None = None   # early fusion: normalised (B, 3, H, W)
+    s2: torch.Tensor | None = None      # late fusion: backbone features at strides 2, 4, 16
+    s4: torch.Tensor | None = None
+    s16: torch.Tensor | None = None
+
+    def detach(self) -> "ImageCode":
+        return ImageCode(self.size, *(t.detach() if t is not None else None
+                                      for t in (self.image, self.s2, self.s4, self.s16)))
+
+
+def guidance(maps: torch.Tensor, clicks: torch.Tensor, prev: torch.Tensor, input_hw: tuple[int, int],
+             size: tuple[int, int]) -> torch.Tensor:
+    """The clicks and the previous mask at a feature stride: max-pooled disks (a 5-px disk stays
+    visible), proximity maps (how near a click, beyond the disk) and the average-pooled mask."""
+    return torch.cat([F.adaptive_max_pool2d(maps, size), proximity_maps(clicks, input_hw, size).to(maps.dtype),
+                      F.adaptive_avg_pool2d(prev, size)], dim=1)
 
 
 class InteractiveSegNet(nn.Module):
     def __init__(self, config: ModelConfig, pretrained=False):
         super().__init__()
         self.config = config
+        late = config.fusion == "late"
         low_ch, high_ch = FEATURE_CHANNELS[config.backbone]
-        self.backbone = build_backbone(config.backbone, pretrained)
-        self.aspp = ASPP(high_ch, list(config.aspp_rates), config.aspp_channels)
-        self.low_proj = nn.Sequential(
-            nn.Conv2d(low_ch, LOW_LEVEL_CHANNELS, 1, bias=False), nn.BatchNorm2d(LOW_LEVEL_CHANNELS), nn.ReLU(inplace=True))
-        extra = LATE_CHANNELS if config.late_fusion else 0
+        self.backbone = build_backbone(config.backbone, pretrained, 0 if late else EXTRA_CHANNELS)
+        if late:
+            # stride 16: the clicks meet the semantic feature before ASPP's wide context
+            self.context = nn.Sequential(_conv_bn_relu(high_ch + GUIDE_CHANNELS, CONTEXT_CHANNELS),
+                                         _conv_bn_relu(CONTEXT_CHANNELS, CONTEXT_CHANNELS, 3))
+            aspp_in = CONTEXT_CHANNELS
+        else:
+            self.context = None
+            aspp_in = high_ch
+        self.aspp = ASPP(aspp_in, list(config.aspp_rates), config.aspp_channels)
+        self.low_proj = _conv_bn_relu(low_ch, LOW_LEVEL_CHANNELS)
+        extra = GUIDE_CHANNELS if (config.late_fusion or late) else 0
         self.decoder = nn.Sequential(
             _sep_conv(config.aspp_channels + LOW_LEVEL_CHANNELS + extra, config.decoder_channels),
             _sep_conv(config.decoder_channels, config.decoder_channels))
         self.spm = SPM(config.decoder_channels, config.spm_mode) if config.spm else None
         self.head = nn.Conv2d(config.decoder_channels, 1, 1)
+        if config.boundary_head:
+            # stride 2: the stride-4 answer, upsampled, corrected with the image's finest feature
+            s2_ch = STRIDE2_CHANNELS[config.backbone]
+            self.fine = nn.Sequential(
+                _sep_conv(FINE_CHANNELS + s2_ch + 1 + 3, FINE_CHANNELS),
+                _sep_conv(FINE_CHANNELS, FINE_CHANNELS),
+                nn.Conv2d(FINE_CHANNELS, 1, 1))
+            self.fine_reduce = _conv_bn_relu(config.decoder_channels, FINE_CHANNELS)
+            # starts as the identity on the upsampled stride-4 logits: it can only learn corrections
+            nn.init.zeros_(self.fine[-1].weight)
+            nn.init.zeros_(self.fine[-1].bias)
+        else:
+            self.fine = self.fine_reduce = None
         mean, std = config.normalisation
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    # -- the two halves --------------------------------------------------------------------------
+    def encode(self, image: torch.Tensor) -> ImageCode:
+        """image (B, 3, H, W) RGB in [0, 1]; H and W multiples of 16. Click-free: cache it per image."""
+        h, w = image.shape[-2:]
+        if h % 16 or w % 16:
+            raise ValueError(f"input size must be a multiple of 16, got {h}x{w}")
+        x = (image - self.mean) / self.std
+        if self.config.fusion == "early":
+            return ImageCode((h, w), image=x)
+        s2, s4, s16 = self.backbone(x)
+        return ImageCode((h, w), s2=s2, s4=s4, s16=s16)
+
+    def decode(self, code: ImageCode, clicks: torch.Tensor, prev_mask: torch.Tensor,
+               return_features: bool = False) -> NetOutput:
+        """clicks (B, M, 3) (y, x, sign) in input pixels; prev_mask (B, 1, H, W) in {0, 1}. A code of
+        batch 1 serves a batch of click sets (several candidates on one image)."""
+        h, w = code.size
+        ref = code.image if code.image is not None else code.s4
+        maps = disk_maps(clicks, h, w, self.config.click_radius).to(ref.dtype)
+        prev = prev_mask.to(ref.dtype)
+        if code.image is not None:   # early fusion: the whole network sees the clicks
+            img = code.image.expand(clicks.shape[0], -1, -1, -1) if code.image.shape[0] != clicks.shape[0] else code.image
+            s2, low, high = self.backbone(torch.cat([img, maps, prev], dim=1))
+        else:
+            s2, low, high = (self._batch(t, clicks.shape[0]) for t in (code.s2, code.s4, code.s16))
+        if self.context is not None:
+            high = self.context(torch.cat([high, guidance(maps, clicks, prev, (h, w), tuple(high.shape[-2:]))], 1))
+        size = low.shape[-2:]
+        high = F.interpolate(self.aspp(high), size=size, mode="bilinear", align_corners=False)
+        parts = [high, self.low_proj(low)]
+        if self.config.late_fusion or self.context is not None:
+            parts.append(guidance(maps, clicks, prev, (h, w), tuple(size)))
+        feat = self.decoder(torch.cat(parts, dim=1))
+        click_feats = sample_at_clicks(feat, clicks, (h, w))
+        out = self.spm(feat, click_feats, clicks[..., 2]) if self.spm is not None else feat
+        logits4 = self.head(out)
+        coarse = None
+        if self.fine is not None:
+            s2_size = s2.shape[-2:]
+            up = F.interpolate(logits4, size=s2_size, mode="bilinear", align_corners=False)
+            fine_in = torch.cat([
+                F.interpolate(self.fine_reduce(out), size=s2_size, mode="bilinear", align_corners=False),
+                s2, up, F.adaptive_max_pool2d(maps, s2_size), F.adaptive_avg_pool2d(prev, s2_size)], dim=1)
+            coarse, logits4 = logits4, up + self.fine(fine_in)
+        logits = F.interpolate(logits4, size=(h, w), mode="bilinear", align_corners=False)
+        if return_features:
+            return NetOutput(logits, feat, click_feats, coarse)
+        return NetOutput(logits, coarse_logits=coarse)
 
     def forward(self, image: torch.Tensor, clicks: torch.Tensor, prev_mask: torch.Tensor,
                 return_features: bool = False) -> NetOutput:
         """image (B, 3, H, W) RGB in [0, 1]; clicks (B, M, 3) (y, x, sign) in input pixels;
         prev_mask (B, 1, H, W) in {0, 1}. H and W must be multiples of 16."""
-        h, w = image.shape[-2:]
-        if h % 16 or w % 16:
-            raise ValueError(f"input size must be a multiple of 16, got {h}x{w}")
-        maps = disk_maps(clicks, h, w, self.config.click_radius).to(image.dtype)
-        x = torch.cat([(image - self.mean) / self.std, maps, prev_mask.to(image.dtype)], dim=1)
-        low, high = self.backbone(x)
-        high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
-        parts = [high, self.low_proj(low)]
-        if self.config.late_fusion:
-            # max-pool keeps a 5-px disk visible at stride 4; the mask is averaged (soft edges)
-            size = low.shape[-2:]
-            parts += [F.adaptive_max_pool2d(maps, size), proximity_maps(clicks, (h, w), tuple(size)).to(x.dtype),
-                      F.adaptive_avg_pool2d(x[:, 5:6], size)]
-        feat = self.decoder(torch.cat(parts, dim=1))
-        click_feats = sample_at_clicks(feat, clicks, (h, w))
-        out = self.spm(feat, click_feats, clicks[..., 2]) if self.spm is not None else feat
-        logits = F.interpolate(self.head(out), size=(h, w), mode="bilinear", align_corners=False)
-        if return_features:
-            return NetOutput(logits, feat, click_feats)
-        return NetOutput(logits)
+        return self.decode(self.encode(image), clicks, prev_mask, return_features)
+
+    @staticmethod
+    def _batch(t: torch.Tensor, b: int) -> torch.Tensor:
+        return t.expand(b, -1, -1, -1) if t.shape[0] == 1 and b > 1 else t

@@ -102,17 +102,26 @@ class Predictor:
         return Session(self, to_rgb8(image), prior_mask)
 
     @torch.inference_mode()
-    def run_net(self, image: torch.Tensor, clicks: list[tuple[float, float, bool]], prev: np.ndarray) -> np.ndarray:
-        """One forward pass. image (1, 3, h, w) float in [0, 1] on the device; clicks (y, x, pos)
-        in its pixel coordinates; prev (h, w) bool. Returns the (h, w) float32 probability."""
+    def encode(self, image: torch.Tensor):
+        """The click-free part of the network for one view (1, 3, h, w) in [0, 1] on the device:
+        computed once per view and reused by every click on it (model.network.ImageCode)."""
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.net.encode(image)
+        return self.net.encode(image.contiguous(memory_format=torch.channels_last))
+
+    @torch.inference_mode()
+    def run_net(self, code, clicks: list[tuple[float, float, bool]], prev: np.ndarray) -> np.ndarray:
+        """One head pass on an encoded view (`encode`). clicks (y, x, pos) in the view's pixel
+        coordinates; prev (h, w) bool. Returns the (h, w) float32 probability."""
         cl = torch.tensor([[(y, x, 1.0 if p else -1.0) for y, x, p in clicks]], dtype=torch.float32,
                           device=self.device)
         prev_t = torch.from_numpy(prev.astype(np.float32))[None, None].to(self.device)
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = self.net(image, cl, prev_t).logits
+                logits = self.net.decode(code, cl, prev_t).logits
         else:
-            logits = self.net(image.contiguous(memory_format=torch.channels_last), cl, prev_t).logits
+            logits = self.net.decode(code, cl, prev_t).logits
         return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
     def to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
@@ -139,6 +148,7 @@ class Session:
         self.coarse_hw = (_round32(self.wh * s), _round32(self.ww * s))
         coarse = cv2.resize(self.work, self.coarse_hw[::-1], interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
         self.coarse_tensor = predictor.to_tensor(coarse)
+        self._coarse_code = None   # the coarse view's encoding, computed at the first click
         self.focus_size = opt.focus_size or predictor.config.input_size
         self._lock = threading.Lock()
         self._prior = None
@@ -222,7 +232,9 @@ class Session:
             sy, sx = h / self.wh, w / self.ww
             net_clicks = [((y + 0.5) * sy - 0.5, (x + 0.5) * sx - 0.5, pos) for y, x, pos in clicks]
             prev_small = cv2.resize(prev.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-            coarse = p.run_net(self.coarse_tensor, net_clicks, prev_small)
+            if self._coarse_code is None:
+                self._coarse_code = p.encode(self.coarse_tensor)
+            coarse = p.run_net(self._coarse_code, net_clicks, prev_small)
             prob = cv2.resize(coarse, (self.ww, self.wh), interpolation=cv2.INTER_LINEAR)
         t1 = time.perf_counter()
         self.last_timing = {"coarse_ms": (t1 - t0) * 1000, "refine_ms": 0.0, "refine_passes": 0}
@@ -269,5 +281,6 @@ class Session:
         inside.append((min(max(ly, y0), y1 - 1), min(max(lx, x0), x1 - 1), lpos))
         net_clicks = [((y - y0 + 0.5) * sy - 0.5, (x - x0 + 0.5) * sx - 0.5, pos) for y, x, pos in inside]
         prev = cv2.resize(current[y0:y1, x0:x1].astype(np.uint8), (s, s), interpolation=cv2.INTER_NEAREST).astype(bool)
-        out = self.predictor.run_net(self.predictor.to_tensor(crop), net_clicks, prev)
+        p = self.predictor
+        out = p.run_net(p.encode(p.to_tensor(crop)), net_clicks, prev)
         return cv2.resize(out, (cw, ch), interpolation=cv2.INTER_LINEAR)

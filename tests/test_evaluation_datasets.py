@@ -128,3 +128,21 @@ def test_coco_mval_layout(tmp_path):
 def test_missing_data_set_has_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="SIMCLICK_DATA_ROOT"):
         load_dataset("DAVIS", tmp_path)
+
+
+@pytest.mark.skipif(not (DATASETS / "train").is_dir(), reason=f"no training data under {DATASETS}")
+def test_train_val_is_the_split_training_never_sees_with_sources_interleaved():
+    from training.data import Mixture, default_sources
+
+    samples = load_dataset("TrainVal", limit=10)
+    assert len(samples) == 10
+    sources = [s.sample_id.split("/")[0] for s in samples]
+    assert len(set(sources[:5])) == 5                     # one of each source before any repeats
+    mixture = Mixture(default_sources(DATASETS / "train"), seed=0)
+    train_ids = {f"{src.name}/{src.items[i].id}" for src, idx in zip(mixture.sources, mixture.indices("train"))
+                 for i in idx}
+    assert not any(s.sample_id in train_ids for s in samples)
+    again = load_dataset("TrainVal", limit=10)
+    for a, b in zip(samples, again):                      # deterministic (BSDS regions are drawn)
+        la, lb = a.load(), b.load()
+        assert a.sample_id == b.sample_id and np.array_equal(la.gt, lb.gt) and la.gt.any()

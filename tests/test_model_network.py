@@ -23,9 +23,9 @@ def test_shapes_and_dtypes_per_backbone(backbone):
     assert out.features.shape == (2, ModelConfig().decoder_channels, 24, 32)
     assert out.click_feats.shape == (2, 2, ModelConfig().decoder_channels)
     assert torch.isfinite(out.logits).all()
-    low, high = net.backbone(torch.rand(1, 6, 64, 64))
+    s2, low, high = net.backbone(torch.rand(1, 6, 64, 64))
     assert (low.shape[1], high.shape[1]) == FEATURE_CHANNELS[backbone]
-    assert low.shape[-1] == 16 and high.shape[-1] == 4  # strides 4 and 16
+    assert s2.shape[-1] == 32 and low.shape[-1] == 16 and high.shape[-1] == 4  # strides 2, 4 and 16
 
 
 def test_input_size_must_be_multiple_of_16():
@@ -183,3 +183,50 @@ def test_late_fusion_gives_the_decoder_the_clicks():
         c = net(image, pack_clicks([[(44, 44, True)]]), prev).logits
     # With no SPM and a blind backbone, only the late path can tell these clicks apart.
     assert not torch.allclose(a, b) and not torch.allclose(a, c)
+
+
+def test_late_fusion_backbone_sees_the_image_alone_and_the_code_is_reusable():
+    torch.manual_seed(0)
+    net = InteractiveSegNet(ModelConfig(fusion="late", aspp_channels=32, decoder_channels=32)).eval()
+    assert net.backbone.first_conv().weight.shape[1] == 3   # RGB only: clicks enter the head
+    image, prev = torch.rand(1, 3, 64, 96), torch.zeros(1, 1, 64, 96)
+    one = pack_clicks([[(20, 30, True)]])
+    two = pack_clicks([[(20, 30, True), (40, 70, False)]])
+    with torch.inference_mode():
+        code = net.encode(image)
+        a = net.decode(code, one, prev).logits
+        b = net.decode(code, two, prev).logits
+        assert torch.allclose(a, net(image, one, prev).logits, atol=1e-5)   # forward = encode + decode
+        assert not torch.allclose(a, b)                                    # a second click changes the answer
+        # one image code serves a batch of click sets
+        batch = net.decode(code, torch.cat([pack_clicks([[(20, 30, True), (-1, -1, 0)]]), two]), prev.expand(2, -1, -1, -1))
+    assert torch.allclose(batch.logits[1:], b, atol=1e-5)
+    assert a.shape == (1, 1, 64, 96)
+
+
+def test_late_fusion_head_tells_clicks_apart_through_every_stride():
+    torch.manual_seed(0)
+    net = InteractiveSegNet(ModelConfig(fusion="late", spm=False, aspp_channels=32, decoder_channels=32)).eval()
+    image, prev = torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
+    with torch.inference_mode():
+        code = net.encode(image)
+        a = net.decode(code, pack_clicks([[(20, 20, True)]]), prev).logits
+        b = net.decode(code, pack_clicks([[(20, 20, False)]]), prev).logits
+        c = net.decode(code, pack_clicks([[(20, 20, True)]]), torch.ones(1, 1, 64, 64)).logits
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)   # the sign and the previous mask both count
+
+
+def test_boundary_head_starts_as_the_identity_and_learns():
+    torch.manual_seed(0)
+    cfg = ModelConfig(fusion="late", boundary_head=True, aspp_channels=32, decoder_channels=32)
+    net = InteractiveSegNet(cfg).eval()
+    image, prev, clicks = torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64), pack_clicks([[(20, 20, True)]])
+    with torch.inference_mode():
+        out = net(image, clicks, prev)
+    up = torch.nn.functional.interpolate(
+        torch.nn.functional.interpolate(out.coarse_logits, size=(32, 32), mode="bilinear", align_corners=False),
+        size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.allclose(out.logits, up, atol=1e-5)   # zero-initialised correction
+    net.train()   # batch of 2: BatchNorm in training mode needs more than one value per channel
+    net(image.expand(2, -1, -1, -1), clicks.expand(2, -1, -1), prev.expand(2, -1, -1, -1)).logits.sum().backward()
+    assert net.fine[-1].weight.grad.abs().sum() > 0

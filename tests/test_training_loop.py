@@ -217,3 +217,34 @@ def test_shipped_configs_load(path):
     cfg = TrainConfig.load(path)
     ModelConfig.from_dict(cfg.model)          # every model key is a real one
     assert cfg.steps > 0 and cfg.crop_size % 32 == 0
+
+
+def _late_model(**kw):
+    return {"backbone": "efficientnet-lite2", "input_size": 128, "aspp_channels": 32, "decoder_channels": 32,
+            "fusion": "late", **kw}
+
+
+def test_late_fusion_trains_several_clicks_per_backbone_pass(tmp_path):
+    """Frozen backbone: only the head moves; with the backbone training, the shared pass gets the
+    gradient of every supervised click (retain_graph across the points)."""
+    from model.network import InteractiveSegNet
+    from model.config import ModelConfig
+
+    init = InteractiveSegNet(ModelConfig.from_dict(_late_model(boundary_head=True)), pretrained=True).state_dict()
+    frozen = tmp_path / "frozen"
+    train(tiny_config(frozen, steps=2, model=_late_model(boundary_head=True), click_points=3, focus_prob=1.0,
+                      freeze_backbone_steps=10, freeze_backbone_bn=True), progress=False)
+    w = weights(frozen / "state.safetensors")
+    assert all(torch.equal(w[f"model.{k}"], v) for k, v in init.items() if k.startswith("backbone."))
+    assert not torch.equal(w["model.head.weight"], init["head.weight"])
+    assert not torch.equal(w["model.fine.2.weight"], init["fine.2.weight"])   # the boundary head learns
+    rows = list(csv.DictReader((frozen / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2] and all(float(r["focus"]) > 0 for r in rows)
+
+    thawed = tmp_path / "thawed"
+    train(tiny_config(thawed, steps=1, checkpoint_every=1, model=_late_model(), click_points=2,
+                      freeze_backbone_steps=0), progress=False)
+    w = weights(thawed / "state.safetensors")
+    moved = [k for k, v in init.items() if k.startswith("backbone.") and v.is_floating_point()
+             and "running" not in k and not torch.equal(w[f"model.{k}"], v)]
+    assert moved, "the backbone got no gradient"

@@ -40,6 +40,8 @@ class TrainConfig:
     focus_view: bool = True                            # train the focus-view crop with the same network
     focus_prob: float = 1.0                            # share of steps that also train the focus view (CPU budget)
     max_sim_rounds: int = 3                            # iterative click simulation (no grad), 0..N rounds
+    click_points: int = 1                              # supervised predictions per crop, each on the last one's errors
+    coarse_loss_weight: float = 0.4                    # boundary head: weight of the stride-4 logits' own loss
     sim_inner_ratio: float = 0.8                       # error clicks drawn among the inner 20% of the region
     amp: bool = True                                   # bf16 autocast on CUDA (ignored on CPU)
     device: str = "auto"

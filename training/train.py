@@ -149,16 +149,34 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 # -- one step ----------------------------------------------------------------------------------
 def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) -> dict:
+    """One optimiser step on a batch.
+
+    The image is encoded once (with late fusion that is the backbone pass; with early fusion only
+    the normalisation). Then 0..max_sim_rounds clicks are added on the model's own errors without
+    gradient (RITM), and `click_points` predictions are supervised one after the other, each next
+    click placed on the errors of the prediction before it (the user's next click) with that
+    prediction fed back as the previous mask. With late fusion the points share the backbone pass,
+    which is what makes more than one per crop cheap.
+    """
     from training.data import add_next_clicks, focus_view, last_clicks, sample_focus_boxes
 
     rng = np.random.default_rng([cfg.seed, step, 7])
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks reproducible on resume
     image = batch["image"].to(device)
+    if device.type == "cpu":
+        image = image.contiguous(memory_format=torch.channels_last)
     gt = batch["mask"].to(device)
     valid = batch["valid"].to(device)
     clicks = batch["clicks"].to(device)
     seg_loss = LOSSES[cfg.loss]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+    set_train_mode(cfg, net, step)
+    backbone_trains = any(p.requires_grad for p in net.backbone.parameters())
+    with torch.set_grad_enabled(backbone_trains), autocast:
+        code = net.encode(image)
+
+    def predict(clicks, prev):
+        return (torch.sigmoid(net.decode(code, clicks, prev).logits.float()) > 0.5).float() * valid
 
     # Iterative click simulation: the model's own errors decide the next clicks (no gradient).
     prev = torch.zeros_like(gt)
@@ -167,40 +185,56 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) 
         net.eval()
         with torch.no_grad(), autocast:
             for _ in range(rounds):
-                prev = (torch.sigmoid(net(image, clicks, prev).logits.float()) > 0.5).float() * valid
+                prev = predict(clicks, prev)
                 clicks = add_next_clicks(clicks, gt > 0.5, prev > 0.5, valid > 0.5, rng, cfg.sim_inner_ratio)
-    set_train_mode(cfg, net, step)
+        set_train_mode(cfg, net, step)
 
-    with autocast:
-        out = net(image, clicks, prev, return_features=True)
-        loss_seg = seg_loss(out.logits, gt, valid)
-        loss_pem = pem(out.features, gt, out.click_feats, clicks[..., 2]) if pem is not None else torch.zeros((), device=device)
-        loss_focus = torch.zeros((), device=device)
-        # Own random stream: switching the focus view off for a step leaves the other draws alone.
-        if cfg.focus_view and np.random.default_rng([cfg.seed, step, 11]).random() < cfg.focus_prob:
-            # Second view: a crop around the latest click, fed the global prediction as its previous
-            # mask, as the predictor's refine stage does at inference.
-            boxes = sample_focus_boxes(last_clicks(clicks).cpu(), gt.shape[-2], gt.shape[-1], rng, valid=valid.cpu())
-            coarse = (torch.sigmoid(out.logits.detach().float()) > 0.5).float()
-            fv = focus_view(boxes, image, gt, prev=coarse, clicks=clicks, valid=valid, out_size=gt.shape[-1])
-            out2 = net(fv["image"], fv["clicks"].to(device), fv["prev"], return_features=True)
-            loss_focus = seg_loss(out2.logits, fv["mask"], fv["valid"])
-            if pem is not None:
-                loss_pem = 0.5 * (loss_pem + pem(out2.features, fv["mask"], out2.click_feats, fv["clicks"][..., 2].to(device)))
-        loss = loss_seg + loss_focus + cfg.pem_weight * loss_pem
-
-    with torch.no_grad():  # IoU of the global view's answer: a readable progress signal (the NFL value is not)
-        pred = (out.logits.detach().float() > 0) & (valid > 0.5)
-        truth = (gt > 0.5) & (valid > 0.5)
-        iou = ((pred & truth).sum((1, 2, 3)) / (pred | truth).sum((1, 2, 3)).clamp_min(1)).mean().item()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"step {step}: loss is {loss.item()}; lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    points = max(1, cfg.click_points)
+    # Own random stream: switching the focus view off for a step leaves the other draws alone.
+    with_focus = cfg.focus_view and np.random.default_rng([cfg.seed, step, 11]).random() < cfg.focus_prob
+    totals = {"loss": 0.0, "seg": 0.0, "focus": 0.0, "pem": 0.0, "iou": 0.0}
+    for k in range(points):
+        last = k == points - 1
+        with autocast:
+            out = net.decode(code, clicks, prev, return_features=True)
+            loss_seg = seg_loss(out.logits, gt, valid)
+            if out.coarse_logits is not None:   # deep supervision of the stride-4 answer the boundary head refines
+                coarse_up = torch.nn.functional.interpolate(out.coarse_logits, size=gt.shape[-2:], mode="bilinear",
+                                                            align_corners=False)
+                loss_seg = loss_seg + cfg.coarse_loss_weight * seg_loss(coarse_up, gt, valid)
+            loss_pem = pem(out.features, gt, out.click_feats, clicks[..., 2]) if pem is not None else torch.zeros((), device=device)
+            loss_focus = torch.zeros((), device=device)
+            if last and with_focus:
+                # Second view: a crop around the latest click, fed the global prediction as its previous
+                # mask, as the predictor's refine stage does at inference.
+                boxes = sample_focus_boxes(last_clicks(clicks).cpu(), gt.shape[-2], gt.shape[-1], rng, valid=valid.cpu())
+                coarse = (torch.sigmoid(out.logits.detach().float()) > 0.5).float()
+                fv = focus_view(boxes, image, gt, prev=coarse, clicks=clicks, valid=valid, out_size=gt.shape[-1])
+                fimg = fv["image"].contiguous(memory_format=torch.channels_last) if device.type == "cpu" else fv["image"]
+                out2 = net(fimg, fv["clicks"].to(device), fv["prev"], return_features=True)
+                loss_focus = seg_loss(out2.logits, fv["mask"], fv["valid"])
+                if pem is not None:
+                    loss_pem = 0.5 * (loss_pem + pem(out2.features, fv["mask"], out2.click_feats, fv["clicks"][..., 2].to(device)))
+            loss = loss_seg + loss_focus + cfg.pem_weight * loss_pem
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {loss.item()}; lower the learning rate")
+        # Backward per point: the point's head graph is freed at once; the shared backbone graph
+        # (when it trains) is kept until the last point.
+        (loss / points).backward(retain_graph=backbone_trains and not last)
+        with torch.no_grad():  # IoU of the global view's answer: a readable progress signal (the NFL value is not)
+            pred = (out.logits.detach().float() > 0) & (valid > 0.5)
+            truth = (gt > 0.5) & (valid > 0.5)
+            iou = ((pred & truth).sum((1, 2, 3)) / (pred | truth).sum((1, 2, 3)).clamp_min(1)).mean().item()
+        for name, v in (("loss", loss), ("seg", loss_seg), ("focus", loss_focus), ("pem", loss_pem)):
+            totals[name] += float(v.detach()) / points
+        totals["iou"] += iou / points
+        if not last:
+            prev = (torch.sigmoid(out.logits.detach().float()) > 0.5).float() * valid
+            clicks = add_next_clicks(clicks, gt > 0.5, prev > 0.5, valid > 0.5, rng, cfg.sim_inner_ratio)
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
     optimizer.step()
-    return {"loss": loss.item(), "seg": loss_seg.item(), "focus": loss_focus.item(), "pem": float(loss_pem.detach()),
-            "iou": iou, "grad_norm": float(grad_norm)}
+    return {**totals, "grad_norm": float(grad_norm)}
 
 
 # -- validation, export ------------------------------------------------------------------------
@@ -292,6 +326,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     net = build_net(cfg).to(device).train()
+    if device.type == "cpu":
+        # oneDNN's convolutions (forward and backward) run ~1.5x faster in NHWC on this CPU (measured:
+        # lite2 at 352 px, batch 8, 2 threads: 4.07 -> 2.74 s per forward+backward)
+        net = net.to(memory_format=torch.channels_last)
     pem = PrototypeLoss(net.config.decoder_channels, cfg.pem_beta).to(device) if cfg.pem_weight > 0 else None
     optimizer = build_optimizer(cfg, net)
     mixture = build_mixture(cfg)

@@ -596,17 +596,23 @@ class LabelStudioSource(InstanceSource):
 # Default sources and config specs
 # --------------------------------------------------------------------------------------------------
 
-DEFAULT_WEIGHTS = {"bsds": 0.35, "sod": 0.15, "coco": 0.5}
+DEFAULT_WEIGHTS = {"bsds": 0.25, "sod": 0.15, "coco": 0.35, "coco128": 0.15, "weizmann": 0.1}
 
 
 def default_sources(data_root: Optional[PathLike] = None) -> List[InstanceSource]:
-    """BSDS500 regions, SOD masks and the three COCO subsets under the shared training root."""
+    """BSDS500 regions, SOD masks, the three COCO subsets, COCO128 and the Weizmann horses under the
+    shared training root (the last two only when present: older copies of the root lack them)."""
     root = assert_not_benchmark(data_root) if data_root is not None else default_data_root()
-    return [
+    sources: List[InstanceSource] = [
         BSDSSource(root / "BSDS500"),
         SODSource(root / "SOD", root / "BSDS500" / "images"),
         COCOSource.from_root(root / "COCO"),
     ]
+    for name in ("COCO128", "Weizmann"):
+        if (root / name / "instances.json").is_file():
+            sources.append(COCOSource([(root / name / "instances.json", root / name / "images")],
+                                      name=name.lower(), namespace=name.lower()))
+    return sources
 
 
 def source_from_spec(spec: Mapping[str, Any], data_root: Optional[PathLike] = None) -> InstanceSource:
