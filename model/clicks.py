@@ -70,3 +70,18 @@ def pack_clicks(click_lists, device=None) -> torch.Tensor:
         for j, (y, x, pos) in enumerate(cl):
             out[i, j] = torch.tensor([y, x, 1.0 if pos else -1.0])
     return out.to(device) if device is not None else out
+
+
+def box_maps(boxes: torch.Tensor | None, batch: int, height: int, width: int,
+             device=None) -> torch.Tensor:
+    """(B, 4) boxes (y0, x0, y1, x1) in input pixels, end exclusive -> (B, 1, H, W) map, 1 inside.
+    A row with y1 <= y0 or x1 <= x0 (e.g. all -1) is "no box" and gives zeros; None: no boxes."""
+    out = torch.zeros(batch, 1, height, width, device=device, dtype=torch.float32)
+    if boxes is None:
+        return out
+    yy = torch.arange(height, device=out.device, dtype=torch.float32).view(1, height, 1) + 0.5
+    xx = torch.arange(width, device=out.device, dtype=torch.float32).view(1, 1, width) + 0.5
+    b = boxes.to(out.device, torch.float32).view(-1, 4, 1, 1)
+    inside = (yy >= b[:, 0]) & (yy < b[:, 2]) & (xx >= b[:, 1]) & (xx < b[:, 3])
+    out[:, 0] = inside.float().expand(batch, -1, -1) if b.shape[0] == 1 else inside.float()
+    return out

@@ -25,12 +25,12 @@ from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from .backbones import EXTRA_CHANNELS, FEATURE_CHANNELS, STRIDE2_CHANNELS, build_backbone
-from .clicks import disk_maps, proximity_maps, sample_at_clicks
+from .clicks import box_maps, disk_maps, proximity_maps, sample_at_clicks
 from .config import ModelConfig
 from .spm import SPM
 
 LOW_LEVEL_CHANNELS = 48  # DeepLabv3+'s reduction of the stride-4 feature
-GUIDE_CHANNELS = 5       # click guidance at a stride: pos/neg disks, pos/neg proximity, previous mask
+GUIDE_CHANNELS = 5       # click guidance at a stride: pos/neg disks, pos/neg proximity, previous mask (+ box)
 CONTEXT_CHANNELS = 256   # late fusion: stride-16 feature after the clicks are mixed in
 FINE_CHANNELS = 32       # boundary head width at stride 2
 
@@ -70,11 +70,15 @@ class ImageCode:
 
 
 def guidance(maps: torch.Tensor, clicks: torch.Tensor, prev: torch.Tensor, input_hw: tuple[int, int],
-             size: tuple[int, int]) -> torch.Tensor:
+             size: tuple[int, int], box: torch.Tensor | None = None) -> torch.Tensor:
     """The clicks and the previous mask at a feature stride: max-pooled disks (a 5-px disk stays
-    visible), proximity maps (how near a click, beyond the disk) and the average-pooled mask."""
-    return torch.cat([F.adaptive_max_pool2d(maps, size), proximity_maps(clicks, input_hw, size).to(maps.dtype),
-                      F.adaptive_avg_pool2d(prev, size)], dim=1)
+    visible), proximity maps (how near a click, beyond the disk), the average-pooled mask and, for a
+    model with box input, the average-pooled box map."""
+    parts = [F.adaptive_max_pool2d(maps, size), proximity_maps(clicks, input_hw, size).to(maps.dtype),
+             F.adaptive_avg_pool2d(prev, size)]
+    if box is not None:
+        parts.append(F.adaptive_avg_pool2d(box, size))
+    return torch.cat(parts, dim=1)
 
 
 class InteractiveSegNet(nn.Module):
@@ -82,11 +86,12 @@ class InteractiveSegNet(nn.Module):
         super().__init__()
         self.config = config
         late = config.fusion == "late"
+        guide_ch = GUIDE_CHANNELS + int(config.box_input)
         low_ch, high_ch = FEATURE_CHANNELS[config.backbone]
         self.backbone = build_backbone(config.backbone, pretrained, 0 if late else EXTRA_CHANNELS)
         if late:
             # stride 16: the clicks meet the semantic feature before ASPP's wide context
-            self.context = nn.Sequential(_conv_bn_relu(high_ch + GUIDE_CHANNELS, CONTEXT_CHANNELS),
+            self.context = nn.Sequential(_conv_bn_relu(high_ch + guide_ch, CONTEXT_CHANNELS),
                                          _conv_bn_relu(CONTEXT_CHANNELS, CONTEXT_CHANNELS, 3))
             aspp_in = CONTEXT_CHANNELS
         else:
@@ -94,7 +99,7 @@ class InteractiveSegNet(nn.Module):
             aspp_in = high_ch
         self.aspp = ASPP(aspp_in, list(config.aspp_rates), config.aspp_channels)
         self.low_proj = _conv_bn_relu(low_ch, LOW_LEVEL_CHANNELS)
-        extra = GUIDE_CHANNELS if (config.late_fusion or late) else 0
+        extra = guide_ch if (config.late_fusion or late) else 0
         self.decoder = nn.Sequential(
             _sep_conv(config.aspp_channels + LOW_LEVEL_CHANNELS + extra, config.decoder_channels),
             _sep_conv(config.decoder_channels, config.decoder_channels))
@@ -130,25 +135,29 @@ class InteractiveSegNet(nn.Module):
         return ImageCode((h, w), s2=s2, s4=s4, s16=s16)
 
     def decode(self, code: ImageCode, clicks: torch.Tensor, prev_mask: torch.Tensor,
-               return_features: bool = False) -> NetOutput:
-        """clicks (B, M, 3) (y, x, sign) in input pixels; prev_mask (B, 1, H, W) in {0, 1}. A code of
-        batch 1 serves a batch of click sets (several candidates on one image)."""
+               boxes: torch.Tensor | None = None, return_features: bool = False) -> NetOutput:
+        """clicks (B, M, 3) (y, x, sign) in input pixels; prev_mask (B, 1, H, W) in {0, 1}; boxes
+        (B, 4) (y0, x0, y1, x1) or None, only for a model with `box_input` (a row of -1: no box). A
+        code of batch 1 serves a batch of click sets (several candidates on one image)."""
         h, w = code.size
         ref = code.image if code.image is not None else code.s4
         maps = disk_maps(clicks, h, w, self.config.click_radius).to(ref.dtype)
         prev = prev_mask.to(ref.dtype)
+        if boxes is not None and not self.config.box_input:
+            raise ValueError("this model takes no box prompt (box_input is off in its config)")
+        box = box_maps(boxes, clicks.shape[0], h, w, ref.device).to(ref.dtype) if self.config.box_input else None
         if code.image is not None:   # early fusion: the whole network sees the clicks
             img = code.image.expand(clicks.shape[0], -1, -1, -1) if code.image.shape[0] != clicks.shape[0] else code.image
             s2, low, high = self.backbone(torch.cat([img, maps, prev], dim=1))
         else:
             s2, low, high = (self._batch(t, clicks.shape[0]) for t in (code.s2, code.s4, code.s16))
         if self.context is not None:
-            high = self.context(torch.cat([high, guidance(maps, clicks, prev, (h, w), tuple(high.shape[-2:]))], 1))
+            high = self.context(torch.cat([high, guidance(maps, clicks, prev, (h, w), tuple(high.shape[-2:]), box)], 1))
         size = low.shape[-2:]
         high = F.interpolate(self.aspp(high), size=size, mode="bilinear", align_corners=False)
         parts = [high, self.low_proj(low)]
         if self.config.late_fusion or self.context is not None:
-            parts.append(guidance(maps, clicks, prev, (h, w), tuple(size)))
+            parts.append(guidance(maps, clicks, prev, (h, w), tuple(size), box))
         feat = self.decoder(torch.cat(parts, dim=1))
         click_feats = sample_at_clicks(feat, clicks, (h, w))
         out = self.spm(feat, click_feats, clicks[..., 2]) if self.spm is not None else feat
@@ -167,10 +176,10 @@ class InteractiveSegNet(nn.Module):
         return NetOutput(logits, coarse_logits=coarse)
 
     def forward(self, image: torch.Tensor, clicks: torch.Tensor, prev_mask: torch.Tensor,
-                return_features: bool = False) -> NetOutput:
+                return_features: bool = False, boxes: torch.Tensor | None = None) -> NetOutput:
         """image (B, 3, H, W) RGB in [0, 1]; clicks (B, M, 3) (y, x, sign) in input pixels;
         prev_mask (B, 1, H, W) in {0, 1}. H and W must be multiples of 16."""
-        return self.decode(self.encode(image), clicks, prev_mask, return_features)
+        return self.decode(self.encode(image), clicks, prev_mask, boxes, return_features)
 
     @staticmethod
     def _batch(t: torch.Tensor, b: int) -> torch.Tensor:

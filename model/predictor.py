@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import cv2
@@ -24,6 +24,7 @@ import torch
 from . import focus
 from .checkpoint import build_model, file_sha256, resolve
 from .fold import fold_batchnorm
+from .guided_filter import guided_filter
 from .images import to_rgb8
 
 
@@ -49,6 +50,10 @@ class PredictorOptions:
     max_work_side: int = 2048      # working resolution bound (memory/time on 8000 x 6000 photos)
     threshold: float = 0.5
     max_history: int = 64          # undo depth
+    # Guided filter on the answer (model.guided_filter): radius in pixels of the coarse view (scaled to
+    # the working resolution), 0 = off; eps is the guide variance below which edges are smoothed over.
+    edge_radius: float = 0.0
+    edge_eps: float = 1e-3
 
     def __post_init__(self):
         if not (self.coarse or self.refine):
@@ -88,7 +93,11 @@ class Predictor:
         path = resolve(checkpoint)
         net, info = build_model(path)
         info = dict(info, checkpoint_path=str(path), checkpoint_sha256=file_sha256(path))
-        return cls(net, info, device=device, options=PredictorOptions(**options))
+        # The card's "predictor" entry holds the inference settings chosen for these weights (on the
+        # validation split); explicit options override them.
+        known = {f.name for f in fields(PredictorOptions)}
+        chosen = {k: v for k, v in (info.get("predictor") or {}).items() if k in known}
+        return cls(net, info, device=device, options=PredictorOptions(**{**chosen, **options}))
 
     def with_options(self, **changes) -> "Predictor":
         """Same weights, other options (ablations: coarse/refine/intention on or off)."""
@@ -173,7 +182,7 @@ class Session:
             if len(self._history) > self.predictor.options.max_history:
                 self._history.pop(0)
             self.clicks.append(Click(x, y, bool(positive)))
-            self.prob = self._predict(self.prob)
+            self.prob = self._snap_edges(self._predict(self.prob))
             return self.full_prob()
 
     def undo(self) -> np.ndarray | None:
@@ -266,6 +275,13 @@ class Session:
                 break
         self.last_timing["refine_ms"] = (time.perf_counter() - t1) * 1000
         return prob
+
+    def _snap_edges(self, prob: np.ndarray) -> np.ndarray:
+        opt = self.predictor.options
+        if opt.edge_radius <= 0:
+            return prob
+        radius = int(round(opt.edge_radius * max(self.wh, self.ww) / max(self.coarse_hw)))
+        return np.clip(guided_filter(self.work, prob, radius, opt.edge_eps), 0.0, 1.0)
 
     def _refine(self, box, clicks, current: np.ndarray) -> np.ndarray:
         """Predict the crop `box` of the working image at the network's focus size."""

@@ -230,3 +230,19 @@ def test_boundary_head_starts_as_the_identity_and_learns():
     net.train()   # batch of 2: BatchNorm in training mode needs more than one value per channel
     net(image.expand(2, -1, -1, -1), clicks.expand(2, -1, -1), prev.expand(2, -1, -1, -1)).logits.sum().backward()
     assert net.fine[-1].weight.grad.abs().sum() > 0
+
+
+def test_box_input_model_segments_from_a_box_alone():
+    torch.manual_seed(0)
+    net = InteractiveSegNet(ModelConfig(fusion="late", box_input=True, aspp_channels=32, decoder_channels=32)).eval()
+    image, prev = torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
+    no_click = torch.tensor([[[-1.0, -1.0, 0.0]]])
+    with torch.inference_mode():
+        code = net.encode(image)
+        a = net.decode(code, no_click, prev, torch.tensor([[8.0, 8.0, 30.0, 30.0]])).logits
+        b = net.decode(code, no_click, prev, torch.tensor([[30.0, 30.0, 60.0, 60.0]])).logits
+        c = net.decode(code, no_click, prev).logits                 # no box at all
+    assert torch.isfinite(a).all() and not torch.allclose(a, b) and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="no box prompt"):
+        InteractiveSegNet(ModelConfig(fusion="late", aspp_channels=32, decoder_channels=32)).eval().decode(
+            code, no_click, prev, torch.tensor([[8.0, 8.0, 30.0, 30.0]]))

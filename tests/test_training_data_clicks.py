@@ -270,3 +270,32 @@ def test_focus_view_upscaled_click_lands_on_its_marker():
         assert s == 1 and near[b, 0, int(y), int(x)] == 1
         # the upscaled marker of mask/prev covers the remapped click too
         assert fv["mask"][b, 0, int(y), int(x)] == 1 and fv["prev"][b, 0, int(y), int(x)] == 1
+
+
+def test_sampled_boxes_surround_the_object_and_follow_a_crop():
+    import numpy as np
+    from training.data import NO_BOX, remap_boxes, sample_boxes
+
+    gt = np.zeros((3, 1, 64, 64), bool)
+    gt[0, 0, 10:30, 20:50] = True
+    gt[1, 0, 40:64, 0:10] = True
+    boxes = sample_boxes(gt, np.random.default_rng(0), noise=0.0)
+    assert boxes[0].tolist() == [10, 20, 30, 50] and boxes[1].tolist() == [40, 0, 64, 10]
+    assert boxes[2].tolist() == list(NO_BOX)                      # nothing to box
+    noisy = sample_boxes(gt, np.random.default_rng(1), noise=0.1)
+    assert np.all(np.abs(noisy[:2] - boxes[:2]) <= 0.2 * 30 + 1e-4) and not np.array_equal(noisy, boxes)
+    # crop (0, 16, 32, 48) of the first sample, resized x2: the box is clipped to the crop
+    crop = np.array([[0, 16, 32, 48], [0, 0, 32, 32], [0, 0, 64, 64]], np.float32)
+    out = remap_boxes(boxes, crop, 64)
+    assert out[0].tolist() == [20, 8, 60, 64]
+    assert out[1].tolist() == list(NO_BOX)                        # the box misses its crop
+    assert out[2].tolist() == list(NO_BOX)
+
+
+def test_box_maps_mark_the_inside():
+    import torch
+    from model.clicks import box_maps
+
+    m = box_maps(torch.tensor([[2.0, 3.0, 5.0, 7.0], [-1, -1, -1, -1]]), 2, 8, 10)
+    assert m.shape == (2, 1, 8, 10) and m[1].sum() == 0
+    assert m[0, 0, 2:5, 3:7].all() and m[0].sum() == 12

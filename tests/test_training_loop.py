@@ -230,9 +230,10 @@ def test_late_fusion_trains_several_clicks_per_backbone_pass(tmp_path):
     from model.network import InteractiveSegNet
     from model.config import ModelConfig
 
-    init = InteractiveSegNet(ModelConfig.from_dict(_late_model(boundary_head=True)), pretrained=True).state_dict()
+    late = _late_model(boundary_head=True, box_input=True)
+    init = InteractiveSegNet(ModelConfig.from_dict(late), pretrained=True).state_dict()
     frozen = tmp_path / "frozen"
-    train(tiny_config(frozen, steps=2, model=_late_model(boundary_head=True), click_points=3, focus_prob=1.0,
+    train(tiny_config(frozen, steps=2, model=late, click_points=3, focus_prob=1.0, box_prob=0.5,
                       freeze_backbone_steps=10, freeze_backbone_bn=True), progress=False)
     w = weights(frozen / "state.safetensors")
     assert all(torch.equal(w[f"model.{k}"], v) for k, v in init.items() if k.startswith("backbone."))

@@ -42,6 +42,8 @@ class TrainConfig:
     max_sim_rounds: int = 3                            # iterative click simulation (no grad), 0..N rounds
     click_points: int = 1                              # supervised predictions per crop, each on the last one's errors
     coarse_loss_weight: float = 0.4                    # boundary head: weight of the stride-4 logits' own loss
+    box_prob: float = 0.25                             # box_input models: share of samples that start from a box
+    box_noise: float = 0.1                             # box edges moved by N(0, noise * side)
     sim_inner_ratio: float = 0.8                       # error clicks drawn among the inner 20% of the region
     amp: bool = True                                   # bf16 autocast on CUDA (ignored on CPU)
     device: str = "auto"

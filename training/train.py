@@ -158,7 +158,8 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) 
     prediction fed back as the previous mask. With late fusion the points share the backbone pass,
     which is what makes more than one per crop cheap.
     """
-    from training.data import add_next_clicks, focus_view, last_clicks, sample_focus_boxes
+    from training.data import (PAD_CLICK, add_next_clicks, focus_view, last_clicks, remap_boxes, sample_boxes,
+                               sample_focus_boxes)
 
     rng = np.random.default_rng([cfg.seed, step, 7])
     torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks reproducible on resume
@@ -175,8 +176,20 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) 
     with torch.set_grad_enabled(backbone_trains), autocast:
         code = net.encode(image)
 
+    # Box prompts (a model with box_input): on a share of the samples the user starts with a box
+    # around the object instead of the initial clicks; the box stays for the later clicks.
+    boxes = None
+    if net.config.box_input:
+        use = rng.random(gt.shape[0]) < cfg.box_prob
+        drawn = sample_boxes(gt.cpu(), rng, cfg.box_noise, valid=valid.cpu())
+        drawn[~use] = -1.0
+        boxes = torch.from_numpy(drawn).to(device)
+        if use.any():
+            clicks = clicks.clone()
+            clicks[torch.from_numpy(use).to(device)] = torch.tensor(PAD_CLICK, device=device, dtype=clicks.dtype)
+
     def predict(clicks, prev):
-        return (torch.sigmoid(net.decode(code, clicks, prev).logits.float()) > 0.5).float() * valid
+        return (torch.sigmoid(net.decode(code, clicks, prev, boxes).logits.float()) > 0.5).float() * valid
 
     # Iterative click simulation: the model's own errors decide the next clicks (no gradient).
     prev = torch.zeros_like(gt)
@@ -197,7 +210,7 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) 
     for k in range(points):
         last = k == points - 1
         with autocast:
-            out = net.decode(code, clicks, prev, return_features=True)
+            out = net.decode(code, clicks, prev, boxes, return_features=True)
             loss_seg = seg_loss(out.logits, gt, valid)
             if out.coarse_logits is not None:   # deep supervision of the stride-4 answer the boundary head refines
                 coarse_up = torch.nn.functional.interpolate(out.coarse_logits, size=gt.shape[-2:], mode="bilinear",
@@ -208,11 +221,12 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) 
             if last and with_focus:
                 # Second view: a crop around the latest click, fed the global prediction as its previous
                 # mask, as the predictor's refine stage does at inference.
-                boxes = sample_focus_boxes(last_clicks(clicks).cpu(), gt.shape[-2], gt.shape[-1], rng, valid=valid.cpu())
+                crops = sample_focus_boxes(last_clicks(clicks).cpu(), gt.shape[-2], gt.shape[-1], rng, valid=valid.cpu())
                 coarse = (torch.sigmoid(out.logits.detach().float()) > 0.5).float()
-                fv = focus_view(boxes, image, gt, prev=coarse, clicks=clicks, valid=valid, out_size=gt.shape[-1])
+                fv = focus_view(crops, image, gt, prev=coarse, clicks=clicks, valid=valid, out_size=gt.shape[-1])
                 fimg = fv["image"].contiguous(memory_format=torch.channels_last) if device.type == "cpu" else fv["image"]
-                out2 = net(fimg, fv["clicks"].to(device), fv["prev"], return_features=True)
+                fboxes = None if boxes is None else torch.from_numpy(remap_boxes(boxes.cpu(), crops, gt.shape[-1])).to(device)
+                out2 = net(fimg, fv["clicks"].to(device), fv["prev"], return_features=True, boxes=fboxes)
                 loss_focus = seg_loss(out2.logits, fv["mask"], fv["valid"])
                 if pem is not None:
                     loss_pem = 0.5 * (loss_pem + pem(out2.features, fv["mask"], out2.click_feats, fv["clicks"][..., 2].to(device)))

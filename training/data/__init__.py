@@ -13,9 +13,9 @@ Typical use in the training loop::
             ...
 """
 from .augment import AugmentConfig, Augmented, augment, color_jitter, eval_config
-from .clicks import (PAD_CLICK, InitialClickConfig, add_next_clicks, crop_resize, empty_clicks,
+from .clicks import (NO_BOX, PAD_CLICK, InitialClickConfig, add_next_clicks, crop_resize, empty_clicks,
                      focus_view, last_clicks, next_clicks, num_clicks, padded_edt, random_clicks,
-                     remap_clicks, sample_focus_boxes, sample_initial_clicks)
+                     remap_boxes, remap_clicks, sample_boxes, sample_focus_boxes, sample_initial_clicks)
 from .dataset import ClickSegDataset, collate, make_loader, worker_init_fn
 from .mixture import Mixture, assign_splits, key_hash
 from .sources import (DEFAULT_WEIGHTS, AreaFilter, BenchmarkDataError, BSDSSource, COCOSource,

@@ -428,3 +428,49 @@ def focus_view(boxes: Any, image: torch.Tensor, mask: torch.Tensor, prev: Option
     if clicks is not None:
         out["clicks"] = remap_clicks(clicks, boxes, out_size)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# box prompts
+# --------------------------------------------------------------------------------------------------
+
+NO_BOX = (-1.0, -1.0, -1.0, -1.0)
+
+
+def sample_boxes(gt: Any, rng: np.random.Generator, noise: float = 0.1, valid: Any = None) -> np.ndarray:
+    """A user's box around each object: the ground truth's bounding box with every edge moved by
+    N(0, noise * side) (at most 2 * noise * side), clipped to the image: (B, 4) float32 (y0, x0,
+    y1, x1), end exclusive. An empty mask gets NO_BOX."""
+    g = _squeeze_channel(_as_bool(gt))
+    if valid is not None:
+        g = g & _squeeze_channel(_as_bool(valid))
+    B, H, W = g.shape
+    out = np.tile(np.array(NO_BOX, np.float32), (B, 1))
+    for b in range(B):
+        box = _bbox(g[b])
+        if box is None:
+            continue
+        y0, y1, x0, x1 = box
+        h, w = y1 - y0, x1 - x0
+        d = np.clip(rng.normal(0.0, noise, 4), -2 * noise, 2 * noise) * np.array([h, w, h, w])
+        ny0, nx0 = np.clip(y0 + d[0], 0, H - 1), np.clip(x0 + d[1], 0, W - 1)
+        ny1, nx1 = np.clip(y1 + d[2], ny0 + 1, H), np.clip(x1 + d[3], nx0 + 1, W)
+        out[b] = (ny0, nx0, ny1, nx1)
+    return out
+
+
+def remap_boxes(boxes: Any, crops: Any, out_size: int) -> np.ndarray:
+    """Boxes (B, 4) into the coordinates of their sample's crop (B, 4) resized to ``out_size``,
+    clipped to the crop; a box that misses its crop, or NO_BOX, becomes NO_BOX."""
+    bx = _np(boxes).astype(np.float64)
+    cr = _np(crops).astype(np.float64)
+    sy = out_size / (cr[:, 2] - cr[:, 0])
+    sx = out_size / (cr[:, 3] - cr[:, 1])
+    y0 = np.clip((bx[:, 0] - cr[:, 0]) * sy, 0, out_size)
+    x0 = np.clip((bx[:, 1] - cr[:, 1]) * sx, 0, out_size)
+    y1 = np.clip((bx[:, 2] - cr[:, 0]) * sy, 0, out_size)
+    x1 = np.clip((bx[:, 3] - cr[:, 1]) * sx, 0, out_size)
+    out = np.stack([y0, x0, y1, x1], 1).astype(np.float32)
+    gone = (bx[:, 2] <= bx[:, 0]) | (y1 <= y0) | (x1 <= x0)
+    out[gone] = NO_BOX
+    return out
