@@ -119,18 +119,26 @@ class Predictor:
                 return self.net.encode(image)
         return self.net.encode(image.contiguous(memory_format=torch.channels_last))
 
+    @property
+    def accepts_box(self) -> bool:
+        """Whether the network was trained with box prompts (Session.set_box)."""
+        return bool(getattr(self.config, "box_input", False))
+
     @torch.inference_mode()
-    def run_net(self, code, clicks: list[tuple[float, float, bool]], prev: np.ndarray) -> np.ndarray:
+    def run_net(self, code, clicks: list[tuple[float, float, bool]], prev: np.ndarray,
+                box: tuple[float, float, float, float] | None = None) -> np.ndarray:
         """One head pass on an encoded view (`encode`). clicks (y, x, pos) in the view's pixel
-        coordinates; prev (h, w) bool. Returns the (h, w) float32 probability."""
-        cl = torch.tensor([[(y, x, 1.0 if p else -1.0) for y, x, p in clicks]], dtype=torch.float32,
-                          device=self.device)
+        coordinates (may be empty when there is a box); prev (h, w) bool; box (y0, x0, y1, x1) in
+        the view's pixels or None. Returns the (h, w) float32 probability."""
+        rows = [(y, x, 1.0 if p else -1.0) for y, x, p in clicks] or [(-1.0, -1.0, 0.0)]
+        cl = torch.tensor([rows], dtype=torch.float32, device=self.device)
         prev_t = torch.from_numpy(prev.astype(np.float32))[None, None].to(self.device)
+        boxes = torch.tensor([box], dtype=torch.float32, device=self.device) if box is not None else None
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = self.net.decode(code, cl, prev_t).logits
+                logits = self.net.decode(code, cl, prev_t, boxes).logits
         else:
-            logits = self.net.decode(code, cl, prev_t).logits
+            logits = self.net.decode(code, cl, prev_t, boxes).logits
         return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
     def to_tensor(self, rgb: np.ndarray) -> torch.Tensor:
@@ -167,6 +175,7 @@ class Session:
                 raise ValueError(f"prior mask is {prior_mask.shape[:2]}, image is {(self.height, self.width)}")
             self._prior = self._to_work(prior_mask.astype(np.float32))
         self.clicks: list[Click] = []
+        self.box: tuple[float, float, float, float] | None = None   # (y0, x0, y1, x1), working pixels
         self.last_timing: dict = {}
         self._history: list[np.ndarray] = []
         self.prob = self._initial_prob()
@@ -185,18 +194,46 @@ class Session:
             self.prob = self._snap_edges(self._predict(self.prob))
             return self.full_prob()
 
-    def undo(self) -> np.ndarray | None:
-        """Remove the last click; returns the restored probability map (None if there was no click)."""
+    def set_box(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+        """Start from a box around the object (full-resolution pixels, x1/y1 exclusive) and return the
+        full-resolution probability map; later clicks refine it and keep the box as a prompt. Only
+        for models trained with boxes (`Predictor.accepts_box`), and before the first click."""
+        if not self.predictor.accepts_box:
+            raise ValueError("this model takes no box prompt; give it clicks (or crop the image to the box)")
+        vals = [float(v) for v in (x0, y0, x1, y1)]
+        if not all(np.isfinite(vals)):
+            raise ValueError("box coordinates must be finite numbers")
+        x0, y0 = max(0.0, min(vals[0], vals[2])), max(0.0, min(vals[1], vals[3]))
+        x1, y1 = min(float(self.width), max(vals[0], vals[2])), min(float(self.height), max(vals[1], vals[3]))
+        if x1 - x0 < 1 or y1 - y0 < 1:
+            raise ValueError(f"box ({vals[0]:g}, {vals[1]:g}, {vals[2]:g}, {vals[3]:g}) covers no pixel of the "
+                             f"{self.width}x{self.height} image")
         with self._lock:
-            if not self.clicks:
+            if self.clicks or self.box is not None:
+                raise ValueError("set the box before any click (reset() the session to start over)")
+            self._history.append(self.prob.astype(np.float16))
+            s = self.scale
+            self.box = (y0 * s, x0 * s, y1 * s, x1 * s)
+            self.prob = self._snap_edges(self._predict_box())
+            return self.full_prob()
+
+    def undo(self) -> np.ndarray | None:
+        """Remove the last click (or, when no click is left, the box); returns the restored
+        probability map (None if there was nothing to undo)."""
+        with self._lock:
+            if self.clicks:
+                self.clicks.pop()
+            elif self.box is not None:
+                self.box = None
+            else:
                 return None
-            self.clicks.pop()
             self.prob = self._history.pop().astype(np.float32) if self._history else self._initial_prob()
             return self.full_prob()
 
     def reset(self) -> None:
         with self._lock:
             self.clicks.clear()
+            self.box = None
             self._history.clear()
             self.prob = self._initial_prob()
 
@@ -241,10 +278,7 @@ class Session:
             sy, sx = h / self.wh, w / self.ww
             net_clicks = [((y + 0.5) * sy - 0.5, (x + 0.5) * sx - 0.5, pos) for y, x, pos in clicks]
             prev_small = cv2.resize(prev.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-            if self._coarse_code is None:
-                self._coarse_code = p.encode(self.coarse_tensor)
-            coarse = p.run_net(self._coarse_code, net_clicks, prev_small)
-            prob = cv2.resize(coarse, (self.ww, self.wh), interpolation=cv2.INTER_LINEAR)
+            prob = self._coarse_pass(net_clicks, prev_small)
         t1 = time.perf_counter()
         self.last_timing = {"coarse_ms": (t1 - t0) * 1000, "refine_ms": 0.0, "refine_passes": 0}
         if not opt.refine:
@@ -276,6 +310,42 @@ class Session:
         self.last_timing["refine_ms"] = (time.perf_counter() - t1) * 1000
         return prob
 
+    def _coarse_pass(self, net_clicks, prev_small: np.ndarray) -> np.ndarray:
+        """The whole image at the coarse size (its encoding cached); answer at working resolution."""
+        p = self.predictor
+        h, w = self.coarse_hw
+        if self._coarse_code is None:
+            self._coarse_code = p.encode(self.coarse_tensor)
+        box = self._view_box((0, 0, self.wh, self.ww), h / self.wh, w / self.ww)
+        coarse = p.run_net(self._coarse_code, net_clicks, prev_small, box)
+        return cv2.resize(coarse, (self.ww, self.wh), interpolation=cv2.INTER_LINEAR)
+
+    def _view_box(self, view, sy: float, sx: float):
+        """The session's box in the pixels of a view (y0, x0, ...) of the working image scaled by (sy, sx)."""
+        if self.box is None:
+            return None
+        y0, x0 = view[0], view[1]
+        by0, bx0, by1, bx1 = self.box
+        return ((by0 - y0) * sy, (bx0 - x0) * sx, (by1 - y0) * sy, (bx1 - x0) * sx)
+
+    def _predict_box(self) -> np.ndarray:
+        """A box alone: the coarse view, then one focus pass on a square around the box when that
+        zooms in (a small object in a big image), pasted back without the click intention rule."""
+        opt = self.predictor.options
+        h, w = self.coarse_hw
+        empty = np.zeros((h, w), bool)
+        t0 = time.perf_counter()
+        prob = self._coarse_pass([], empty)
+        by0, bx0, by1, bx1 = self.box
+        half = max(by1 - by0, bx1 - bx0) * 0.5 * 1.4
+        crop = focus.focus_box((by0 + by1) / 2, (bx0 + bx1) / 2, max(half, opt.focus_min_side / 2), self.wh, self.ww)
+        side = max(crop[2] - crop[0], crop[3] - crop[1])
+        if opt.refine and self.focus_size / side > 1.2 * max(self.coarse_hw) / max(self.wh, self.ww):
+            refined = self._refine(crop, [], prob > opt.threshold)
+            prob = focus.paste(prob, refined, crop, True, None, intention=False)
+        self.last_timing = {"coarse_ms": (time.perf_counter() - t0) * 1000, "refine_ms": 0.0, "refine_passes": 0}
+        return prob
+
     def _snap_edges(self, prob: np.ndarray) -> np.ndarray:
         opt = self.predictor.options
         if opt.edge_radius <= 0:
@@ -293,10 +363,11 @@ class Session:
                           interpolation=cv2.INTER_AREA if max(ch, cw) > s else cv2.INTER_LINEAR)
         sy, sx = s / ch, s / cw
         inside = [c for c in clicks[:-1] if y0 - 0.5 <= c[0] < y1 - 0.5 and x0 - 0.5 <= c[1] < x1 - 0.5]
-        ly, lx, lpos = clicks[-1]  # the latest click is the crop's reason to exist: always in it
-        inside.append((min(max(ly, y0), y1 - 1), min(max(lx, x0), x1 - 1), lpos))
+        if clicks:
+            ly, lx, lpos = clicks[-1]  # the latest click is the crop's reason to exist: always in it
+            inside.append((min(max(ly, y0), y1 - 1), min(max(lx, x0), x1 - 1), lpos))
         net_clicks = [((y - y0 + 0.5) * sy - 0.5, (x - x0 + 0.5) * sx - 0.5, pos) for y, x, pos in inside]
         prev = cv2.resize(current[y0:y1, x0:x1].astype(np.uint8), (s, s), interpolation=cv2.INTER_NEAREST).astype(bool)
         p = self.predictor
-        out = p.run_net(p.encode(p.to_tensor(crop)), net_clicks, prev)
+        out = p.run_net(p.encode(p.to_tensor(crop)), net_clicks, prev, self._view_box(box, sy, sx))
         return cv2.resize(out, (cw, ch), interpolation=cv2.INTER_LINEAR)

@@ -268,3 +268,36 @@ def test_predictor_on_odd_images(predictor):
                 _encode(Image.fromarray(np.zeros((50, 70, 4), np.uint8), "RGBA"), "PNG")):
         s = predictor.open(load_image(src))
         assert s.add_click(35, 25, True).shape == (50, 70)
+
+
+def test_box_prompt_session(tmp_path):
+    """A box-capable model: set_box gives a mask before any click, clicks keep the box, undo removes
+    the clicks then the box; models without box input refuse it clearly."""
+    import numpy as np
+    import pytest
+    import torch
+    from model.checkpoint import save_checkpoint
+    from model.config import ModelConfig
+    from model.network import InteractiveSegNet
+    from model.predictor import Predictor
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(fusion="late", box_input=True, input_size=128, aspp_channels=32, decoder_channels=32)
+    path = save_checkpoint(tmp_path / "box.safetensors", InteractiveSegNet(cfg).state_dict(), cfg, {"version": "box"})
+    image = np.random.default_rng(0).integers(0, 255, (120, 200, 3), dtype=np.uint8)
+    session = Predictor.load(path).open(image)
+    first = session.set_box(20, 10, 90, 70)
+    assert first.shape == (120, 200) and np.isfinite(first).all()
+    with pytest.raises(ValueError, match="before any click"):
+        session.set_box(0, 0, 10, 10)
+    session.add_click(50, 40, True)
+    assert session.box is not None
+    assert np.array_equal(session.undo(), first.astype(np.float16).astype(np.float32))
+    assert session.undo() is not None and session.box is None and not session.mask().any()
+    with pytest.raises(ValueError, match="covers no pixel"):
+        session.set_box(250, 10, 300, 20)
+    plain = Predictor.load(save_checkpoint(tmp_path / "plain.safetensors", InteractiveSegNet(
+        ModelConfig(fusion="late", input_size=128, aspp_channels=32, decoder_channels=32)).state_dict(),
+        ModelConfig(fusion="late", input_size=128, aspp_channels=32, decoder_channels=32), {"version": "plain"}))
+    with pytest.raises(ValueError, match="no box prompt"):
+        plain.open(image).set_box(20, 10, 90, 70)
