@@ -53,6 +53,9 @@ def run_parser() -> argparse.ArgumentParser:
                    help="click budget: 20 (protocol), or 100 to add NoC100@85/90 and NoF100@90")
     p.add_argument("--threshold", type=float, default=THRESHOLD,
                    help="probability threshold (protocol: %(default)s; 0.5 is a deviation)")
+    p.add_argument("--box", action="store_true",
+                   help="start every instance from its ground-truth box (box-trained models; a deviation from "
+                        "the protocol): reports box_miou, the IoU of the box alone, and NoC of the clicks after it")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per data set on stdout (tables go to stderr)")
     p.add_argument("--report", type=Path, default=None, help="write a failure report (PNG + index.html) here")
@@ -118,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import evaluate_dataset
     from .tables import detail_table, paper_table
 
-    protocol = Protocol(max_clicks=args.max_clicks, threshold=args.threshold)
+    protocol = Protocol(max_clicks=args.max_clicks, threshold=args.threshold, box=args.box)
     from .predictors import parse_options
 
     try:

@@ -18,6 +18,9 @@ class Protocol:
 
     max_clicks: int = CURVE_CLICKS  # 100 adds NoC100@85/90 and NoF100@90 (clicks past 20 stop at 0.90)
     threshold: float = THRESHOLD
+    # Deviation, off by default: start every instance from the tight box of its ground truth (a box
+    # prompt, for box-trained models); box_miou is the IoU of the box alone, NoC counts the clicks after it.
+    box: bool = False
 
     def __post_init__(self) -> None:
         if self.max_clicks < CURVE_CLICKS:

@@ -37,6 +37,7 @@ class InstanceResult:
     seconds: float                         # predictor wall time: open() + every add_click()
     masks: Optional[Dict[int, np.ndarray]] = None  # click -> packed prediction (failure report only)
     shape: Tuple[int, int] = (0, 0)
+    box_iou: Optional[float] = None        # box mode: IoU of the box prompt alone
 
     def noc(self, target: float = NOF_TARGET, budget: int = CURVE_CLICKS) -> int:
         return noc(self.ious, target, budget)
@@ -61,6 +62,8 @@ class DatasetResult:
     def metrics(self) -> Dict[str, Any]:
         m = summarize([r.ious for r in self.instances], sum(r.seconds for r in self.instances),
                       sum(len(r.ious) for r in self.instances), self.protocol.max_clicks)
+        if self.protocol.box:
+            m["box_miou"] = float(np.mean([r.box_iou for r in self.instances])) if self.instances else float("nan")
         return {"dataset": self.dataset, **m, "device": self.device, "model_version": self.model_version}
 
     def to_json(self) -> Dict[str, Any]:
@@ -89,6 +92,14 @@ def run_instance(predictor: Any, sample: LoadedSample, protocol: Protocol = Prot
     seconds = time.perf_counter() - t0
     ious: List[float] = []
     masks: Dict[int, np.ndarray] = {}
+    box_iou = None
+    if protocol.box:
+        ys, xs = np.nonzero(gt)
+        t0 = time.perf_counter()
+        prob = np.asarray(session.set_box(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+        seconds += time.perf_counter() - t0
+        pred = prob > protocol.threshold
+        box_iou = iou(gt, pred, ignore)
     for k in range(1, protocol.max_clicks + 1):
         c = clicker.next_click(pred)
         t0 = time.perf_counter()
@@ -106,7 +117,7 @@ def run_instance(predictor: Any, sample: LoadedSample, protocol: Protocol = Prot
     if keep_masks and CURVE_CLICKS not in masks:  # cannot happen (max_clicks >= 20), kept for safety
         masks[len(ious)] = np.packbits(pred)
     return InstanceResult(sample.sample_id, ious, [c.as_tuple() for c in clicker.clicks], seconds,
-                          masks if keep_masks else None, (h, w))
+                          masks if keep_masks else None, (h, w), box_iou)
 
 
 # ---------------------------------------------------------------- workers

@@ -44,13 +44,15 @@ def _spc(v: Any) -> str:
 
 def detail_table(metrics: Sequence[Dict[str, Any]]) -> str:
     extra = sorted({k for m in metrics for k in m if k.startswith(("noc1", "nof1")) and "_" in k})
+    box = any("box_miou" in m for m in metrics)
     header = ["Dataset", "Inst", "NoC@85", "NoC@90", "NoF@90"] + [_label(k) for k in extra] + \
-             ["mIoU@1", "mIoU@5", "mIoU@20", "SPC (s)", "Device"]
+             (["box IoU"] if box else []) + ["mIoU@1", "mIoU@5", "mIoU@20", "SPC (s)", "Device"]
     rows = []
     for m in metrics:
         miou = m.get("miou") or [None] * 20
         rows.append([m["dataset"], m["instances"], _fmt(m["noc85"]), _fmt(m["noc90"]), m["nof90"]]
                     + [_fmt(m.get(k)) for k in extra]
+                    + ([_fmt(m.get("box_miou"), ".3f")] if box else [])
                     + [_fmt(miou[0], ".3f"), _fmt(miou[4], ".3f"), _fmt(miou[19], ".3f"),
                        _spc(m["spc"]), m["device"]])
     return grid(header, rows)
