@@ -175,7 +175,7 @@ def test_project_lock(rdb):
     b.acquire(timeout=1)
     b._stop.set()                                   # b's worker "dies": no more heartbeats
     b._thread.join()
-    assert jobs.ProjectLock(conn, "5", "job-b", ttl=1.0).try_acquire() is None   # a retry of b takes over
+    assert jobs.ProjectLock(conn, "5", "job-b", ttl=1.0).try_acquire() is None   # the same owner takes over
     conn.pexpire("simclick:train-lock:5", 300)
     time.sleep(0.4)
     assert a.try_acquire() is None                  # the dead holder's lease ran out
@@ -183,3 +183,8 @@ def test_project_lock(rdb):
         b.check()
     a.release()
     other.release()
+    # Owners are attempts: two attempts of one job are two owners (see test_jobs_attempts.py).
+    first, second = jobs.attempt_owner("job-x"), jobs.attempt_owner("job-x")
+    assert first != second and first.startswith("job-x/")
+    assert "earlier attempt of this job" in jobs._waiting_for(first, "job-x", "5")
+    assert jobs._waiting_for(first, "job-y", "5") == "project 5 is being trained by job job-x"

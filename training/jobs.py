@@ -23,9 +23,12 @@ Enqueueing (the backend's /webhook calls `enqueue_webhook`; it only talks to Red
 The job (`run_training_job`, run by the worker) holds a per-project Redis lock
 (simclick:train-lock:<project>, a lease renewed by a heartbeat thread) for the whole fine-tuning,
 so two workers on one queue never train the same project at once: the second waits (job.meta
-stage "waiting"). A job killed mid-way leaves the registry untouched (versions are registered
-only at the end, atomically); its lease expires after TRAINING_LOCK_TTL seconds, and a retry of
-the same job takes the lease over at once and resumes training from its last saved state.
+stage "waiting"). The lock's owner is one *attempt* of a job (job id + a random token), not the
+job: when a worker is SIGKILLed its work-horse lives on in its own process group, RQ marks the
+job abandoned, and `retry` starts a second attempt with the same job id; that attempt waits until
+the first one finishes (it still renews its lease) or dies (its lease expires after
+TRAINING_LOCK_TTL seconds), then resumes training from the last saved state. A job killed mid-way
+leaves the registry untouched (versions are registered only at the end, atomically).
 Progress is in job.meta: stage (queued, waiting, pull, train, evaluate, register, promote, done),
 percent, detail.
 """
@@ -89,21 +92,28 @@ class JobSettings:
 
 
 # -- Redis -----------------------------------------------------------------------------------------
-_CONNECTIONS: Dict[str, Any] = {}
+_CONNECTIONS: Dict[tuple, Any] = {}
 _CONN_LOCK = threading.Lock()
 
 
-def connect(url: str):
-    """A Redis client for `url` (cached). Short timeouts: Label Studio waits ~1 s for /webhook."""
+def connect(url: str, timeout: Optional[float] = None):
+    """A Redis client for `url` (cached). `timeout`: the backend's REDIS_TIMEOUT, per command and
+    without retries (Label Studio waits ~1 s for /webhook); None: the worker's and the CLI's 5 s,
+    with redis-py's retries."""
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     if not url:
         raise RuntimeError("REDIS_URL is not set: no training queue")
+    if timeout is None:
+        options = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
+    else:
+        options = {"socket_connect_timeout": timeout, "socket_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
     with _CONN_LOCK:
-        if url not in _CONNECTIONS:
-            _CONNECTIONS[url] = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0,
-                                                     health_check_interval=30)
-        return _CONNECTIONS[url]
+        if (url, timeout) not in _CONNECTIONS:
+            _CONNECTIONS[url, timeout] = redis.Redis.from_url(url, health_check_interval=30, **options)
+        return _CONNECTIONS[url, timeout]
 
 
 def _key(*parts: Any) -> str:
@@ -126,9 +136,10 @@ _COUNT = ("local n = redis.call('INCR', KEYS[1]) local every = tonumber(ARGV[1])
 
 
 class ProjectLock:
-    """One training at a time per project, across workers and machines: a Redis key holding the job
-    id with a lease (TTL) that a heartbeat thread renews. A worker that dies stops renewing and the
-    lease expires; a retry of the *same* job takes it over at once (it cannot be running twice)."""
+    """One training at a time per project, across workers and machines: a Redis key holding the
+    owner (one attempt of a job, see `attempt_owner`) with a lease (TTL) that a heartbeat thread
+    renews. An owner that dies stops renewing and the lease expires; only the same owner may take
+    it over before that."""
 
     def __init__(self, conn, project: str, owner: str, ttl: float = 30.0):
         self.conn, self.project, self.owner = conn, str(project), owner
@@ -188,6 +199,20 @@ class ProjectLock:
                         self.project, e)
 
 
+def attempt_owner(job_id: str) -> str:
+    """The lock owner of one attempt of a job: two attempts of the same job (a retry while an
+    orphaned work-horse still runs) are two owners, so the second waits for the first."""
+    return f"{job_id}/{uuid.uuid4().hex[:12]}"
+
+
+def _waiting_for(holder: str, job_id: str, pid: str) -> str:
+    holder_job = holder.split("/", 1)[0]
+    if holder_job == job_id:
+        return (f"an earlier attempt of this job still holds project {pid}'s training lock (a work-horse "
+                f"that outlived its worker?); waiting until it finishes or its lease expires")
+    return f"project {pid} is being trained by job {holder_job}"
+
+
 # -- enqueueing ------------------------------------------------------------------------------------
 def _job_status(conn, job_id: str) -> Optional[str]:
     from rq.exceptions import NoSuchJobError
@@ -239,13 +264,16 @@ def _has_mask_region(annotation: Any) -> bool:
 
 
 def enqueue_webhook(event, *, redis_url: Optional[str] = None, queue: Optional[str] = None,
-                    train_every: Optional[int] = None, dedup_seconds: Optional[int] = None) -> dict:
+                    train_every: Optional[int] = None, dedup_seconds: Optional[int] = None,
+                    timeout: float = 0.5) -> dict:
     """TRAINING_ENQUEUE target for backend/webhook.py: called with a WebhookEvent, only talks to
-    Redis, returns {"job": id or None, "training": what happened}. Raises if Redis is unreachable
-    (the backend answers 503 with the reason)."""
+    Redis (each command waits at most `timeout` s), returns {"job": id or None, "training": what
+    happened}. Raises if Redis is unreachable (the backend answers 503 with the reason)."""
+    import redis
+
     s = JobSettings.from_env(redis_url=redis_url or None, queue=queue or None, train_every=train_every,
                              dedup_seconds=dedup_seconds)
-    conn = connect(s.redis_url)
+    conn = connect(s.redis_url, timeout=timeout)
     pid = event.project_id
     body = json.dumps(event.payload, sort_keys=True, default=str).encode()
     dkey = _key("delivery", hashlib.sha1(body).hexdigest())
@@ -270,11 +298,14 @@ def enqueue_webhook(event, *, redis_url: Optional[str] = None, queue: Optional[s
             else:
                 answer = {"job": None, "training": f"{n} annotation(s) since the last trigger; automatic "
                                                    f"fine-tuning is off (TRAIN_EVERY_N_ANNOTATIONS=0)"}
-    except BaseException:
-        try:
-            conn.delete(dkey)      # a redelivery may try again
-        except Exception:
-            pass
+    except BaseException as e:
+        # A redelivery may try again; a Redis that does not answer is not asked once more (the
+        # webhook must answer within Label Studio's second), the key expires by itself.
+        if not isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+            try:
+                conn.delete(dkey)
+            except redis.RedisError:
+                pass
         raise
     conn.set(dkey, answer["job"] or "", ex=max(1, s.dedup_seconds), xx=True)
     return answer
@@ -316,9 +347,8 @@ def run_training_job(project: Any, overrides: Optional[dict] = None, export: Opt
     meta.update(stage="waiting", percent=0, pid=os.getpid(), host=socket.gethostname(), worker=job.worker_name,
                 attempt=int(job.meta.get("attempt", 0)) + 1, started=time.time())
     settings = FinetuneSettings.from_env(**(overrides or {}))   # bad settings fail before waiting
-    lock = ProjectLock(conn, pid, job.id, ttl=s.lock_ttl)
-    lock.acquire(on_wait=lambda holder: meta.update(stage="waiting", detail=f"project {pid} is being "
-                                                                            f"trained by job {holder}"))
+    lock = ProjectLock(conn, pid, attempt_owner(job.id), ttl=s.lock_ttl)
+    lock.acquire(on_wait=lambda holder: meta.update(stage="waiting", detail=_waiting_for(holder, job.id, pid)))
     try:
         meta.update(lock_acquired=time.time(), detail="")
         conn.eval(_CAD, 1, _key("pending", pid), job.id)   # later triggers queue the next job

@@ -136,8 +136,9 @@ def _image_url(task: dict, data_key: Optional[str]) -> Optional[str]:
     return None
 
 
-def decode_region(res: dict) -> Tuple[np.ndarray, str]:
-    """A brush or polygon result -> (H x W bool mask, label); ValueError with the reason if unusable."""
+def decode_region(res: dict, max_pixels: Optional[int] = None) -> Tuple[np.ndarray, str]:
+    """A brush or polygon result -> (H x W bool mask, label); ValueError with the reason if unusable
+    (a declared size over `max_pixels` is refused before anything of that size is made)."""
     from backend.masks import polygon_to_mask
     from training.data.sources import decode_ls_brush
 
@@ -149,6 +150,8 @@ def decode_region(res: dict) -> Tuple[np.ndarray, str]:
         raise ValueError("no original_width/original_height") from None
     if h <= 0 or w <= 0:
         raise ValueError(f"declared size {w}x{h}")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ValueError(f"declared size {w}x{h} is over MAX_IMAGE_PIXELS={max_pixels}")
     if kind == "brushlabels":
         if "rle" not in value and "rle" not in res:
             raise ValueError("brush region without RLE")
@@ -169,7 +172,7 @@ def decode_region(res: dict) -> Tuple[np.ndarray, str]:
 
 
 def task_regions(task: dict, report: PullReport, labels: Optional[set] = None,
-                 min_area: int = 400) -> List[Region]:
+                 min_area: int = 400, max_pixels: Optional[int] = None) -> List[Region]:
     """The usable regions of one task (every non-cancelled annotation); skips are reported."""
     from backend.masks import mask_to_rle
 
@@ -186,7 +189,7 @@ def task_regions(task: dict, report: PullReport, labels: Optional[set] = None,
                 continue
             report.regions += 1
             try:
-                mask, label = decode_region(res)
+                mask, label = decode_region(res, max_pixels)
             except ValueError as e:
                 report.skip(task.get("id"), ann.get("id"), idx, str(e))
                 continue
@@ -265,7 +268,7 @@ def build_dataset(tasks: List[dict], fetcher, out_dir: os.PathLike | str, *, hol
     for n, task in enumerate(tasks):
         if progress:
             progress(n, len(tasks))
-        regions = task_regions(task, report, labels, min_area)
+        regions = task_regions(task, report, labels, min_area, fetcher.cfg.max_image_pixels)
         if not regions:
             continue
         tid = task.get("id")

@@ -11,7 +11,10 @@ Layout (root = $MODEL_REGISTRY, default $DATA_DIR/registry, DATA_DIR default <re
         .lock                               flock for writers (workers, CLI, the backend's admin route)
 
 A version directory is written under a temporary name and renamed into place in one step, and
-never changed afterwards (files are made read-only): what a version name points to cannot change.
+never changed afterwards: the checkpoint is copied (never hard-linked, so neither the version nor
+its source changes with the other), its sha256 recorded, and both files made read-only. The
+backend serves a version only through `verified_checkpoint`: a regular file inside the project's
+versions folder whose sha256 is the recorded one.
 The pointer is replaced atomically (temp file, fsync, rename), so a reader sees the old or the
 new pointer, never a torn one; the backend compares the pointer's (inode, mtime, size) every few
 seconds and loads the new version when it changed.
@@ -179,7 +182,7 @@ class ProjectRegistry:
 
     # -- reading -----------------------------------------------------------------------------------
     def get(self, name: str) -> Version:
-        if not _NAME.match(str(name)):
+        if not isinstance(name, str) or not _NAME.match(name):
             raise RegistryError(f"not a version name: {name!r}")
         path = self.versions_dir / name
         try:
@@ -220,6 +223,29 @@ class ProjectRegistry:
         p = self.pointer()
         return self.get(p["version"]) if p else None
 
+    def verified_checkpoint(self, name: str) -> tuple[Path, str]:
+        """(path, sha256) of version `name`'s checkpoint if it can be served: a regular file in
+        this project's versions folder (no symlink leading out) whose sha256 is the one recorded at
+        registration. RegistryError with the reason otherwise."""
+        v = self.get(name)
+        versions = self.versions_dir.resolve()
+        try:
+            real = v.checkpoint.resolve(strict=True)
+        except (OSError, RuntimeError) as e:
+            raise RegistryError(f"{name}: checkpoint unreadable ({type(e).__name__})") from None
+        if v.path.resolve() != versions / name or real != versions / name / CHECKPOINT:
+            raise RegistryError(f"{name}: its checkpoint is a link out of {self.versions_dir}")
+        if not real.is_file():
+            raise RegistryError(f"{name}: its checkpoint is not a regular file")
+        expected = v.info.get("sha256")
+        if not expected:
+            raise RegistryError(f"{name}: version.json records no sha256")
+        actual = file_sha256(real)
+        if actual != expected:
+            raise RegistryError(f"{name}: checkpoint sha256 {actual[:12]} differs from the recorded "
+                                f"{str(expected)[:12]} (the file was changed after registration)")
+        return real, actual
+
     # -- writing -----------------------------------------------------------------------------------
     def reserve(self, job_id: str) -> str:
         """The version name a training job will register (the same name for every attempt of a job)."""
@@ -243,6 +269,7 @@ class ProjectRegistry:
             raise RegistryError(f"not a version name: {name!r}")
         checkpoint = Path(checkpoint)
         card = read_info(checkpoint)          # refuses anything that is not a SimClick checkpoint
+        source_sha = file_sha256(checkpoint)
         with self.locked():
             final = self.versions_dir / name
             if final.exists():
@@ -250,14 +277,16 @@ class ProjectRegistry:
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.versions_dir))
             try:
                 dest = tmp / CHECKPOINT
-                try:
-                    os.link(checkpoint, dest)           # same file system: no copy
-                except OSError:
-                    shutil.copyfile(checkpoint, dest)
+                # A copy, not a hard link: a link shares the file, so the chmod below would make
+                # the source read-only and a write to the source would change this version.
+                shutil.copyfile(checkpoint, dest)
                 with open(dest, "rb") as f:
                     os.fsync(f.fileno())
+                sha = file_sha256(dest)
+                if sha != source_sha:
+                    raise RegistryError(f"{checkpoint} changed while it was being registered; register it again")
                 meta = {"name": name, "project": self.project, "kind": kind, "parent": parent,
-                        "job_id": job_id, "created_at": now_iso(), "sha256": file_sha256(dest),
+                        "job_id": job_id, "created_at": now_iso(), "sha256": sha,
                         "model_version": card.get("version"), "model": card.get("model"), **info}
                 (tmp / INFO).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
                 with open(tmp / INFO, "rb") as f:
@@ -315,6 +344,10 @@ class ProjectRegistry:
 
     def rollback(self, to: Optional[str] = None, reason: str = "", actor: str = "") -> Version:
         """Serve the version promoted before the current one (or `to`, any registered version)."""
+        if to is not None and not isinstance(to, str):
+            raise RegistryError(f"not a version name: {to!r}")
+        if not self.versions_dir.is_dir():      # checked first: a stranger's project gets no folder
+            raise RegistryError(f"project {self.project} has no versions")
         with self.locked():
             p = self.pointer()
             if to is not None:
