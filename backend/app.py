@@ -13,10 +13,15 @@ Routes (what Label Studio 1.23 calls, plus some for operators):
 
 Each project is served by its promoted registry version (backend/models.py), reloaded within
 MODEL_RELOAD_INTERVAL seconds of a promotion or rollback, without a restart.
+
+Access (README, Security): with BASIC_AUTH_USER/PASS every route but GET /health needs them.
+/admin/* change the served model: they need ADMIN_TOKEN as a Bearer token, or basic auth when no
+ADMIN_TOKEN is set, and are off (403) with neither.
 """
 from __future__ import annotations
 
 import base64
+import binascii
 import hmac
 import logging
 import time
@@ -29,8 +34,9 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .config import DEFAULT_ENQUEUE, Config
-from .engine import Segmenter, TTLCache
+from .engine import ByteCache, PredictTimeout, Segmenter
 from .fetch import FetchError, ImageFetcher, SetupInfo
+from .urls import UrlError, parse_http_url
 from .labelconfig import LabelConfigError, parse_label_config
 from .masks import mask_to_polygons, mask_to_rle
 from .models import ModelRouter, Served
@@ -40,6 +46,11 @@ from .webhook import WebhookError, WebhookHandler, load_enqueue
 log = logging.getLogger("backend")
 
 MODEL_CLASS = "SimClick"
+MB = 2 ** 20
+# Label Studio's bodies are a few levels deep; a body nested deeper is refused before anything
+# walks it (Python's recursion limit is about 1000).
+MAX_JSON_DEPTH = 100
+MAX_JOBS_LIMIT = 1000
 
 
 class ApiError(Exception):
@@ -97,20 +108,23 @@ class Backend:
     def __init__(self, config: Config, predictor):
         self.cfg = config
         self.fetcher = ImageFetcher(config)
-        self.images = TTLCache(config.image_cache_size, config.cache_ttl)   # shared by every model
+        # One byte budget for the images, one for the click sessions of every model.
+        self.images = ByteCache(config.image_cache_mb * MB, config.cache_ttl)
+        self.sessions = ByteCache(config.session_cache_mb * MB, config.cache_ttl)
         base = Served(version=str(predictor.version), predictor=predictor,
                       segmenter=self.make_segmenter(predictor))
         self.models = ModelRouter(base, config.registry_root(), config.model_reload_interval,
                                   config.project_models, load=self.load_predictor,
-                                  make_segmenter=self.make_segmenter)
+                                  make_segmenter=self.make_segmenter,
+                                  retire=lambda served: served.segmenter.forget())
         self.webhooks = WebhookHandler(make_enqueue(config), config.webhook_history)
         self.setups: dict[str, SetupInfo] = {}
+        if config.label_studio_api_key and not config.label_studio_url:
+            log.warning("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever "
+                        "sent to LABEL_STUDIO_URL, so it is not used")
 
     def make_segmenter(self, predictor) -> Segmenter:
-        seg = Segmenter(predictor, self.cfg.session_cache_size, self.cfg.image_cache_size,
-                        self.cfg.cache_ttl, self.cfg.box_margin)
-        seg.images = self.images
-        return seg
+        return Segmenter(predictor, self.sessions, self.cfg.box_margin, self.cfg.mask_threshold)
 
     def load_predictor(self, path):
         from model.predictor import Predictor
@@ -151,6 +165,11 @@ class Backend:
         token = body.get("access_token") or ""
         if not isinstance(hostname, str) or not isinstance(token, str):
             raise ApiError("hostname and access_token must be strings")
+        if hostname:
+            try:
+                parse_http_url(hostname)
+            except UrlError as e:
+                raise ApiError(f"hostname refused: {e}") from None
         project = str(body.get("project") or "")
         self.setups[project] = SetupInfo(hostname, token)
         return {"model_version": self.models.for_project(project).version}
@@ -158,10 +177,11 @@ class Backend:
     # -- /predict --------------------------------------------------------------------------------
     def predict(self, body) -> dict:
         t0 = time.perf_counter()
+        deadline = time.monotonic() + self.cfg.predict_timeout
         try:
             req = parse_predict(body)
         except PayloadError as e:
-            raise ApiError(str(e)) from None
+            raise ApiError(str(e), e.status) from None
         served = self.models.for_project(req.project)
         if not req.interactive:
             # Batch ("Retrieve predictions", or a task being opened): a click model has nothing
@@ -171,9 +191,9 @@ class Backend:
             log.info("predict batch: %d task(s), no prediction before a click", len(req.tasks))
             return {"results": [[] for _ in req.tasks], "model_version": served.version}
         try:
-            prompts = parse_prompts(req.context)
+            prompts = parse_prompts(req.context, self.cfg.max_image_pixels, self.cfg.max_clicks)
         except PayloadError as e:
-            raise ApiError(str(e)) from None
+            raise ApiError(str(e), e.status) from None
         task = req.tasks[0]
         # Every prompt's output control and image first: a config problem costs no model run.
         try:
@@ -188,16 +208,20 @@ class Backend:
             image = self.image(url, setup)
             height, width = image.shape[:2]
             try:
-                outcome = served.segmenter.segment(str(url), image, scale_prompt(prompt, width, height))
+                outcome = served.segmenter.segment(str(url), image, scale_prompt(prompt, width, height),
+                                                   deadline)
             except PayloadError as e:
-                raise ApiError(str(e)) from None
-            mask = outcome.full_mask(height, width, self.cfg.mask_threshold)
+                raise ApiError(str(e), e.status) from None
+            except PredictTimeout as e:
+                raise ApiError(f"the model ran {e.done} of {e.total} clicks of label {label!r} within "
+                               f"PREDICT_TIMEOUT={self.cfg.predict_timeout:g} s; they are kept: send the "
+                               f"request again to continue, or raise PREDICT_TIMEOUT", 503) from None
+            mask = outcome.full_mask(height, width)
             stats.append(f"{label}:{outcome.clicks}c/{outcome.ran}run")
             if not mask.any():
                 log.info("task %s label %r: empty mask, no region returned", task.get("id"), label)
                 continue
-            f = outcome.frame
-            score = float(outcome.prob[mask[f.y0:f.y1, f.x0:f.x1]].mean())
+            score = outcome.score
             # Answer in the size the editor drew on (it equals the image unless EXIF disagrees).
             ow, oh = prompt.size or (width, height)
             if (ow, oh) != (width, height):
@@ -215,7 +239,7 @@ class Backend:
         img = self.images.get(key)
         if img is None:
             img = self.fetcher.fetch(url, setup)
-            self.images.put(key, img)
+            self.images.put(key, img, img.nbytes)
         return img
 
     # -- registry and jobs -------------------------------------------------------------------------
@@ -241,9 +265,13 @@ class Backend:
             d = self.registry(project).describe()
             served = self.models.for_project(project)
             names = [v["name"] for v in d["versions"]]
-            return {"model_version": served.version, "project": d["project"], "promoted": d["promoted"],
-                    "versions": ([self.version] if self.version not in names else []) + names,
-                    "details": d["versions"]}
+            out = {"model_version": served.version, "project": d["project"], "promoted": d["promoted"],
+                   "versions": ([self.version] if self.version not in names else []) + names,
+                   "details": d["versions"]}
+            note = self.models.note(project)
+            if note:
+                out["fallback"] = note
+            return out
         per_project = {}
         for pid in projects(root):
             d = self.registry(pid).describe()
@@ -257,7 +285,7 @@ class Backend:
         if not self.cfg.redis_url:
             raise ApiError("no training queue: set REDIS_URL", 404)
         from training.jobs import connect
-        return connect(self.cfg.redis_url)
+        return connect(self.cfg.redis_url, timeout=self.cfg.redis_timeout)
 
 
 def make_enqueue(config: Config):
@@ -266,7 +294,7 @@ def make_enqueue(config: Config):
     if fn is not None and config.training_enqueue == DEFAULT_ENQUEUE:
         import functools
         fn = functools.partial(fn, redis_url=config.redis_url, queue=config.training_queue,
-                               train_every=config.train_every)
+                               train_every=config.train_every, timeout=config.redis_timeout)
     return fn
 
 
@@ -300,27 +328,21 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
     _install_redaction(backend)
 
     @app.before_request
-    def basic_auth():
+    def authorize():
+        if request.path.startswith("/admin/"):
+            return _admin_denied(config)
         if not config.basic_auth_user or (request.path == "/health" and request.method == "GET"):
             return None
-        header = request.headers.get("Authorization", "")
-        ok = False
-        if header.startswith("Basic "):
-            try:
-                user, _, pw = base64.b64decode(header[6:]).decode("utf-8").partition(":")
-                ok = (hmac.compare_digest(user, config.basic_auth_user)
-                      & hmac.compare_digest(pw, config.basic_auth_pass))
-            except (ValueError, UnicodeDecodeError):
-                ok = False
-        if not ok:
-            resp = error_response("authentication required: set the ML backend's basic auth user "
-                                  "and password in Label Studio to BASIC_AUTH_USER/BASIC_AUTH_PASS", 401)
-            resp.headers["WWW-Authenticate"] = 'Basic realm="simclick"'
-            return resp
-        return None
+        return _basic_denied(config)
 
     def body():
-        data = request.get_json(silent=True)
+        try:
+            data = request.get_json(silent=True)
+            too_deep = _deeper_than(data, MAX_JSON_DEPTH)
+        except RecursionError:                   # deeper than the JSON parser itself goes
+            too_deep = True
+        if too_deep:
+            raise ApiError(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
         if data is None:
             raise ApiError("the body must be JSON (Content-Type: application/json)")
         return data
@@ -328,8 +350,9 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
     @app.get("/health")
     def health():
         return jsonify({"status": "UP", "model_class": MODEL_CLASS, "model_version": backend.version,
-                        "device": str(getattr(predictor, "device", "")), "sessions": len(backend.segmenter.sessions),
-                        "projects": backend.models.loaded()})
+                        "device": str(getattr(predictor, "device", "")), "sessions": len(backend.sessions),
+                        "projects": backend.models.loaded(),
+                        "caches": {"sessions": backend.sessions.stats(), "images": backend.images.stats()}})
 
     @app.post("/setup")
     def setup():
@@ -345,7 +368,9 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
         try:
             limit = int(request.args.get("limit", "20"))
         except ValueError:
-            raise ApiError("limit must be an integer") from None
+            limit = 0
+        if not 1 <= limit <= MAX_JOBS_LIMIT:
+            raise ApiError(f"limit must be an integer from 1 to {MAX_JOBS_LIMIT}")
         try:
             found = list_jobs(backend.redis(), config.training_queue, request.args.get("project"), limit)
         except ApiError:
@@ -371,11 +396,15 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
     def rollback():
         from training.registry import RegistryError
         data = body()
-        if not isinstance(data, dict) or data.get("project") in (None, ""):
-            raise ApiError("the body must be {\"project\": N} (and optionally \"to\": a version name)")
+        usage = "the body must be {\"project\": N} (and optionally \"to\": a version name)"
+        if not isinstance(data, dict) or isinstance(data.get("project"), bool) \
+                or not isinstance(data.get("project"), (int, str)) or data.get("project") == "":
+            raise ApiError(usage)
+        if not isinstance(data.get("to"), (str, type(None))) or not isinstance(data.get("reason"), (str, type(None))):
+            raise ApiError(usage + "; \"to\" and \"reason\" are strings")
         reg = backend.registry(data["project"])
         try:
-            v = reg.rollback(data.get("to"), reason=str(data.get("reason") or ""),
+            v = reg.rollback(data.get("to"), reason=data.get("reason") or "",
                              actor=f"http {request.remote_addr}")
         except RegistryError as e:
             raise ApiError(str(e), 409 if "roll back" in str(e) else 404) from None
@@ -426,6 +455,65 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
         return error_response(f"internal error: {type(e).__name__}: {e}", 500)
 
     return app
+
+
+def _deeper_than(data, limit: int) -> bool:
+    """Whether JSON data nests deeper than `limit` (walked without recursion)."""
+    level = [data]
+    for _ in range(limit):
+        level = [v for x in level if isinstance(x, (dict, list))
+                 for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return False
+    return any(isinstance(x, (dict, list)) for x in level)
+
+
+def _unauthorized(message: str, scheme: str):
+    resp = error_response(message, 401)
+    resp.headers["WWW-Authenticate"] = f'{scheme} realm="simclick"'
+    return resp
+
+
+def _same(given: bytes, secret: str) -> bool:
+    """Constant-time comparison of bytes: the secret as UTF-8, or as latin-1 (what Python requests,
+    Label Studio's client, sends basic auth in)."""
+    ok = hmac.compare_digest(given, secret.encode("utf-8"))
+    try:
+        ok |= hmac.compare_digest(given, secret.encode("latin-1"))
+    except UnicodeEncodeError:
+        pass
+    return ok
+
+
+def _basic_denied(config: Config):
+    """None if the request carries BASIC_AUTH_USER/BASIC_AUTH_PASS, else the 401 answer."""
+    kind, _, value = request.headers.get("Authorization", "").partition(" ")
+    ok = False
+    if kind.lower() == "basic":
+        try:
+            user, _, pw = base64.b64decode(value.strip().encode("ascii"), validate=True).partition(b":")
+            ok = _same(user, config.basic_auth_user) & _same(pw, config.basic_auth_pass)
+        except (ValueError, binascii.Error):      # not ASCII, not base64
+            ok = False
+    if ok:
+        return None
+    return _unauthorized("authentication required: set the ML backend's basic auth user and password "
+                         "in Label Studio to BASIC_AUTH_USER/BASIC_AUTH_PASS", "Basic")
+
+
+def _admin_denied(config: Config):
+    """None if the request may change the served model, else the 401/403 answer."""
+    if config.admin_token:
+        kind, _, token = request.headers.get("Authorization", "").partition(" ")
+        # The WSGI server decoded the header as latin-1: encoding it back gives the bytes sent.
+        if kind.lower() == "bearer" and _same(token.strip().encode("latin-1", "replace"), config.admin_token):
+            return None
+        return _unauthorized("admin routes need the admin token: send Authorization: Bearer <ADMIN_TOKEN>",
+                             "Bearer")
+    if config.basic_auth_user:
+        return _basic_denied(config)
+    return error_response("admin routes are off: set ADMIN_TOKEN and send it as Authorization: Bearer "
+                          "<ADMIN_TOKEN> (or protect the backend with BASIC_AUTH_USER/BASIC_AUTH_PASS)", 403)
 
 
 def _install_redaction(backend: Backend) -> None:

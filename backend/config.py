@@ -6,12 +6,16 @@ BASIC_AUTH_USER/PASS, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) keep Label Studio'
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, fields
 from typing import Mapping
 
 
 DEFAULT_ENQUEUE = "training.jobs:enqueue_webhook"
+# Variables of earlier versions that are not read any more, and what replaced them.
+REPLACED = {"SESSION_CACHE_SIZE": "the session cache is sized by memory, see SESSION_CACHE_MB",
+            "IMAGE_CACHE_SIZE": "the image cache is sized by memory, see IMAGE_CACHE_MB"}
 
 
 class ConfigError(ValueError):
@@ -52,14 +56,20 @@ SETTINGS = [
     ("local_files_root", "LOCAL_FILES_ROOT", "", _str,
      "images under this directory are read from disk: /data/local-files/?d=<rel>, absolute paths "
      "and file:// URLs; default LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; empty = never read disk"),
-    ("fetch_timeout", "FETCH_TIMEOUT", "15", _float, "seconds to connect to / read an image server"),
+    ("fetch_timeout", "FETCH_TIMEOUT", "15", _float,
+     "seconds one image download may take in all: connect, redirects, token exchange and body"),
     ("max_image_bytes", "MAX_IMAGE_BYTES", str(64 * 2**20), _int, "largest image download, bytes"),
     ("max_image_pixels", "MAX_IMAGE_PIXELS", "50000000", _int, "largest image, width x height"),
     ("max_content_length", "MAX_CONTENT_LENGTH", str(32 * 2**20), _int,
      "largest request body, bytes (brush strokes of big images arrive as RLE)"),
-    ("session_cache_size", "SESSION_CACHE_SIZE", "16", _int,
-     "click sessions (image x label) kept for incremental clicks"),
-    ("image_cache_size", "IMAGE_CACHE_SIZE", "8", _int, "decoded images kept in memory"),
+    ("max_clicks", "MAX_CLICKS", "100", _int,
+     "most smart regions (keypoints, rectangles, brush strokes) in one /predict; more is a 400"),
+    ("predict_timeout", "PREDICT_TIMEOUT", "60", _float,
+     "seconds of model time one /predict may use (checked between clicks); past it the answer is "
+     "503 and the clicks already run stay cached, so the next request continues from them"),
+    ("session_cache_mb", "SESSION_CACHE_MB", "2048", _int,
+     "memory (MB) for the click sessions of all models together; least recently used go first"),
+    ("image_cache_mb", "IMAGE_CACHE_MB", "1024", _int, "memory (MB) for decoded images"),
     ("cache_ttl", "CACHE_TTL", "1800", _float, "seconds an unused session or image stays cached"),
     ("mask_threshold", "MASK_THRESHOLD", "0.5", _float, "probability above which a pixel is object"),
     ("box_margin", "BOX_MARGIN", "0.15", _float,
@@ -71,12 +81,17 @@ SETTINGS = [
     ("basic_auth_user", "BASIC_AUTH_USER", "", _str,
      "with BASIC_AUTH_PASS: require HTTP basic auth (all routes but GET /health)"),
     ("basic_auth_pass", "BASIC_AUTH_PASS", "", _str, "see BASIC_AUTH_USER"),
+    ("admin_token", "ADMIN_TOKEN", "", _str,
+     "POST /admin/* (rollback) need `Authorization: Bearer <ADMIN_TOKEN>` (16+ characters); empty = "
+     "they need basic auth when BASIC_AUTH_USER is set, and are off (403) otherwise"),
     ("training_enqueue", "TRAINING_ENQUEUE", "", _str,
      "'module:function' called with each ANNOTATION_CREATED/UPDATED and START_TRAINING event; "
      f"empty = {DEFAULT_ENQUEUE} when REDIS_URL is set, else events are validated, recorded and "
      "acknowledged only; 'off' = never enqueue"),
     ("redis_url", "REDIS_URL", "", _str,
      "Redis of the fine-tuning queue (redis://host:6379/0); the worker uses the same variable"),
+    ("redis_timeout", "REDIS_TIMEOUT", "0.5", _float,
+     "seconds the backend waits for Redis per command (/webhook, /jobs); Label Studio waits ~1 s"),
     ("training_queue", "TRAINING_QUEUE", "simclick-training", _str, "RQ queue the fine-tuning jobs go to"),
     ("train_every", "TRAIN_EVERY_N_ANNOTATIONS", "0", _int,
      "enqueue fine-tuning after this many new/updated annotations with a mask; 0 = Train button only"),
@@ -104,8 +119,10 @@ class Config:
     max_image_bytes: int
     max_image_pixels: int
     max_content_length: int
-    session_cache_size: int
-    image_cache_size: int
+    max_clicks: int
+    predict_timeout: float
+    session_cache_mb: int
+    image_cache_mb: int
     cache_ttl: float
     mask_threshold: float
     box_margin: float
@@ -113,8 +130,10 @@ class Config:
     polygon_tolerance: float
     basic_auth_user: str
     basic_auth_pass: str
+    admin_token: str
     training_enqueue: str
     redis_url: str
+    redis_timeout: float
     training_queue: str
     train_every: int
     data_dir: str
@@ -127,6 +146,9 @@ class Config:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Config":
         env = os.environ if env is None else env
+        for var, now in REPLACED.items():
+            if env.get(var, "").strip():
+                logging.getLogger("backend").warning("%s is no longer read: %s", var, now)
         values = {}
         for name, var, default, parse, _ in SETTINGS:
             raw = env.get(var, "")
@@ -149,7 +171,8 @@ class Config:
 
     def validate(self) -> None:
         positive = ["fetch_timeout", "max_image_bytes", "max_image_pixels", "max_content_length",
-                    "session_cache_size", "image_cache_size", "cache_ttl", "project_models"]
+                    "max_clicks", "predict_timeout", "session_cache_mb", "image_cache_mb", "cache_ttl",
+                    "project_models", "redis_timeout"]
         env_name = {name: var for name, var, *_ in SETTINGS}
         for name in positive:
             if getattr(self, name) <= 0:
@@ -162,9 +185,18 @@ class Config:
             raise ConfigError("POLYGON_TOLERANCE must be >= 0")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ConfigError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
-        if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
-            raise ConfigError(f"LABEL_STUDIO_URL must start with http:// or https://, "
-                              f"got {self.label_studio_url!r}")
+        if self.label_studio_url:
+            if not self.label_studio_url.startswith(("http://", "https://")):
+                raise ConfigError(f"LABEL_STUDIO_URL must start with http:// or https://, "
+                                  f"got {self.label_studio_url!r}")
+            from .urls import UrlError, parse_http_url
+            try:
+                parse_http_url(self.label_studio_url)
+            except UrlError as e:
+                raise ConfigError(f"LABEL_STUDIO_URL: {e}") from None
+        if self.admin_token and len(self.admin_token) < 16:
+            raise ConfigError("ADMIN_TOKEN must be at least 16 characters, e.g. the output of "
+                              "python -c 'import secrets; print(secrets.token_urlsafe())'")
         if self.training_enqueue and ":" not in self.training_enqueue:
             raise ConfigError("TRAINING_ENQUEUE must look like 'package.module:function'")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -192,7 +224,7 @@ class Config:
         from urllib.parse import urlsplit
 
         redis_pass = urlsplit(self.redis_url).password if self.redis_url else None
-        return [s for s in (self.label_studio_api_key, self.basic_auth_pass, redis_pass) if s]
+        return [s for s in (self.label_studio_api_key, self.basic_auth_pass, self.admin_token, redis_pass) if s]
 
 
 # Read by backend/gunicorn.conf.py only (production server), listed here to keep one table.

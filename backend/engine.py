@@ -6,7 +6,15 @@ with the clicks that session has seen:
 - same sequence: the cached answer, no network run;
 - it extends the cached one: only the new clicks run;
 - it diverges (a keypoint deleted or moved): undo back to the shared prefix, then run the rest;
-  a sequence that only drops clicks at the end costs no network run at all (undo restores).
+  a sequence that only drops clicks at the end costs no network run at all (undo restores). The
+  predictor keeps only its last `max_history` masks, so an undo deeper than that replays from
+  the start instead (an undo past the history would restore an empty mask).
+
+Memory: the sessions of every model live in one cache bounded in bytes (SESSION_CACHE_MB), sized
+by what each session holds (its working image, coarse view, mask and undo history, plus the
+answer kept here as a packed bit mask); the least recently used go first. A request may run for
+PREDICT_TIMEOUT seconds, checked between clicks: past it, PredictTimeout is raised and the clicks
+already run stay in the session, so the next request continues from them.
 
 Prompts other than keypoints become clicks too:
 - a smart rectangle crops the image to the box plus BOX_MARGIN; its first click is the box centre,
@@ -18,6 +26,7 @@ Prompts other than keypoints become clicks too:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import threading
@@ -38,12 +47,14 @@ MAX_BRUSH_CLICKS = 5
 BLOB_COMPACTNESS = 0.25
 
 
-class TTLCache:
-    """A small LRU map with a time-to-live; thread-safe."""
+class ByteCache:
+    """An LRU map bounded by the bytes its values hold (the caller says how many) and by an idle
+    time-to-live; thread-safe. One holds the decoded images, one the click sessions of all models."""
 
-    def __init__(self, maxsize: int, ttl: float, clock=time.monotonic):
-        self.maxsize, self.ttl, self.clock = maxsize, ttl, clock
-        self._d: OrderedDict = OrderedDict()
+    def __init__(self, max_bytes: int, ttl: float, clock=time.monotonic):
+        self.max_bytes, self.ttl, self.clock = max_bytes, ttl, clock
+        self._d: OrderedDict = OrderedDict()       # key -> (last use, bytes, value)
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, key):
@@ -51,31 +62,89 @@ class TTLCache:
             item = self._d.get(key)
             if item is None:
                 return None
-            stamp, value = item
+            stamp, size, value = item
             if self.clock() - stamp > self.ttl:
-                del self._d[key]
+                self._drop(key)
                 return None
-            self._d[key] = (self.clock(), value)
+            self._d[key] = (self.clock(), size, value)
             self._d.move_to_end(key)
             return value
 
-    def put(self, key, value) -> None:
+    def put(self, key, value, nbytes: int) -> bool:
+        """Keep `value` (or update its size); False when it alone is over the budget (not kept)."""
         with self._lock:
-            self._d[key] = (self.clock(), value)
-            self._d.move_to_end(key)
+            self._drop(key)
+            if nbytes > self.max_bytes:
+                return False
             now = self.clock()
-            for k in [k for k, (s, _) in self._d.items() if now - s > self.ttl]:
-                del self._d[k]
-            while len(self._d) > self.maxsize:
-                self._d.popitem(last=False)
+            self._d[key] = (now, nbytes, value)
+            self._bytes += nbytes
+            for k in [k for k, (s, _, _) in self._d.items() if now - s > self.ttl]:
+                self._drop(k)
+            while self._bytes > self.max_bytes:
+                self._drop(next(iter(self._d)))
+            return True
 
     def pop(self, key) -> None:
         with self._lock:
-            self._d.pop(key, None)
+            self._drop(key)
+
+    def discard(self, match) -> None:
+        """Drop every entry whose key satisfies match(key)."""
+        with self._lock:
+            for k in [k for k in self._d if match(k)]:
+                self._drop(k)
+
+    def _drop(self, key) -> None:
+        item = self._d.pop(key, None)
+        if item is not None:
+            self._bytes -= item[1]
+
+    def values(self) -> list:
+        with self._lock:
+            return [v for _, _, v in self._d.values()]
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"entries": len(self._d), "bytes": self._bytes, "max_bytes": self.max_bytes}
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._d)
+
+
+def held_bytes(obj, skip: tuple = ("predictor",)) -> int:
+    """Bytes of the arrays and tensors an object holds in its attributes, directly or inside lists,
+    dicts and plain objects (a predictor session: working image, coarse view and its encoding, mask,
+    undo history). The session's layout belongs to model/, so it is walked, not listed; the shared
+    predictor (the weights) is skipped."""
+    seen: set = set()
+
+    def walk(v, depth: int) -> int:
+        if id(v) in seen or depth > 4:
+            return 0
+        seen.add(id(v))
+        if hasattr(v, "shape") and hasattr(v, "nbytes"):
+            return int(v.nbytes)
+        if isinstance(v, dict):
+            items = v.values()
+        elif isinstance(v, (list, tuple)):
+            items = v
+        elif hasattr(v, "__dict__") and not isinstance(v, type):
+            items = vars(v).values()
+        else:
+            return 0
+        return sum(walk(x, depth + 1) for x in items)
+
+    return sum(walk(v, 0) for k, v in vars(obj).items() if k not in skip)
+
+
+class PredictTimeout(Exception):
+    """PREDICT_TIMEOUT ran out between two clicks; the clicks run so far stay in the session."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"{done} of {total} clicks run")
+        self.done, self.total = done, total
 
 
 @dataclass(frozen=True)
@@ -120,22 +189,35 @@ class Entry:
     prior_sig: str | None
     box: tuple | None
     clicks: list = field(default_factory=list)
-    prob: np.ndarray | None = None          # frame-shaped float32, after `clicks`
+    bits: np.ndarray | None = None          # the mask after `clicks`, frame-shaped, np.packbits
+    score: float = 0.0                      # mean probability inside that mask
+    depth: int = 0                          # how many clicks the session can undo exactly
+    owner: int = 0                          # the id of the Segmenter (model) it belongs to
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def remember(self, prob: np.ndarray, threshold: float) -> None:
+        mask = prob > threshold
+        self.bits = np.packbits(mask)
+        self.score = float(prob[mask].mean()) if mask.any() else 0.0
+
+    def nbytes(self) -> int:
+        return held_bytes(self.session) + (0 if self.bits is None else self.bits.nbytes)
 
 
 @dataclass
 class Outcome:
-    prob: np.ndarray          # frame-shaped float32 probability
+    bits: np.ndarray          # frame-shaped bool mask, packed
+    score: float
     frame: Frame
     ran: int                  # network runs this request cost
     reused: int               # clicks reused from the cached session
     clicks: int               # clicks in the sequence
 
-    def full_mask(self, height: int, width: int, threshold: float) -> np.ndarray:
-        out = np.zeros((height, width), bool)
+    def full_mask(self, height: int, width: int) -> np.ndarray:
         f = self.frame
-        out[f.y0:f.y1, f.x0:f.x1] = self.prob > threshold
+        fh, fw = f.shape
+        out = np.zeros((height, width), bool)
+        out[f.y0:f.y1, f.x0:f.x1] = np.unpackbits(self.bits, count=fh * fw).reshape(fh, fw).astype(bool)
         return out
 
 
@@ -181,12 +263,24 @@ def brush_clicks(stroke: np.ndarray) -> tuple[list[Click], bool]:
 
 
 class Segmenter:
-    def __init__(self, predictor, session_cache_size: int = 16, image_cache_size: int = 8,
-                 ttl: float = 1800.0, box_margin: float = 0.15):
+    """One model's click sessions. `sessions` is shared by every model's Segmenter (keys start with
+    the Segmenter's id), so one byte budget covers them all."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, predictor, sessions: ByteCache, box_margin: float = 0.15, threshold: float = 0.5):
         self.predictor = predictor
+        self.sessions = sessions
         self.box_margin = box_margin
-        self.sessions = TTLCache(session_cache_size, ttl)
-        self.images = TTLCache(image_cache_size, ttl)
+        self.threshold = threshold
+        self.id = next(self._ids)
+
+    def session_count(self) -> int:
+        return sum(1 for e in self.sessions.values() if e.owner == self.id)
+
+    def forget(self) -> None:
+        """Drop this model's sessions (it is no longer served)."""
+        self.sessions.discard(lambda key: key[0] == self.id)
 
     # -- planning --------------------------------------------------------------------------------
     def box_frame(self, box: tuple, width: int, height: int) -> Frame:
@@ -220,9 +314,12 @@ class Segmenter:
                     box=box if frame != Frame(0, 0, width, height) else None)
 
     # -- running ---------------------------------------------------------------------------------
-    def segment(self, image_key: str, image: np.ndarray, prompt: Prompt) -> Outcome:
+    def segment(self, image_key: str, image: np.ndarray, prompt: Prompt,
+                deadline: float | None = None) -> Outcome:
+        """Run the prompt's click sequence; past `deadline` (time.monotonic()) PredictTimeout is
+        raised between two clicks, with at least one click run per call."""
         height, width = image.shape[:2]
-        key = (image_key, prompt.to_name, prompt.label)
+        key = (self.id, image_key, prompt.to_name, prompt.label)
         cached = self.sessions.get(key)
         plan = self.plan(prompt, width, height, cached)
         if not plan.clicks:
@@ -230,31 +327,45 @@ class Segmenter:
         if cached is None or cached.frame != plan.frame or cached.prior_sig != plan.prior_sig:
             f = plan.frame
             session = self.predictor.open(image[f.y0:f.y1, f.x0:f.x1], prior_mask=plan.prior)
-            cached = Entry(session=session, frame=f, prior_sig=plan.prior_sig, box=plan.box)
-            self.sessions.put(key, cached)
+            cached = Entry(session=session, frame=f, prior_sig=plan.prior_sig, box=plan.box, owner=self.id)
         with cached.lock:
             try:
-                return self._advance(cached, plan.clicks)
+                outcome = self._advance(cached, plan.clicks, deadline)
+            except PredictTimeout:
+                self._keep(key, cached)      # the clicks run so far are consistent: keep them
+                raise
             except BaseException:
-                # A half-run sequence leaves the session in an unknown state: forget it.
+                # A half-run click leaves the session in an unknown state: forget it.
                 self.sessions.pop(key)
                 raise
+            self._keep(key, cached)          # (re)sized: the session grew by this request's clicks
+            return outcome
 
-    def _advance(self, e: Entry, clicks: list) -> Outcome:
+    def _keep(self, key, entry: Entry) -> None:
+        if not self.sessions.put(key, entry, entry.nbytes()):
+            log.info("a click session of %.0f MB is over SESSION_CACHE_MB: not kept, the next click "
+                     "replays", entry.nbytes() / 2**20)
+
+    def _advance(self, e: Entry, clicks: list, deadline: float | None) -> Outcome:
         k = common_prefix(e.clicks, clicks)
-        ran = 0
-        if k == len(clicks) == len(e.clicks) and e.prob is not None:
-            return Outcome(e.prob, e.frame, 0, k, len(clicks))
-        if k < len(e.clicks):
-            if k == 0:
-                e.session.reset()
-                e.prob = None
-            else:
-                for _ in range(len(e.clicks) - k):
-                    e.prob = e.session.undo()
-            e.clicks = e.clicks[:k]
-        for c in clicks[k:]:
-            e.prob = e.session.add_click(c.x, c.y, c.positive)
+        if k == len(clicks) == len(e.clicks) and e.bits is not None:
+            return Outcome(e.bits, e.score, e.frame, 0, k, len(clicks))
+        undo = len(e.clicks) - k
+        if undo > 0 and (k == 0 or undo > e.depth):
+            e.session.reset()       # back to the start: the history does not reach that far
+            e.clicks, e.bits, e.depth = [], None, 0
+        elif undo > 0:
+            for _ in range(undo):
+                prob = e.session.undo()
+            e.clicks, e.depth = e.clicks[:k], e.depth - undo
+            e.remember(prob, self.threshold)
+        reused = len(e.clicks)
+        max_history = self.predictor.options.max_history
+        for ran, c in enumerate(clicks[len(e.clicks):]):
+            if ran and deadline is not None and time.monotonic() > deadline:
+                raise PredictTimeout(len(e.clicks), len(clicks))
+            prob = e.session.add_click(c.x, c.y, c.positive)
             e.clicks.append(c)
-            ran += 1
-        return Outcome(e.prob, e.frame, ran, k, len(clicks))
+            e.depth = min(e.depth + 1, max_history)
+            e.remember(prob, self.threshold)
+        return Outcome(e.bits, e.score, e.frame, len(clicks) - reused, reused, len(clicks))

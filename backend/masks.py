@@ -27,7 +27,7 @@ def rle_to_mask(rle, height: int, width: int) -> np.ndarray:
         raise MaskFormatError("rle must be a non-empty list of byte values")
     try:
         data = bytes(int(v) for v in rle)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:    # OverflowError: int(Infinity)
         raise MaskFormatError(f"rle must be a list of integers 0..255: {e}") from None
     if len(data) < 7:
         raise MaskFormatError("rle too short for its header")
@@ -36,10 +36,9 @@ def rle_to_mask(rle, height: int, width: int) -> np.ndarray:
         raise MaskFormatError(
             f"rle holds {n} values but original_width x original_height x 4 = {height * width * 4}")
     try:
-        flat = decode_rle(data)
+        return decode_rle(data).reshape(height, width, 4)[:, :, 3] > 0
     except (ValueError, IndexError) as e:
         raise MaskFormatError(f"corrupt rle: {e}") from None
-    return flat.reshape(height, width, 4)[:, :, 3] > 0
 
 
 def mask_to_polygons(mask: np.ndarray, tolerance: float, min_area: float = 4.0) -> list[list[list[float]]]:

@@ -19,7 +19,17 @@ from .masks import MaskFormatError, rle_to_mask
 
 
 class PayloadError(ValueError):
-    """The request body is not what Label Studio sends; the message says what is wrong."""
+    """The request body is not what Label Studio sends; the message says what is wrong. `status`:
+    400, or 413 for sizes over a limit."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# A keypoint that sits off by this much (editor rounding) still matches the image's size.
+SIZE_TOLERANCE = 1
+SMART_TYPES = ("keypointlabels", "keypoint", "rectanglelabels", "rectangle", "brushlabels", "brush")
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,10 @@ class PredictRequest:
 def _num(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PayloadError(f"{what} must be a number, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:                      # an integer of hundreds of digits
+        raise PayloadError(f"{what} is out of range") from None
     if not np.isfinite(v):
         raise PayloadError(f"{what} must be finite, got {value!r}")
     return v
@@ -108,28 +121,38 @@ def _label_of(region: dict, value: dict, rtype: str) -> str | None:
     return labels[0] if labels else None
 
 
-def _size(region: dict) -> tuple[int, int]:
+def _size(region: dict, max_pixels: int | None) -> tuple[int, int]:
     w = _num(region.get("original_width"), "original_width")
     h = _num(region.get("original_height"), "original_height")
     if w < 1 or h < 1 or w != int(w) or h != int(h):
         raise PayloadError(f"original_width/original_height must be positive integers, got {w}x{h}")
-    return int(w), int(h)
+    w, h = int(w), int(h)
+    # Checked before anything of that size exists (a brush RLE decodes to w x h x 4 bytes).
+    if max_pixels is not None and w * h > max_pixels:
+        raise PayloadError(f"a region declares a {w}x{h} image = {w * h} pixels, over MAX_IMAGE_PIXELS="
+                           f"{max_pixels}", 413)
+    return w, h
 
 
-def parse_prompts(results: list) -> list[Prompt]:
+def parse_prompts(results: list, max_pixels: int | None = None, max_regions: int | None = None) -> list[Prompt]:
     """Group the context regions by (image, label) into prompts, in order of first appearance.
 
     Pixel coordinates here are relative to the (original_width, original_height) the region was
-    drawn on; `scale_to` maps them onto the image actually downloaded.
+    drawn on; `scale_prompt` maps them onto the image actually downloaded. Refused before any
+    decoding: regions declaring more than `max_pixels` pixels (413), more than `max_regions` smart
+    regions (each may cost a network run).
     """
+    smart = sum(1 for r in results if str(r.get("type") or "").lower() in SMART_TYPES)
+    if max_regions is not None and smart > max_regions:
+        raise PayloadError(f"{smart} smart regions (keypoints, rectangles, brush strokes) in one request, "
+                           f"over MAX_CLICKS={max_regions}: delete some keypoints, or raise MAX_CLICKS")
     prompts: dict[tuple, Prompt] = {}
     for i, region in enumerate(results):
         rtype = str(region.get("type") or "").lower()
         value = region.get("value")
         if not isinstance(value, dict):
             raise PayloadError(f"context.result[{i}] has no 'value' object")
-        if rtype not in ("keypointlabels", "keypoint", "rectanglelabels", "rectangle",
-                         "brushlabels", "brush"):
+        if rtype not in SMART_TYPES:
             continue  # e.g. a Choices or TextArea result of the same annotation: not a prompt
         rot = region.get("image_rotation") or 0
         if _num(rot, "image_rotation") % 360 != 0:
@@ -138,7 +161,7 @@ def parse_prompts(results: list) -> list[Prompt]:
         to_name = region.get("to_name")
         if not isinstance(to_name, str) or not to_name:
             raise PayloadError(f"context.result[{i}] has no 'to_name'")
-        w, h = _size(region)
+        w, h = _size(region, max_pixels)
         label = _label_of(region, value, rtype if rtype.endswith("labels") else rtype + "labels")
         p = prompts.setdefault((to_name, label), Prompt(label=label, to_name=to_name, size=(w, h)))
         if p.size != (w, h):
@@ -187,10 +210,20 @@ def parse_prompts(results: list) -> list[Prompt]:
     return list(prompts.values())
 
 
+def _close(a: tuple, b: tuple) -> bool:
+    return abs(a[0] - b[0]) <= SIZE_TOLERANCE and abs(a[1] - b[1]) <= SIZE_TOLERANCE
+
+
 def scale_prompt(p: Prompt, width: int, height: int) -> Prompt:
-    """Map a prompt drawn on p.size onto an image of width x height (no-op when equal)."""
+    """Map a prompt drawn on p.size onto an image of width x height (no-op when equal). The sizes
+    may differ by rounding, or be transposed (an editor that did not apply the EXIF rotation);
+    anything else is refused before a mask of the declared size is made."""
     if p.size == (width, height) or p.size is None:
         return p
+    if not (_close(p.size, (width, height)) or _close(p.size, (height, width))):
+        raise PayloadError(f"the regions of label {p.label!r} were drawn on a {p.size[0]}x{p.size[1]} image, "
+                           f"but the task's image is {width}x{height}: original_width/original_height "
+                           f"must be the image's size")
     sw, sh = p.size
     fx, fy = width / sw, height / sh
     clicks = [Click(min((c.x + 0.5) * fx - 0.5, width - 1.0), min((c.y + 0.5) * fy - 0.5, height - 1.0),

@@ -51,10 +51,19 @@ class WebhookEvent:
                 "annotation": self.annotation_id, "received_at": self.received_at}
 
 
-def _id(obj) -> Optional[int]:
+MAX_ID = 2 ** 63 - 1          # Label Studio's ids are database integers
+
+
+def _id(obj, what: str) -> Optional[int]:
+    """The id of an object (or an id itself); None when absent; a WebhookError when it is not a
+    positive integer a database could hold (a 100-digit project id must not reach the queue)."""
     if isinstance(obj, dict):
         obj = obj.get("id")
-    return obj if isinstance(obj, int) and not isinstance(obj, bool) else None
+    if not isinstance(obj, int):
+        return None
+    if isinstance(obj, bool) or not 1 <= obj <= MAX_ID:
+        raise WebhookError(f"the {what} id must be a positive integer, got {str(obj)[:30]}")
+    return obj
 
 
 def parse_event(body) -> WebhookEvent:
@@ -66,16 +75,16 @@ def parse_event(body) -> WebhookEvent:
     for key, typ in REQUIRED.get(action, {}).items():
         if not isinstance(body.get(key), typ):
             raise WebhookError(f"{action} event without a '{key}' object")
-    project_id = _id(body.get("project"))
+    project_id = _id(body.get("project"), "project")
     if action in REQUIRED and project_id is None:
         raise WebhookError(f"{action} event without a project id")
     ann = body.get("annotation") if isinstance(body.get("annotation"), dict) else {}
-    task_id = _id(body.get("task")) or _id(ann.get("task"))
+    task_id = _id(body.get("task"), "task") or _id(ann.get("task"), "task")
     if action.startswith("ANNOTATION_") and action in REQUIRED:
-        if _id(ann) is None or not isinstance(ann.get("result"), list):
+        if _id(ann, "annotation") is None or not isinstance(ann.get("result"), list):
             raise WebhookError(f"{action} event whose annotation has no id or result list")
     return WebhookEvent(action=action, project_id=project_id, task_id=task_id,
-                        annotation_id=_id(ann), payload=body)
+                        annotation_id=_id(ann, "annotation"), payload=body)
 
 
 def load_enqueue(spec: str) -> Optional[Callable[[WebhookEvent], Optional[str]]]:

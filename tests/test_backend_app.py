@@ -63,6 +63,17 @@ def server(sample):
         yield s
 
 
+@pytest.fixture(scope="module")
+def silent():
+    """A server that accepts connections (the kernel's backlog) and never answers."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
 def make_app(predictor, **env):
     cfg = Config.from_env({k.upper(): str(v) for k, v in env.items()})
     return create_app(cfg, predictor)
@@ -196,14 +207,15 @@ def test_personal_access_token_exchanged_refreshed_and_never_logged(predictor, s
     ({"key": None}, "/data/upload/1/img.jpg", 502, "set LABEL_STUDIO_API_KEY"),
     ({"key": "wrong-token-123"}, "/data/upload/1/img.jpg", 502, "401 Unauthorized"),
     ({"key": "legacy"}, "/data/upload/1/missing.jpg", 502, "not found (404)"),
-    ({"key": "legacy"}, "{url}/forbidden/img.jpg", 502, "403 Forbidden"),
-    ({"key": "legacy", "fetch_timeout": "0.5"}, "{url}/slow/img.jpg", 504, "timed out after 0.5 s"),
+    # The key goes with file paths only: /forbidden/ gets none, and the message says why.
+    ({"key": "legacy"}, "{url}/forbidden/img.jpg", 502, "sends its key to Label Studio only with"),
+    ({"key": "legacy", "fetch_timeout": "0.5"}, "{silent}/img.jpg", 504, "timed out after 0.5 s"),
     ({"key": "legacy"}, "{url}/login-redirect/img.jpg", 502, "401 Unauthorized"),
     ({"key": "legacy"}, "http://127.0.0.1:9/img.jpg", 502, "cannot connect"),
     ({"key": "legacy", "max_image_bytes": "1000"}, "/data/upload/1/img.jpg", 413, "MAX_IMAGE_BYTES"),
     ({"key": "legacy", "max_image_pixels": "1000"}, "/data/upload/1/img.jpg", 413, "MAX_IMAGE_PIXELS"),
 ])
-def test_image_fetch_failures_name_cause_and_fix(predictor, server, env, url, status, needle):
+def test_image_fetch_failures_name_cause_and_fix(predictor, server, silent, env, url, status, needle):
     env = dict(env)
     if "key" in env:
         key = env.pop("key")
@@ -211,7 +223,8 @@ def test_image_fetch_failures_name_cause_and_fix(predictor, server, env, url, st
         if key:
             env["label_studio_api_key"] = server.legacy_token if key == "legacy" else key
     c = make_app(predictor, **env).test_client()
-    r = c.post("/predict", json=interactive_body(url.format(url=server.url), [keypoint(5, 5, 321, 481)]))
+    r = c.post("/predict", json=interactive_body(url.format(url=server.url, silent=silent),
+                                                 [keypoint(5, 5, 321, 481)]))
     assert r.status_code == status, r.get_json()
     assert needle in r.get_json()["error"] and needle in r.status
     assert server.legacy_token not in r.get_data(as_text=True)
@@ -360,8 +373,8 @@ def test_bad_requests_get_400_with_a_message(predictor, server):
     r = c.post("/predict", json=interactive_body("/data/upload/1/img.jpg", [keypoint(5, 5, 321, 481, label="Dog")]))
     assert r.status_code == 400 and 'add <Label value="Dog"/>' in r.get_json()["error"]
     from backend.masks import mask_to_rle
-    empty = {"original_width": 32, "original_height": 48, "image_rotation": 0, "type": "brushlabels",
-             "value": {"format": "rle", "rle": mask_to_rle(np.zeros((48, 32), bool)), "brushlabels": ["Object"]},
+    empty = {"original_width": 321, "original_height": 481, "image_rotation": 0, "type": "brushlabels",
+             "value": {"format": "rle", "rle": mask_to_rle(np.zeros((481, 321), bool)), "brushlabels": ["Object"]},
              "from_name": "tag", "to_name": "image"}
     r = c.post("/predict", json=interactive_body("/data/upload/1/img.jpg", [empty]))
     assert r.status_code == 400 and "no click" in r.get_json()["error"]

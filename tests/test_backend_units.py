@@ -12,7 +12,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, encode_rle
 
 from backend.config import Config, ConfigError, help_text
-from backend.engine import Frame, Segmenter, TTLCache, brush_clicks, common_prefix
+from backend.engine import ByteCache, Frame, Segmenter, brush_clicks, common_prefix
 from backend.fetch import FetchError, ImageFetcher, LabelStudioAuth, SetupInfo, _jwt_payload, origin
 from backend.labelconfig import LabelConfigError, parse_label_config
 from backend.masks import mask_to_polygons, mask_to_rle, polygon_to_mask, rle_to_mask
@@ -33,18 +33,25 @@ def ls_response(name: str) -> tuple[dict, int]:
 
 
 # -- config ---------------------------------------------------------------------------------------
-def test_config_defaults_and_parsing():
+def test_config_defaults_and_parsing(caplog):
     cfg = Config.from_env({})
-    assert cfg.checkpoint == "default" and cfg.session_cache_size == 16 and cfg.output_format == "auto"
-    cfg = Config.from_env({"SESSION_CACHE_SIZE": "3", "OUTPUT_FORMAT": "Polygon",
+    assert cfg.checkpoint == "default" and cfg.session_cache_mb == 2048 and cfg.output_format == "auto"
+    assert cfg.admin_token == "" and cfg.max_clicks == 100
+    cfg = Config.from_env({"SESSION_CACHE_MB": "3", "OUTPUT_FORMAT": "Polygon",
                            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": "/srv/data"})
-    assert cfg.session_cache_size == 3 and cfg.output_format == "polygon"
+    assert cfg.session_cache_mb == 3 and cfg.output_format == "polygon"
     assert cfg.local_files_root == "/srv/data"
+    Config.from_env({"SESSION_CACHE_SIZE": "16"})       # the count setting of earlier versions
+    assert "SESSION_CACHE_SIZE is no longer read" in caplog.text
 
 
 @pytest.mark.parametrize("env, needle", [
-    ({"SESSION_CACHE_SIZE": "zero"}, "SESSION_CACHE_SIZE"),
-    ({"SESSION_CACHE_SIZE": "0"}, "SESSION_CACHE_SIZE"),
+    ({"SESSION_CACHE_MB": "zero"}, "SESSION_CACHE_MB"),
+    ({"SESSION_CACHE_MB": "0"}, "SESSION_CACHE_MB"),
+    ({"LABEL_STUDIO_URL": "http://u:p@ls:8080"}, "LABEL_STUDIO_URL"),
+    ({"LABEL_STUDIO_URL": "http://ls:1:2"}, "LABEL_STUDIO_URL"),
+    ({"ADMIN_TOKEN": "short"}, "ADMIN_TOKEN"),
+    ({"MAX_CLICKS": "0"}, "MAX_CLICKS"),
     ({"OUTPUT_FORMAT": "mesh"}, "OUTPUT_FORMAT"),
     ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
     ({"LABEL_STUDIO_URL": "localhost:8080"}, "LABEL_STUDIO_URL"),
@@ -59,7 +66,8 @@ def test_config_rejects_bad_values(env, needle):
 def test_help_lists_every_variable():
     text = help_text()
     for var in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS",
-                "BASIC_AUTH_USER", "TRAINING_ENQUEUE", "SESSION_CACHE_SIZE", "CACHE_TTL"):
+                "BASIC_AUTH_USER", "TRAINING_ENQUEUE", "SESSION_CACHE_MB", "IMAGE_CACHE_MB", "CACHE_TTL",
+                "ADMIN_TOKEN", "MAX_CLICKS", "PREDICT_TIMEOUT", "REDIS_TIMEOUT", "FETCH_TIMEOUT"):
         assert f"`{var}`" in text
 
 
@@ -154,9 +162,12 @@ def test_parse_rectangle_brush_and_grouping():
     assert cat.clicks == [Click(19.5, 19.5, False), Click(99.5, 49.5, True)]
     assert np.array_equal(cat.brush, stroke)
     assert prompts["Dog"].box == (50.0, 10.0, 150.0, 50.0)
-    # Rescaling onto a 2x larger image keeps pixel centres consistent.
-    big = scale_prompt(cat, 400, 200)
-    assert big.clicks[1] == Click(199.5, 99.5, True) and big.brush.shape == (200, 400)
+    # A size off by rounding is mapped (pixel centres stay inside); another size is refused.
+    near = scale_prompt(cat, 201, 100)
+    assert near.clicks[1].x == pytest.approx(100.0) and near.clicks[1].y == 49.5
+    assert near.brush.shape == (100, 201)
+    with pytest.raises(PayloadError, match="drawn on a 200x100 image, but the task's image is 400x200"):
+        scale_prompt(cat, 400, 200)
 
 
 @pytest.mark.parametrize("mutate, needle", [
@@ -264,22 +275,31 @@ def test_common_prefix():
     assert common_prefix(a, [Click(1.5, 2, True)]) == 0
 
 
-def test_ttl_cache_lru_and_expiry():
+def test_byte_cache_lru_budget_and_expiry():
     now = [0.0]
-    c = TTLCache(2, ttl=10, clock=lambda: now[0])
-    c.put("a", 1)
-    c.put("b", 2)
+    c = ByteCache(100, ttl=10, clock=lambda: now[0])
+    c.put("a", 1, 40)
+    c.put("b", 2, 40)
     assert c.get("a") == 1            # a is now the most recent
-    c.put("c", 3)                     # evicts b, the least recently used
+    c.put("c", 3, 40)                 # 120 bytes: evicts b, the least recently used
     assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3
+    assert c.stats() == {"entries": 2, "bytes": 80, "max_bytes": 100}
+    c.put("a", 1, 70)                 # a grew: c goes
+    assert c.get("c") is None and c.stats()["bytes"] == 70
+    assert c.put("big", 0, 101) is False and c.get("big") is None and c.get("a") == 1
+    c.discard(lambda k: k == "a")
+    assert len(c) == 0 and c.stats()["bytes"] == 0
+    c.put("x", 1, 10)
     now[0] = 11
-    assert c.get("a") is None and len(c) == 1
-    c.put("d", 4)                     # expired entries are dropped on put
+    assert c.get("x") is None and len(c) == 0
+    c.put("y", 1, 10)
+    now[0] = 22
+    c.put("z", 1, 10)                 # expired entries are dropped on put
     assert len(c) == 1
 
 
 def test_plan_box_crop_and_sticky_box():
-    seg = Segmenter(predictor=None, box_margin=0.1)
+    seg = Segmenter(predictor=None, sessions=ByteCache(1 << 20, 60), box_margin=0.1)
     from backend.payload import Prompt
     p = Prompt(label="A", to_name="image", box=(100.0, 50.0, 200.0, 150.0), size=(400, 300))
     plan = seg.plan(p, 400, 300, None)
@@ -345,9 +365,9 @@ def test_token_kinds():
     from image_server import make_jwt
     pat = make_jwt({"token_type": "refresh", "exp": int(time.time()) + 100})
     assert _jwt_payload(pat)["token_type"] == "refresh"
-    assert LabelStudioAuth("http://x", pat, None, 1).is_pat
-    assert not LabelStudioAuth("http://x", "0123456789abcdef" * 2, None, 1).is_pat
-    assert LabelStudioAuth("http://x", "abc", None, 1).header() == {"Authorization": "Token abc"}
+    assert LabelStudioAuth("http://x", pat).is_pat
+    assert not LabelStudioAuth("http://x", "0123456789abcdef" * 2).is_pat
+    assert LabelStudioAuth("http://x", "abc").header() == {"Authorization": "Token abc"}
     assert _jwt_payload("a.b.c") is None and _jwt_payload("nodots") is None
 
 
@@ -355,6 +375,19 @@ def test_origin():
     assert origin("http://LocalHost:8080/data/x") == origin("http://localhost:8080")
     assert origin("https://a.com/x") == "https://a.com:443"
     assert origin("http://a.com:8080") != origin("http://a.com:8081")
+
+
+def test_urls_are_parsed_once_and_strictly():
+    from backend.urls import UrlError, ls_file_path, parse_http_url
+    t = parse_http_url("http://LS:8080/data/upload/1/my photo.png?x=1")
+    assert t.origin == ("http", "ls", 8080) and t.path == "/data/upload/1/my photo.png"
+    assert t.url == "http://ls:8080/data/upload/1/my%20photo.png?x=1"       # what requests sends
+    for bad in ("http://a:1\\@b:2/", "http://u@b/", "http://h:1:2/", "ftp://h/x", "http://h\t/x", "http://[::1/"):
+        with pytest.raises(UrlError):
+            parse_http_url(bad)
+    assert ls_file_path("/data/upload/1/a.png") and ls_file_path("/data/local-files/")
+    for path in ("/data/../api/", "/data/upload/../x", "/api/projects/", "/data/upload/./a", "/tasks/1/presign/"):
+        assert not ls_file_path(path), path
 
 
 def test_local_paths_only_under_the_allowed_root(tmp_path):
@@ -384,16 +417,38 @@ def test_local_paths_only_under_the_allowed_root(tmp_path):
 
 
 def test_setup_hostname_is_a_fallback_server():
+    setup = SetupInfo("http://ls:8080/", "tok123")
     f = ImageFetcher(Config.from_env({}))
-    base, auth = f._ls_server(SetupInfo("http://ls:8080/", "tok123"), "/data/upload/1/a.png")
-    assert base == "http://ls:8080" and auth.header() == {"Authorization": "Token tok123"}
-    # An env key wins over the /setup token; the env URL wins over the /setup hostname.
+    target = f._ls_target("/data/upload/1/a.png", setup)
+    assert target.url == "http://ls:8080/data/upload/1/a.png"
+    assert f._credential(target, setup).header() == {"Authorization": "Token tok123"}
+    # The env URL wins over the /setup hostname, and the env key over the /setup token.
     f = ImageFetcher(Config.from_env({"LABEL_STUDIO_URL": "http://env:1", "LABEL_STUDIO_API_KEY": "envkey"}))
-    base, auth = f._ls_server(SetupInfo("http://ls:8080", "tok123"), "/data/upload/1/a.png")
-    assert base == "http://env:1" and auth.api_key == "envkey"
-    # Keys never go to another server's plain URL.
-    assert f._auth_for_origin("http://elsewhere.com/a.png", SetupInfo("http://ls:8080", "tok123")) is None
-    assert f._auth_for_origin("http://env:1/data/x.png", None).api_key == "envkey"
+    target = f._ls_target("/data/upload/1/a.png", setup)
+    assert target.url == "http://env:1/data/upload/1/a.png" and f._credential(target, setup).api_key == "envkey"
+    # Keys never go to another server's plain URL, nor to a path of the server that is not a file.
+    from backend.urls import parse_http_url
+    assert f._credential(parse_http_url("http://elsewhere.com/a.png"), setup) is None
+    assert f._credential(parse_http_url("http://env:1/api/projects/"), None) is None
+    assert f._credential(parse_http_url("http://env:1/data/upload/x.png"), None).api_key == "envkey"
+    # Without LABEL_STUDIO_URL the env key goes nowhere; the /setup hostname gets its own token.
+    f = ImageFetcher(Config.from_env({"LABEL_STUDIO_API_KEY": "envkey"}))
+    target = f._ls_target("/data/upload/1/a.png", setup)
+    assert f._credential(target, setup).api_key == "tok123"
+    assert f._credential(target, SetupInfo("http://ls:8080/", "")) is None
+
+
+def test_refusal_messages_name_the_fix():
+    """403 with a key (not reachable through the test image server)."""
+    from backend.urls import parse_http_url
+    f = ImageFetcher(Config.from_env({"LABEL_STUDIO_URL": "http://env:1", "LABEL_STUDIO_API_KEY": "envkey"}))
+    target = parse_http_url("http://env:1/data/upload/x.png")
+    auth = f._credential(target, None)
+    with pytest.raises(FetchError, match="403 Forbidden.*member of the project") as e:
+        f._raise_status(403, "/data/upload/x.png", auth, target)
+    assert e.value.status == 502
+    with pytest.raises(FetchError, match="only with /data/upload"):
+        f._raise_status(401, "http://env:1/x.png", None, parse_http_url("http://env:1/x.png"))
 
 
 def test_data_uri_and_decode_limits():

@@ -34,6 +34,8 @@ def _image_uri():
 
 
 URI = _image_uri()
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def predict(c, project, clicks=((64, 50),), auth=None):
@@ -56,7 +58,8 @@ def wait_version(c, project, want, timeout=10.0, auth=None):
 def test_hot_reload_versions_and_rollback(base_predictor, tiny_checkpoint, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     root = tmp_path / "registry"
-    app = create_app(Config.from_env({"MODEL_REGISTRY": str(root), "MODEL_RELOAD_INTERVAL": "0.2"}), base_predictor)
+    app = create_app(Config.from_env({"MODEL_REGISTRY": str(root), "MODEL_RELOAD_INTERVAL": "0.2",
+                                      "ADMIN_TOKEN": ADMIN_TOKEN}), base_predictor)
     c = app.test_client()
     backend = app.extensions["simclick"]
     base_version = base_predictor.version
@@ -71,12 +74,12 @@ def test_hot_reload_versions_and_rollback(base_predictor, tiny_checkpoint, tmp_p
                  decision={"promote": True, "reason": "holdout NoC@90 9.00 -> 7.50"})
     assert predict(c, "5.1795584533") == base_version             # registered is not promoted
     old_segmenter = backend.models.for_project("5").segmenter
-    assert len(old_segmenter.sessions) == 1
+    assert old_segmenter.session_count() == 1
     reg.promote(v1.name, reason="better", served_before=base.name)
     assert wait_version(c, "5.1795584533", v1.name) == v1.name     # no restart
     served = backend.models.for_project("5")
     assert served.segmenter is not old_segmenter and served.predictor.version == "p5-v001"
-    assert len(served.segmenter.sessions) == 1                     # old sessions dropped, a new one
+    assert served.segmenter.session_count() == 1                   # a new session on the new model
     assert predict(c, "6.1795584999") == base_version             # other projects untouched
     assert any("now serving p5-v001" in r.getMessage() for r in caplog.records)
 
@@ -90,11 +93,11 @@ def test_hot_reload_versions_and_rollback(base_predictor, tiny_checkpoint, tmp_p
     assert everything["projects"]["5"]["promoted"] == v1.name and v1.name in everything["versions"]
 
     # Admin rollback: back to the base version, picked up by the next requests.
-    r = c.post("/admin/rollback", json={"project": 5, "reason": "masks got worse"})
+    r = c.post("/admin/rollback", json={"project": 5, "reason": "masks got worse"}, headers=ADMIN)
     assert r.status_code == 200 and r.get_json()["promoted"] == base.name, r.get_json()
     assert wait_version(c, "5.1795584533", base.name) == base.name
-    assert c.post("/admin/rollback", json={"project": 5}).status_code == 409   # nothing before the base
-    assert c.post("/admin/rollback", json={"project": 5, "to": "p5-v404"}).status_code == 404
+    assert c.post("/admin/rollback", json={"project": 5}, headers=ADMIN).status_code == 409   # nothing before the base
+    assert c.post("/admin/rollback", json={"project": 5, "to": "p5-v404"}, headers=ADMIN).status_code == 404
 
     # A promoted version whose file got corrupted on disk: logged, the current model keeps serving.
     v2 = reg.add("p5-v002", make_tiny_checkpoint(tmp_path / "v2.safetensors", seed=2, version="p5-v002"),
@@ -103,7 +106,7 @@ def test_hot_reload_versions_and_rollback(base_predictor, tiny_checkpoint, tmp_p
     v2.checkpoint.write_bytes(b"\x80\x04corrupt")
     reg.promote(v2.name)
     assert wait_version(c, "5.1795584533", "p5-v002", timeout=1.5) == base.name
-    assert any("cannot load promoted version p5-v002" in r.getMessage() for r in caplog.records)
+    assert any("cannot serve version 'p5-v002'" in r.getMessage() for r in caplog.records)
 
 
 def test_admin_route_behind_basic_auth(base_predictor, tmp_path):
@@ -112,6 +115,7 @@ def test_admin_route_behind_basic_auth(base_predictor, tmp_path):
     base = reg.ensure_base(base_predictor.info["checkpoint_path"])
     v = reg.add("p8-v001", base.checkpoint, parent=base.name)
     reg.promote(v.name, served_before=base.name)
+    # No ADMIN_TOKEN: basic auth is the admin credential.
     app = create_app(Config.from_env({"MODEL_REGISTRY": str(root), "BASIC_AUTH_USER": "admin",
                                       "BASIC_AUTH_PASS": "s3cret-pass"}), base_predictor)
     c = app.test_client()
@@ -121,6 +125,6 @@ def test_admin_route_behind_basic_auth(base_predictor, tmp_path):
     r = c.post("/admin/rollback", json={"project": 8}, headers=good)
     assert r.status_code == 200 and r.get_json()["promoted"] == base.name
     assert reg.promoted().name == base.name
-    off = create_app(Config.from_env({"MODEL_REGISTRY": "off"}), base_predictor).test_client()
-    assert off.post("/admin/rollback", json={"project": 8}).status_code == 404
+    off = create_app(Config.from_env({"MODEL_REGISTRY": "off", "ADMIN_TOKEN": ADMIN_TOKEN}), base_predictor).test_client()
+    assert off.post("/admin/rollback", json={"project": 8}, headers=ADMIN).status_code == 404
     assert predict(off, "8.1") == base_predictor.version

@@ -1,0 +1,196 @@
+"""The registry is the only source of served weights, and its versions cannot change (issue 11,
+items 6, 7, 13). Real registry folders, real small checkpoints, the real app."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+
+from backend.app import create_app
+from backend.bench import keypoint, predict_body
+from backend.config import Config
+from model.checkpoint import file_sha256
+from tests.conftest import make_tiny_checkpoint
+from training.registry import ProjectRegistry
+
+def _uri() -> str:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    img = np.zeros((96, 128, 3), np.uint8)
+    img[30:70, 40:90] = (200, 60, 60)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+URI = _uri()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small convolutions on one thread: on a busy 2-core machine two threads spin-wait for each
+    other and a 64-px pass took 0.9 s instead of 25 ms. Restored after this module."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint):
+    """The small real model, coarse pass only at 64 px: these tests are about what the backend
+    does around the model, and the machine running them may be busy."""
+    from model.predictor import Predictor
+    return Predictor.load(str(tiny_checkpoint), coarse_size=64, refine=False)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    return {name: make_tiny_checkpoint(d / f"{name}.safetensors", seed=i + 1, version=name)
+            for i, name in enumerate(["p5-v001", "p5-v002", "evil"])}
+
+
+def private(path, tmp_path):
+    """A copy of a shared checkpoint: tests corrupt registered files, which must not reach it."""
+    dest = tmp_path / "sources" / path.name
+    dest.parent.mkdir(exist_ok=True)
+    shutil.copyfile(path, dest)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path, tiny_checkpoint, ckpts):
+    """Project 5: base registered, p5-v001 promoted over it."""
+    reg = ProjectRegistry(tmp_path / "registry", 5)
+    base = reg.ensure_base(private(tiny_checkpoint, tmp_path))
+    reg.add("p5-v001", private(ckpts["p5-v001"], tmp_path), parent=base.name)
+    reg.promote("p5-v001", served_before=base.name)
+    return reg
+
+
+def app_for(reg, predictor):
+    return create_app(Config.from_env({"MODEL_REGISTRY": str(reg.root), "MODEL_RELOAD_INTERVAL": "0"}),
+                      predictor)
+
+
+def served_weights(c, project="5.1795584533"):
+    """Predict once (200 expected) and return the card version of the weights that answered."""
+    body = predict_body(1, URI, [keypoint(64, 50, 128, 96)])
+    body["project"] = project
+    r = c.post("/predict", json=body)
+    assert r.status_code == 200, r.get_json()
+    return c.application.extensions["simclick"].models.for_project(project).predictor.info["version"]
+
+
+def write_pointer(reg, pointer: dict) -> None:
+    tmp = reg.pointer_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(pointer))
+    os.replace(tmp, reg.pointer_path)
+
+
+def evil_version_dir(path, evil) -> None:
+    """A version folder whose version.json matches the evil file."""
+    path.mkdir(parents=True)
+    shutil.copyfile(evil, path / "model.safetensors")
+    (path / "version.json").write_text(json.dumps({"name": "p5-v009", "sha256": file_sha256(evil)}))
+
+
+def tamper_absolute(reg, ckpts):
+    write_pointer(reg, {"version": "p5-v009", "checkpoint": str(ckpts["evil"])})
+
+
+def tamper_relative(reg, ckpts):
+    shutil.copyfile(ckpts["evil"], reg.root.parent / "evil.safetensors")
+    write_pointer(reg, {"version": "p5-v009", "checkpoint": "../../evil.safetensors"})
+
+
+def tamper_symlinked_version(reg, ckpts):
+    evil_version_dir(reg.root.parent / "outside" / "p5-v009", ckpts["evil"])
+    os.symlink(reg.root.parent / "outside" / "p5-v009", reg.versions_dir / "p5-v009")
+    write_pointer(reg, {"version": "p5-v009", "checkpoint": "versions/p5-v009/model.safetensors"})
+
+
+def tamper_symlinked_file(reg, ckpts):
+    d = reg.versions_dir / "p5-v009"
+    evil_version_dir(d, ckpts["evil"])
+    (d / "model.safetensors").unlink()
+    os.symlink(ckpts["evil"], d / "model.safetensors")
+    write_pointer(reg, {"version": "p5-v009", "checkpoint": "versions/p5-v009/model.safetensors"})
+
+
+def tamper_sha(reg, ckpts):
+    v2 = reg.add("p5-v002", private(ckpts["p5-v002"], reg.root.parent), parent="p5-v001")
+    v2.checkpoint.chmod(0o644)
+    shutil.copyfile(ckpts["evil"], v2.checkpoint)       # a valid checkpoint, not the registered one
+    reg.promote("p5-v002")
+
+
+def tamper_no_version(reg, ckpts):
+    write_pointer(reg, {"checkpoint": "versions/p5-v001/model.safetensors"})
+
+
+@pytest.mark.parametrize("tamper", [tamper_absolute, tamper_relative, tamper_symlinked_version,
+                                    tamper_symlinked_file, tamper_sha, tamper_no_version])
+def test_a_tampered_pointer_never_serves_foreign_weights(project, predictor, ckpts, tamper, caplog):
+    caplog.set_level(logging.INFO)
+    c = app_for(project, predictor).test_client()
+    assert served_weights(c) == "p5-v001"
+    tamper(project, ckpts)
+    assert served_weights(c) == "p5-v001"          # the previous model, not "evil", and no 500
+    assert served_weights(c) == "p5-v001"
+    why = [r.getMessage() for r in caplog.records if "cannot serve" in r.getMessage()]
+    assert why, "the refusal must be logged with its reason"
+
+
+def test_registering_copies_the_checkpoint(tmp_path, tiny_checkpoint, ckpts):
+    """A version must not share its file with the source: the source stays writable, and
+    overwriting it in place leaves the version as registered."""
+    src = tmp_path / "model.safetensors"
+    shutil.copyfile(tiny_checkpoint, src)
+    os.chmod(src, 0o644)
+    original = src.read_bytes()
+    reg = ProjectRegistry(tmp_path / "registry", 3)
+    base = reg.ensure_base(src)
+    v = reg.add("p3-v001", src, parent=base.name)
+    st = src.stat()
+    assert oct(st.st_mode & 0o777) == "0o644" and st.st_nlink == 1
+    assert base.checkpoint.stat().st_ino != st.st_ino and v.checkpoint.stat().st_ino != st.st_ino
+    with open(src, "r+b") as f:                          # overwritten in place
+        f.write(ckpts["evil"].read_bytes())
+    for version in (base, v):
+        assert version.checkpoint.read_bytes() == original
+        assert file_sha256(version.checkpoint) == version.info["sha256"]
+    assert oct(base.checkpoint.stat().st_mode & 0o777) == "0o444"
+
+
+def test_restart_with_a_corrupt_promoted_version_serves_the_last_good_one(project, predictor, ckpts, caplog):
+    caplog.set_level(logging.INFO)
+    v2 = project.add("p5-v002", private(ckpts["p5-v002"], project.root.parent), parent="p5-v001")
+    project.promote(v2.name)
+    v2.checkpoint.chmod(0o644)
+    v2.checkpoint.write_bytes(b"\x80\x04corrupt")
+    c = app_for(project, predictor).test_client()        # a restart: nothing loaded yet
+    assert served_weights(c) == "p5-v001"
+    listing = c.get("/versions?project=5").get_json()
+    assert listing["promoted"] == "p5-v002" and listing["model_version"] == "p5-v001"
+    assert "p5-v002" in listing["fallback"] and "p5-v001" in listing["fallback"]
+    # Nothing loadable at all: the base model, said so too.
+    v1 = project.get("p5-v001")
+    v1.checkpoint.chmod(0o644)
+    v1.checkpoint.write_bytes(b"\x80\x04corrupt")
+    for name in [v.name for v in project.versions() if v.name.startswith("p5-base-")]:
+        cp = project.get(name).checkpoint
+        cp.chmod(0o644)
+        cp.write_bytes(b"\x80\x04corrupt")
+    c = app_for(project, predictor).test_client()
+    assert served_weights(c) == predictor.version
+    assert "p5-v002" in c.get("/versions?project=5").get_json()["fallback"]
