@@ -9,6 +9,9 @@ if str(ROOT) not in sys.path:
 
 # Tests run on CPU with the default thread count; keep BLAS from oversubscribing the 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Idle OpenMP threads sleep instead of spinning: on a loaded machine (a training run beside the
+# tests) spinning threads made a small forward pass 36x slower; on an idle one it costs nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DATASETS = Path(os.environ.get("SIMCLICK_DATA_ROOT", ROOT.parent / "shared" / "datasets"))
 

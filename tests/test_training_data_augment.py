@@ -132,7 +132,8 @@ def test_dataset_samples(mixture):
         key = next(it.split_key for it in src.items if it.id == item_id)
         assert mixture.split_of(key) == "train"
         names.add(src_name)
-    assert names == {"bsds", "sod", "coco"}
+    # 24 weighted draws reach most of the five default sources (bsds, sod, coco, coco128, weizmann)
+    assert names <= {src.name for src in mixture.sources} and len(names) >= 4
     assert torch.equal(ds[3]["image"], ds[3]["image"])  # same (seed, epoch, index) -> same sample
     ds.set_epoch(1)
     assert not torch.equal(ds[3]["image"], ClickSegDataset(mixture, "train", length=24, seed=0)[3]["image"])

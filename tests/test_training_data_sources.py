@@ -334,7 +334,7 @@ def test_split_disjoint_exact_and_stable(sources):
 
 @needs_data
 def test_mixture_weights(sources):
-    mix = Mixture(list(sources.values()), weights={"bsds": 0.0, "sod": 1.0, "coco": 0.0})
+    mix = Mixture(list(sources.values()), weights={"bsds": 0.0, "sod": 1.0, "coco": 0.0, "coco128": 0.0, "weizmann": 0.0})
     rng = np.random.default_rng(0)
     for _ in range(5):
         s, inst = mix.draw(rng)
