@@ -176,6 +176,7 @@ class Session:
             self._prior = self._to_work(prior_mask.astype(np.float32))
         self.clicks: list[Click] = []
         self.box: tuple[float, float, float, float] | None = None   # (y0, x0, y1, x1), working pixels
+        self._group: list[int] = []   # clicks added by each add_clicks call (undo removes a group)
         self.last_timing: dict = {}
         self._history: list[np.ndarray] = []
         self.prob = self._initial_prob()
@@ -183,14 +184,25 @@ class Session:
     # -- public API ---------------------------------------------------------------------------
     def add_click(self, x: float, y: float, positive: bool) -> np.ndarray:
         """Add a click at full-resolution (x, y) and return the full-resolution probability map."""
-        x, y = float(x), float(y)
-        if not (np.isfinite(x) and np.isfinite(y)) or not (0 <= x <= self.width and 0 <= y <= self.height):
-            raise ValueError(f"click ({x:g}, {y:g}) is outside the {self.width}x{self.height} image")
+        return self.add_clicks([(x, y, positive)])
+
+    def add_clicks(self, clicks) -> np.ndarray:
+        """Add several clicks [(x, y, positive), ...] in ONE prediction (a brush stroke's points):
+        the coarse pass sees them all, the focus view follows the last. One undo step removes them all."""
+        new = []
+        for x, y, positive in clicks:
+            x, y = float(x), float(y)
+            if not (np.isfinite(x) and np.isfinite(y)) or not (0 <= x <= self.width and 0 <= y <= self.height):
+                raise ValueError(f"click ({x:g}, {y:g}) is outside the {self.width}x{self.height} image")
+            new.append(Click(x, y, bool(positive)))
+        if not new:
+            raise ValueError("no clicks given")
         with self._lock:
             self._history.append(self.prob.astype(np.float16))
             if len(self._history) > self.predictor.options.max_history:
                 self._history.pop(0)
-            self.clicks.append(Click(x, y, bool(positive)))
+            self._group.append(len(new))
+            self.clicks.extend(new)
             self.prob = self._snap_edges(self._predict(self.prob))
             return self.full_prob()
 
@@ -218,11 +230,11 @@ class Session:
             return self.full_prob()
 
     def undo(self) -> np.ndarray | None:
-        """Remove the last click (or, when no click is left, the box); returns the restored
-        probability map (None if there was nothing to undo)."""
+        """Remove the last click, or the clicks of the last add_clicks call (when no click is left,
+        the box); returns the restored probability map (None if there was nothing to undo)."""
         with self._lock:
             if self.clicks:
-                self.clicks.pop()
+                del self.clicks[len(self.clicks) - self._group.pop():]
             elif self.box is not None:
                 self.box = None
             else:
@@ -233,6 +245,7 @@ class Session:
     def reset(self) -> None:
         with self._lock:
             self.clicks.clear()
+            self._group.clear()
             self.box = None
             self._history.clear()
             self.prob = self._initial_prob()

@@ -301,3 +301,20 @@ def test_box_prompt_session(tmp_path):
         ModelConfig(fusion="late", input_size=128, aspp_channels=32, decoder_channels=32), {"version": "plain"}))
     with pytest.raises(ValueError, match="no box prompt"):
         plain.open(image).set_box(20, 10, 90, 70)
+
+
+def test_add_clicks_is_one_prediction_and_one_undo_step(tiny_checkpoint):
+    import numpy as np
+    from model.predictor import Predictor
+
+    image = np.random.default_rng(1).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    predictor = Predictor.load(tiny_checkpoint)
+    session = predictor.open(image)
+    first = session.add_click(30, 40, True)
+    stroke = session.add_clicks([(50, 40, True), (60, 42, True), (70, 45, True)])
+    assert len(session.clicks) == 4 and stroke.shape == (90, 120)
+    assert np.allclose(session.undo(), first, atol=1e-3)     # the whole stroke goes at once
+    assert len(session.clicks) == 1
+    with pytest.raises(ValueError, match="outside"):
+        session.add_clicks([(10, 10, True), (500, 10, True)])
+    assert len(session.clicks) == 1                          # a bad click adds none of them
