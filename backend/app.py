@@ -213,11 +213,12 @@ class Backend:
             except PayloadError as e:
                 raise ApiError(str(e), e.status) from None
             except PredictTimeout as e:
-                raise ApiError(f"the model ran {e.done} of {e.total} clicks of label {label!r} within "
-                               f"PREDICT_TIMEOUT={self.cfg.predict_timeout:g} s; they are kept: send the "
-                               f"request again to continue, or raise PREDICT_TIMEOUT", 503) from None
+                raise ApiError(f"the model ran {e.done} of {e.total} steps (clicks, strokes) of label "
+                               f"{label!r} within PREDICT_TIMEOUT={self.cfg.predict_timeout:g} s; they are "
+                               f"kept: send the request again to continue, or raise PREDICT_TIMEOUT", 503) from None
             mask = outcome.full_mask(height, width)
-            stats.append(f"{label}:{outcome.clicks}c/{outcome.ran}run")
+            # "3c/1run": 3 clicks, one network run; "+box": the box was a prompt of its own.
+            stats.append(f"{label}:{outcome.clicks}c{'+box' if outcome.box else ''}/{outcome.ran}run")
             if not mask.any():
                 log.info("task %s label %r: empty mask, no region returned", task.get("id"), label)
                 continue

@@ -1,6 +1,7 @@
 """Latency of the backend as Label Studio sees it: HTTP round trip per click.
 
-    python -m backend.bench [--images 5] [--clicks 5] [--json] [--checkpoint default] [--device cpu]
+    python -m backend.bench [--images 5] [--clicks 5] [--prompt keypoint|box|brush] [--json]
+                            [--checkpoint default] [--device cpu]
 
 Serves the app on a free local port (threaded werkzeug server, as `python -m backend`) and the
 Berkeley images over HTTP, then replays interactive /predict requests in the exact shape Label
@@ -9,6 +10,13 @@ image, the standard robot user (training.evaluation.clicker) places click after 
 ground truth and the previous answer, and every request carries *all* keypoints so far, as Label
 Studio does. Reports p50/p95 ms per click: all clicks, first clicks (image download + decode +
 model) and later clicks (cached session, one network run each), plus IoU after each click.
+
+--prompt box: the first request is the object's tight ground-truth box as a smart rectangle (its
+own request, as Label Studio sends it), then robot keypoints (without the rectangle, as Label
+Studio sends them). --prompt brush: a smart-brush scribble along the object's longest horizontal
+chord (8 px wide, inside the eroded object), then the same brush region with a vertical chord
+added: "first_click_ms" is the first stroke (with the image download), "later_click_ms" the
+second (image cached), the cost of a stroke.
 """
 from __future__ import annotations
 
@@ -62,6 +70,66 @@ def keypoint(x: float, y: float, w: int, h: int, positive: bool = True, i: int =
             "type": "keypointlabels", "origin": "manual"}
 
 
+def rectangle(box: tuple, w: int, h: int, label: str = "Object") -> dict:
+    """A smart rectangle region as Label Studio sends it, for the pixel box (x0, y0, x1, y1), x1/y1
+    exclusive."""
+    x0, y0, x1, y1 = box
+    return {"original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"x": x0 / w * 100, "y": y0 / h * 100, "width": (x1 - x0) / w * 100,
+                      "height": (y1 - y0) / h * 100, "rotation": 0, "rectanglelabels": [label]},
+            "id": "rect1", "from_name": "rect", "to_name": "image", "type": "rectanglelabels",
+            "origin": "manual"}
+
+
+def brush_region(stroke: np.ndarray, label: str = "Object") -> dict:
+    """A smart brush region as Label Studio sends it (RLE of the painted pixels)."""
+    from .masks import mask_to_rle
+
+    h, w = stroke.shape
+    return {"original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_rle(stroke), "brushlabels": [label]},
+            "id": "brush1", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+            "origin": "manual"}
+
+
+def gt_box(gt: np.ndarray) -> tuple:
+    ys, xs = np.nonzero(gt)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def scribbles(gt: np.ndarray, width: int = 8) -> list:
+    """Two strokes an annotator might paint: the longest horizontal run of the eroded object, then
+    the longest vertical one (each `width` px wide, kept inside the object)."""
+    import cv2
+
+    inner = cv2.erode(gt.astype(np.uint8), np.ones((width + 1, width + 1), np.uint8)) > 0
+    if not inner.any():
+        inner = gt
+
+    def longest_run(m: np.ndarray) -> tuple:
+        best = (0, 0, 0, 0)          # length, row, start, end
+        for r in np.flatnonzero(m.any(axis=1)):
+            d = np.diff(np.concatenate([[0], m[r].astype(np.int8), [0]]))
+            starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+            k = int(np.argmax(ends - starts))
+            if ends[k] - starts[k] > best[0]:
+                best = (int(ends[k] - starts[k]), int(r), int(starts[k]), int(ends[k]))
+        return best
+
+    strokes = []
+    for transpose in (False, True):
+        m = inner.T if transpose else inner
+        _, r, a, b = longest_run(m)
+        s = np.zeros(m.shape, bool)
+        s[max(0, r - width // 2):r + width // 2, a:b] = True
+        strokes.append((s.T if transpose else s) & gt)
+    return strokes
+
+
+def iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    return float((pred & gt).sum() / max(1, (pred | gt).sum()))
+
+
 def pct(values, q) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -80,7 +148,10 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(default_data_root() / "Berkeley"),
                     help="Berkeley folder (images/, masks/); default $SIMCLICK_DATA_ROOT/Berkeley or ../shared/datasets")
     ap.add_argument("--images", type=int, default=5)
-    ap.add_argument("--clicks", type=int, default=5, help="robot clicks per image")
+    ap.add_argument("--clicks", type=int, default=5,
+                    help="requests per image: the box or the strokes count as requests, then robot clicks")
+    ap.add_argument("--prompt", choices=("keypoint", "box", "brush"), default="keypoint",
+                    help="what the first request(s) of each image carry (see above)")
     ap.add_argument("--checkpoint", default=None, help="default: MODEL_CHECKPOINT or 'default'")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -137,22 +208,39 @@ def main(argv=None) -> int:
     post(predict_body(0, f"{images_url}/{stem0}.jpg?warmup",
                       [keypoint(gt0.shape[1] // 2, gt0.shape[0] // 2, gt0.shape[1], gt0.shape[0])]))
 
+    def answer_mask(answer, h, w):
+        pred = np.zeros((h, w), bool)
+        for item in answer["results"][0]["result"]:
+            pred |= rle_to_mask(item["value"]["rle"], h, w)
+        return pred
+
     first, later, ious = [], [], [[] for _ in range(args.clicks)]
     for n, mpath in enumerate(masks, start=1):
         gt = load_mask(mpath)
         h, w = gt.shape
+        url = f"{images_url}/{mpath.stem}.jpg"
+        requests_ = []                   # the bodies' regions, one list per request
+        if args.prompt == "box":
+            requests_.append([rectangle(gt_box(gt), w, h)])
+        elif args.prompt == "brush":
+            s1, s2 = scribbles(gt)
+            requests_ += [[brush_region(s1)], [brush_region(s1 | s2)]]
         robot = RobotClicker(gt)
         pred = np.zeros_like(gt)
-        regions = []
+        keypoints = []
         for k in range(args.clicks):
-            c = robot.next_click(pred)
-            regions.append(keypoint(c.x, c.y, w, h, c.positive, k))
-            answer, ms = post(predict_body(n, f"{images_url}/{mpath.stem}.jpg", regions))
+            if k < len(requests_):
+                regions = requests_[k]
+            else:
+                c = robot.next_click(pred)
+                keypoints.append(keypoint(c.x, c.y, w, h, c.positive, k))
+                # Keypoints come alone (Label Studio sends a rectangle in its own call); a brush
+                # region of the same label is sent with them.
+                regions = (requests_[-1] if args.prompt == "brush" else []) + keypoints
+            answer, ms = post(predict_body(n, url, regions))
             (first if k == 0 else later).append(ms)
-            pred = np.zeros_like(gt)
-            for item in answer["results"][0]["result"]:
-                pred |= rle_to_mask(item["value"]["rle"], h, w)
-            ious[k].append(float((pred & gt).sum() / max(1, (pred | gt).sum())))
+            pred = answer_mask(answer, h, w)
+            ious[k].append(iou(pred, gt))
     server.shutdown()
 
     every = first + later
@@ -162,7 +250,7 @@ def main(argv=None) -> int:
         "torch_threads": __import__("torch").get_num_threads(),
         "model_version": predictor.version,
         "model_load_s": round(load_s, 2),
-        "images": len(masks), "clicks_per_image": args.clicks,
+        "images": len(masks), "clicks_per_image": args.clicks, "prompt": args.prompt,
         "ms_per_click": {"p50": round(pct(every, 50), 1), "p95": round(pct(every, 95), 1), "n": len(every)},
         "first_click_ms": {"p50": round(pct(first, 50), 1), "p95": round(pct(first, 95), 1), "n": len(first)},
         "later_click_ms": {"p50": round(pct(later, 50), 1), "p95": round(pct(later, 95), 1), "n": len(later)},
@@ -172,7 +260,8 @@ def main(argv=None) -> int:
         print(json.dumps(report))
     else:
         print(f"backend HTTP latency per click ({report['device']}, {report['torch_threads']} torch threads, "
-              f"model {report['model_version']}, {report['images']} images x {args.clicks} clicks)")
+              f"model {report['model_version']}, {report['images']} images x {args.clicks} requests, "
+              f"prompt {args.prompt})")
         for name in ("ms_per_click", "first_click_ms", "later_click_ms"):
             v = report[name]
             print(f"  {name:15s} p50 {v['p50']:8.1f} ms   p95 {v['p95']:8.1f} ms   (n={v['n']})")

@@ -1,27 +1,31 @@
 """Turn prompts into masks with the predictor, reusing work between successive requests.
 
-Label Studio resends every smart region of a label on each click, so a request is a click
-*sequence*. Each (image, image tag, label) keeps a predictor session; a new request is compared
-with the clicks that session has seen:
+Label Studio resends every smart region of a label on each click, so a request is a *sequence* of
+steps, one prediction each: a keypoint (one click) or a brush stroke (its clicks together, one
+network run, `session.add_clicks`). Each (image, image tag, label) keeps a predictor session; a
+new request is compared with the steps that session has seen:
 - same sequence: the cached answer, no network run;
-- it extends the cached one: only the new clicks run;
+- it extends the cached one: only the new steps run;
 - it diverges (a keypoint deleted or moved): undo back to the shared prefix, then run the rest;
-  a sequence that only drops clicks at the end costs no network run at all (undo restores). The
+  a sequence that only drops steps at the end costs no network run at all (undo restores). The
   predictor keeps only its last `max_history` masks, so an undo deeper than that replays from
   the start instead (an undo past the history would restore an empty mask).
 
 Memory: the sessions of every model live in one cache bounded in bytes (SESSION_CACHE_MB), sized
 by what each session holds (its working image, coarse view, mask and undo history, plus the
 answer kept here as a packed bit mask); the least recently used go first. A request may run for
-PREDICT_TIMEOUT seconds, checked between clicks: past it, PredictTimeout is raised and the clicks
+PREDICT_TIMEOUT seconds, checked between steps: past it, PredictTimeout is raised and the steps
 already run stay in the session, so the next request continues from them.
 
-Prompts other than keypoints become clicks too:
-- a smart rectangle crops the image to the box plus BOX_MARGIN; its first click is the box centre,
-  later keypoints of the same label inside the crop refine it, and the mask is pasted back (zero
-  outside the crop). A keypoint outside the crop starts over on the whole image;
-- a smart brush stroke becomes positive clicks along the stroke; a compact painted blob (not a thin
-  scribble) is also given to the predictor as the prior mask to refine.
+Prompts other than keypoints:
+- a smart rectangle, with a model trained with box prompts (`predictor.accepts_box`), is given to
+  the session as a box (`session.set_box`, on the whole image); with a click-only model the image
+  is cropped to the box plus BOX_MARGIN, the first click is the box centre and the mask is pasted
+  back (zero outside the crop). Either way later keypoints of the same label (sent without the
+  box) refine it while they lie inside box + margin; a keypoint outside starts over on the whole
+  image without the box;
+- a smart brush stroke becomes positive clicks along the stroke, run as one step; a compact
+  painted blob (not a thin scribble) is also given to the predictor as the prior mask to refine.
 """
 from __future__ import annotations
 
@@ -168,12 +172,16 @@ class Frame:
                      c.positive)
 
 
+Step = tuple      # the clicks of one prediction: a keypoint (one click) or a brush stroke (several)
+
+
 @dataclass
 class Plan:
     frame: Frame
-    clicks: list            # in frame coordinates
+    steps: list                       # of Step, in frame coordinates
     prior: np.ndarray | None = None   # bool, frame shape
-    box: tuple | None = None          # the smart rectangle this plan came from (full-res)
+    box: tuple | None = None          # the smart rectangle that applies (full-res), kept for later keypoints
+    box_prompt: tuple | None = None   # that box in frame coordinates, for session.set_box (box models only)
 
     @property
     def prior_sig(self) -> str | None:
@@ -181,17 +189,24 @@ class Plan:
             return None
         return hashlib.sha1(np.packbits(self.prior).tobytes()).hexdigest()
 
+    @property
+    def identity(self) -> tuple:
+        """What a session is opened with: a plan with another identity needs another session."""
+        return (self.frame, self.prior_sig, self.box)
+
 
 @dataclass
 class Entry:
     session: object
+    identity: tuple                         # Plan.identity of the plans it serves
     frame: Frame
-    prior_sig: str | None
     box: tuple | None
-    clicks: list = field(default_factory=list)
-    bits: np.ndarray | None = None          # the mask after `clicks`, frame-shaped, np.packbits
+    box_prompt: tuple | None
+    steps: list = field(default_factory=list)
+    bits: np.ndarray | None = None          # the mask after `steps`, frame-shaped, np.packbits
     score: float = 0.0                      # mean probability inside that mask
-    depth: int = 0                          # how many clicks the session can undo exactly
+    depth: int = 0                          # how many steps the session can undo exactly
+    boxed: bool = False                     # box_prompt has been given to the session
     owner: int = 0                          # the id of the Segmenter (model) it belongs to
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -209,9 +224,10 @@ class Outcome:
     bits: np.ndarray          # frame-shaped bool mask, packed
     score: float
     frame: Frame
-    ran: int                  # network runs this request cost
-    reused: int               # clicks reused from the cached session
+    ran: int                  # network runs (predictions) this request cost
+    reused: int               # steps reused from the cached session
     clicks: int               # clicks in the sequence
+    box: bool = False         # the model was given the box as a prompt
 
     def full_mask(self, height: int, width: int) -> np.ndarray:
         f = self.frame
@@ -226,9 +242,10 @@ def _same(a: Click, b: Click) -> bool:
 
 
 def common_prefix(a: list, b: list) -> int:
+    """How many leading steps two step sequences share."""
     n = 0
     for x, y in zip(a, b):
-        if not _same(x, y):
+        if len(x) != len(y) or not all(_same(c, d) for c, d in zip(x, y)):
             break
         n += 1
     return n
@@ -289,56 +306,67 @@ class Segmenter:
         return Frame(max(0, int(math.floor(x0 - mx))), max(0, int(math.floor(y0 - my))),
                      min(width, int(math.ceil(x1 + mx))), min(height, int(math.ceil(y1 + my))))
 
+    @property
+    def accepts_box(self) -> bool:
+        return bool(getattr(self.predictor, "accepts_box", False))
+
     def plan(self, prompt: Prompt, width: int, height: int, cached: Entry | None) -> Plan:
+        """The session and the steps a prompt needs. A smart rectangle is a prompt of its own for a
+        model trained with boxes (the whole image, session.set_box); otherwise the image is cropped
+        to the box plus BOX_MARGIN and the box centre is the first click. Either way the box stays
+        for later keypoints of the label (Label Studio sends them without it) while they fall
+        inside box + margin; a keypoint outside it means the box no longer applies."""
+        whole = Frame(0, 0, width, height)
         box = prompt.box
         if box is None and cached is not None and cached.box is not None and prompt.brush is None:
-            box = cached.box  # corrective keypoints after a smart rectangle refine inside it
-        frame = Frame(0, 0, width, height)
-        if box is not None:
-            bf = self.box_frame(box, width, height)
-            if all(bf.contains(c) for c in prompt.clicks):
-                frame = bf
-            elif prompt.box is None:
-                box = None    # a keypoint outside the old box: the box no longer applies
-        seq: list[Click] = []
-        if box is not None:
-            seq.append(Click((box[0] + box[2]) / 2 - 0.5, (box[1] + box[3]) / 2 - 0.5, True))
+            box = cached.box
+        if box is not None and not all(self.box_frame(box, width, height).contains(c) for c in prompt.clicks):
+            box = None
+        frame, steps, box_prompt = whole, [], None
+        if box is not None and self.accepts_box:
+            box_prompt = box
+        elif box is not None:
+            frame = self.box_frame(box, width, height)
+            steps.append((Click((box[0] + box[2]) / 2 - 0.5, (box[1] + box[3]) / 2 - 0.5, True),))
         prior = None
         if prompt.brush is not None:
-            bclicks, blob = brush_clicks(prompt.brush[frame.y0:frame.y1, frame.x0:frame.x1])
-            seq += [Click(c.x + frame.x0, c.y + frame.y0, True) for c in bclicks]
+            painted = prompt.brush[frame.y0:frame.y1, frame.x0:frame.x1]
+            bclicks, blob = brush_clicks(painted)
+            if bclicks:
+                steps.append(tuple(Click(c.x + frame.x0, c.y + frame.y0, True) for c in bclicks))
             if blob:
-                prior = prompt.brush[frame.y0:frame.y1, frame.x0:frame.x1].copy()
-        seq += prompt.clicks
-        return Plan(frame=frame, clicks=[frame.local(c) for c in seq], prior=prior,
-                    box=box if frame != Frame(0, 0, width, height) else None)
+                prior = painted.copy()
+        steps += [(c,) for c in prompt.clicks]
+        return Plan(frame=frame, steps=[tuple(frame.local(c) for c in st) for st in steps], prior=prior,
+                    box=box, box_prompt=box_prompt)
 
     # -- running ---------------------------------------------------------------------------------
     def segment(self, image_key: str, image: np.ndarray, prompt: Prompt,
                 deadline: float | None = None) -> Outcome:
-        """Run the prompt's click sequence; past `deadline` (time.monotonic()) PredictTimeout is
-        raised between two clicks, with at least one click run per call."""
+        """Run the prompt's steps; past `deadline` (time.monotonic()) PredictTimeout is raised
+        between two steps, with at least one network run per call."""
         height, width = image.shape[:2]
         key = (self.id, image_key, prompt.to_name, prompt.label)
         cached = self.sessions.get(key)
         plan = self.plan(prompt, width, height, cached)
-        if not plan.clicks:
+        if not plan.steps and plan.box_prompt is None:
             raise PayloadError("the smart regions give no click (an empty brush stroke?)")
-        if cached is None or cached.frame != plan.frame or cached.prior_sig != plan.prior_sig:
+        if cached is None or cached.identity != plan.identity:
             f = plan.frame
             session = self.predictor.open(image[f.y0:f.y1, f.x0:f.x1], prior_mask=plan.prior)
-            cached = Entry(session=session, frame=f, prior_sig=plan.prior_sig, box=plan.box, owner=self.id)
+            cached = Entry(session=session, identity=plan.identity, frame=f, box=plan.box,
+                           box_prompt=plan.box_prompt, owner=self.id)
         with cached.lock:
             try:
-                outcome = self._advance(cached, plan.clicks, deadline)
+                outcome = self._advance(cached, plan.steps, deadline)
             except PredictTimeout:
-                self._keep(key, cached)      # the clicks run so far are consistent: keep them
+                self._keep(key, cached)      # the steps run so far are consistent: keep them
                 raise
             except BaseException:
-                # A half-run click leaves the session in an unknown state: forget it.
+                # A half-run step leaves the session in an unknown state: forget it.
                 self.sessions.pop(key)
                 raise
-            self._keep(key, cached)          # (re)sized: the session grew by this request's clicks
+            self._keep(key, cached)          # (re)sized: the session grew by this request's steps
             return outcome
 
     def _keep(self, key, entry: Entry) -> None:
@@ -346,26 +374,34 @@ class Segmenter:
             log.info("a click session of %.0f MB is over SESSION_CACHE_MB: not kept, the next click "
                      "replays", entry.nbytes() / 2**20)
 
-    def _advance(self, e: Entry, clicks: list, deadline: float | None) -> Outcome:
-        k = common_prefix(e.clicks, clicks)
-        if k == len(clicks) == len(e.clicks) and e.bits is not None:
-            return Outcome(e.bits, e.score, e.frame, 0, k, len(clicks))
-        undo = len(e.clicks) - k
-        if undo > 0 and (k == 0 or undo > e.depth):
+    def _advance(self, e: Entry, steps: list, deadline: float | None) -> Outcome:
+        clicks = sum(len(st) for st in steps)
+        boxed = e.box_prompt is not None
+        k = common_prefix(e.steps, steps)
+        if k == len(steps) == len(e.steps) and e.bits is not None:
+            return Outcome(e.bits, e.score, e.frame, 0, k, clicks, boxed)
+        undo = len(e.steps) - k
+        if undo > 0 and (k == 0 and not boxed or undo > e.depth):
             e.session.reset()       # back to the start: the history does not reach that far
-            e.clicks, e.bits, e.depth = [], None, 0
+            e.steps, e.bits, e.depth, e.boxed = [], None, 0, False
         elif undo > 0:
             for _ in range(undo):
                 prob = e.session.undo()
-            e.clicks, e.depth = e.clicks[:k], e.depth - undo
+            e.steps, e.depth = e.steps[:k], e.depth - undo
             e.remember(prob, self.threshold)
-        reused = len(e.clicks)
+        reused, ran = len(e.steps), 0
         max_history = self.predictor.options.max_history
-        for ran, c in enumerate(clicks[len(e.clicks):]):
+        if boxed and not e.boxed:
+            x0, y0, x1, y1 = e.box_prompt
+            e.remember(e.session.set_box(x0, y0, x1, y1), self.threshold)
+            e.boxed, ran = True, 1
+        for st in steps[len(e.steps):]:
             if ran and deadline is not None and time.monotonic() > deadline:
-                raise PredictTimeout(len(e.clicks), len(clicks))
-            prob = e.session.add_click(c.x, c.y, c.positive)
-            e.clicks.append(c)
+                raise PredictTimeout(len(e.steps), len(steps))
+            # One prediction per step: a brush stroke's clicks go in together (and undo together).
+            prob = e.session.add_clicks([(c.x, c.y, c.positive) for c in st])
+            e.steps.append(st)
             e.depth = min(e.depth + 1, max_history)
             e.remember(prob, self.threshold)
-        return Outcome(e.bits, e.score, e.frame, len(clicks) - reused, reused, len(clicks))
+            ran += 1
+        return Outcome(e.bits, e.score, e.frame, ran, reused, clicks, boxed)

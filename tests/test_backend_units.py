@@ -267,12 +267,16 @@ def test_brush_blob_is_a_prior_with_one_central_click():
 
 
 def test_common_prefix():
-    a = [Click(1, 2, True), Click(3, 4, False), Click(5, 6, True)]
+    k1, k2, k3 = (Click(1, 2, True),), (Click(3, 4, False),), (Click(5, 6, True),)
+    a = [k1, k2, k3]
     assert common_prefix(a, a) == 3
     assert common_prefix(a, a[:2]) == 2
-    assert common_prefix(a, [a[0], Click(3, 4, True)]) == 1      # sign changed
-    assert common_prefix(a, [Click(1.0004, 2, True)]) == 1       # float noise is the same click
-    assert common_prefix(a, [Click(1.5, 2, True)]) == 0
+    assert common_prefix(a, [k1, (Click(3, 4, True),)]) == 1      # sign changed
+    assert common_prefix(a, [(Click(1.0004, 2, True),)]) == 1     # float noise is the same click
+    assert common_prefix(a, [(Click(1.5, 2, True),)]) == 0
+    stroke = (Click(1, 2, True), Click(7, 8, True))
+    assert common_prefix([stroke, k2], [stroke, k3]) == 1         # a brush stroke is one step
+    assert common_prefix([stroke], [stroke[:1]]) == 0             # ...compared as a whole
 
 
 def test_byte_cache_lru_budget_and_expiry():
@@ -300,21 +304,68 @@ def test_byte_cache_lru_budget_and_expiry():
 
 def test_plan_box_crop_and_sticky_box():
     seg = Segmenter(predictor=None, sessions=ByteCache(1 << 20, 60), box_margin=0.1)
+    from backend.engine import Entry
     from backend.payload import Prompt
     p = Prompt(label="A", to_name="image", box=(100.0, 50.0, 200.0, 150.0), size=(400, 300))
     plan = seg.plan(p, 400, 300, None)
     assert plan.frame == Frame(90, 40, 210, 160)
-    assert plan.clicks == [Click(59.5, 59.5, True)]          # box centre, in crop coordinates
+    assert plan.steps == [(Click(59.5, 59.5, True),)]        # box centre, in crop coordinates
     # Keypoints later (box not resent): inside the old box they refine it...
-    from backend.engine import Entry
-    cached = Entry(session=None, frame=plan.frame, prior_sig=None, box=plan.box)
+    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=plan.box, box_prompt=None)
     p2 = Prompt(label="A", to_name="image", clicks=[Click(120, 60, False)], size=(400, 300))
     plan2 = seg.plan(p2, 400, 300, cached)
-    assert plan2.frame == plan.frame and plan2.clicks == [Click(59.5, 59.5, True), Click(30, 20, False)]
+    assert plan2.identity == plan.identity
+    assert plan2.steps == [(Click(59.5, 59.5, True),), (Click(30, 20, False),)]
     # ...outside it, the whole image is used and the box is dropped.
     p3 = Prompt(label="A", to_name="image", clicks=[Click(10, 10, True)], size=(400, 300))
     plan3 = seg.plan(p3, 400, 300, cached)
-    assert plan3.frame == Frame(0, 0, 400, 300) and plan3.clicks == [Click(10, 10, True)] and plan3.box is None
+    assert plan3.frame == Frame(0, 0, 400, 300) and plan3.steps == [(Click(10, 10, True),)] and plan3.box is None
+
+
+def test_plan_keeps_a_box_whose_margin_covers_the_image():
+    """Issue 14: a box that, with its margin, covers the whole image was forgotten, and the next
+    keypoint started over without it."""
+    from backend.engine import Entry
+    from backend.payload import Prompt
+    seg = Segmenter(predictor=None, sessions=ByteCache(1 << 20, 60), box_margin=0.15)
+    box = (10.0, 10.0, 390.0, 290.0)
+    plan = seg.plan(Prompt(label="A", to_name="image", box=box, size=(400, 300)), 400, 300, None)
+    assert plan.frame == Frame(0, 0, 400, 300) and plan.box == box
+    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=plan.box, box_prompt=None)
+    kp = Prompt(label="A", to_name="image", clicks=[Click(50, 60, False)], size=(400, 300))
+    plan2 = seg.plan(kp, 400, 300, cached)
+    assert plan2.identity == plan.identity                       # the same session goes on
+    assert plan2.steps == [(Click(199.5, 149.5, True),), (Click(50, 60, False),)]
+
+
+def test_plan_box_model_gets_the_box_as_a_prompt_on_the_whole_image():
+    from backend.engine import Entry
+    from backend.payload import Prompt
+
+    class BoxModel:
+        accepts_box = True
+
+    seg = Segmenter(predictor=BoxModel(), sessions=ByteCache(1 << 20, 60), box_margin=0.1)
+    box = (100.0, 50.0, 200.0, 150.0)
+    plan = seg.plan(Prompt(label="A", to_name="image", box=box, size=(400, 300)), 400, 300, None)
+    assert (plan.frame, plan.steps, plan.box_prompt) == (Frame(0, 0, 400, 300), [], box)
+    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=box, box_prompt=box)
+    kp = Prompt(label="A", to_name="image", clicks=[Click(120, 60, False)], size=(400, 300))
+    plan2 = seg.plan(kp, 400, 300, cached)
+    assert plan2.identity == plan.identity and plan2.box_prompt == box
+    assert plan2.steps == [(Click(120, 60, False),)]              # no centre click: the box is the prompt
+    far = Prompt(label="A", to_name="image", clicks=[Click(390, 290, True)], size=(400, 300))
+    assert seg.plan(far, 400, 300, cached).box_prompt is None     # outside box + margin: box dropped
+
+
+def test_plan_brush_stroke_is_one_step():
+    from backend.payload import Prompt
+    seg = Segmenter(predictor=None, sessions=ByteCache(1 << 20, 60))
+    stroke = np.zeros((200, 300), bool)
+    stroke[95:105, 20:280] = True
+    plan = seg.plan(Prompt(label="A", to_name="image", brush=stroke, clicks=[Click(5, 5, False)],
+                           size=(300, 200)), 300, 200, None)
+    assert len(plan.steps) == 2 and 3 <= len(plan.steps[0]) <= 5 and plan.steps[1] == (Click(5, 5, False),)
 
 
 # -- webhooks ---------------------------------------------------------------------------------------
