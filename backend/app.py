@@ -1,7 +1,7 @@
 """The Flask app Label Studio talks to.
 
 Routes (what Label Studio 1.23 calls, plus some for operators):
-  GET  /health          liveness + model version
+  GET  /health          liveness, base model version, each project's served and promoted version
   POST /setup           project connect: checks the label config, remembers hostname/token
   GET  /versions        model versions (?project=N: that project's registry versions)
   POST /predict         interactive masks (params.context) or batch (context null)
@@ -117,6 +117,7 @@ class Backend:
                                   config.project_models, load=self.load_predictor,
                                   make_segmenter=self.make_segmenter,
                                   retire=lambda served: served.segmenter.forget())
+        self.models.watch()          # a promotion is loaded when it happens, in the background
         self.webhooks = WebhookHandler(make_enqueue(config), config.webhook_history)
         self.setups: dict[str, SetupInfo] = {}
         if config.label_studio_api_key and not config.label_studio_url:
@@ -352,7 +353,7 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
     def health():
         return jsonify({"status": "UP", "model_class": MODEL_CLASS, "model_version": backend.version,
                         "device": str(getattr(predictor, "device", "")), "sessions": len(backend.sessions),
-                        "projects": backend.models.loaded(),
+                        "projects": backend.models.overview(),
                         "caches": {"sessions": backend.sessions.stats(), "images": backend.images.stats()}})
 
     @app.post("/setup")

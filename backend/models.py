@@ -2,13 +2,17 @@
 
 Each project (Label Studio sends "3.1795584533" as the project of /setup and /predict) is served
 by the version its registry pointer names (training/registry.py: <registry>/<project>/promoted.json),
-or by the base checkpoint (MODEL_CHECKPOINT) while it has none. At most every
-MODEL_RELOAD_INTERVAL seconds per project, a request stats the pointer file; when its
-(inode, mtime, size) changed, the pointer is read and, if it names another version, that version
-is loaded and swapped in atomically (one attribute assignment) with a fresh Segmenter: the click
-sessions of the old version are dropped, requests already running finish on the old one. One
-thread loads; the others keep answering with the current model meanwhile. At most PROJECT_MODELS
-project models stay in memory (least recently used first out; the base model is always there).
+or by the base checkpoint (MODEL_CHECKPOINT) while it has none. A watcher thread stats every
+project's pointer file every MODEL_RELOAD_INTERVAL seconds; when its (inode, mtime, size)
+changed, the pointer is read and, if it names another version, that version is loaded in the
+background and swapped in atomically (one attribute assignment) with a fresh Segmenter: the click
+sessions of the old version are dropped, requests already running finish on the old one, and
+requests meanwhile keep answering with the current model. So a promotion is loaded when it
+happens, not at the project's next request, and GET /health lists each project's served and
+promoted version. At start the watcher loads the most recently promoted projects. A request also
+checks its project's pointer (at most every MODEL_RELOAD_INTERVAL seconds), so a project never
+seen by the watcher is loaded on its first request. At most PROJECT_MODELS project models stay in
+memory (least recently used first out; the base model is always there).
 
 Only the pointer's version *name* is used: the file is the registry's own
 versions/<name>/model.safetensors, served only when it is a regular file inside the registry whose
@@ -23,12 +27,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 log = logging.getLogger(__name__)
+
+# The watcher never polls faster than this, even with MODEL_RELOAD_INTERVAL=0 (check at every request).
+MIN_WATCH_INTERVAL = 0.5
+
+
+def _read_pointer(reg):
+    try:
+        return reg.pointer()
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -46,6 +61,7 @@ class _Slot:
     stamp: Optional[tuple] = None      # pointer (inode, mtime_ns, size) the slot reflects
     checked: float = 0.0               # monotonic time of the last pointer check
     note: str = ""                     # why the promoted version is not the one served
+    ready: bool = False                # the pointer has been looked at once (served is what it says)
     loading: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -64,6 +80,9 @@ class ModelRouter:
         self.clock = clock
         self._slots: "OrderedDict[str, _Slot]" = OrderedDict()
         self._lock = threading.Lock()
+        self._seen: dict = {}          # project -> pointer stamp at the watcher's last look
+        self._promoted: dict = {}      # project -> the version its pointer names (watcher's last look)
+        self._stop = threading.Event()
 
     # ------------------------------------------------------------------------------------------
     def project_of(self, project) -> Optional[str]:
@@ -80,6 +99,13 @@ class ModelRouter:
         pid = self.project_of(project)
         if self.root is None or pid is None:
             return self.base
+        slot, due = self._slot(pid)
+        if due:
+            self._refresh(pid, slot)
+        return slot.served
+
+    def _slot(self, pid: str) -> tuple[_Slot, bool]:
+        """The project's slot (created, most recently used) and whether its pointer is due a check."""
         with self._lock:
             slot = self._slots.get(pid)
             if slot is None:
@@ -90,20 +116,72 @@ class ModelRouter:
             due = self.clock() - slot.checked >= self.interval
             if due:
                 slot.checked = self.clock()
-        if due:
+        return slot, due
+
+    # -- the watcher -------------------------------------------------------------------------------
+    def watch(self) -> Optional[threading.Thread]:
+        """Start the watcher thread (none without a registry). It holds the router weakly and ends
+        when the router is gone."""
+        if self.root is None:
+            return None
+        ref = weakref.ref(self)
+        stop = self._stop
+
+        def loop():
+            while not stop.is_set():
+                router = ref()
+                if router is None:
+                    return
+                try:
+                    router.scan()
+                except Exception:            # a bad registry entry must not end the watching
+                    log.exception("model registry scan failed")
+                interval = max(router.interval, MIN_WATCH_INTERVAL)
+                del router
+                stop.wait(interval)
+
+        t = threading.Thread(target=loop, name="model-watcher", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def scan(self) -> None:
+        """One look at every project's pointer: load what was promoted or rolled back since the last
+        look (the first look: the most recently promoted projects, at most PROJECT_MODELS)."""
+        from training.registry import ProjectRegistry, projects
+
+        changed = []
+        for pid in projects(self.root):
+            reg = ProjectRegistry(self.root, pid)
+            stamp = reg.pointer_stamp()
+            if stamp == self._seen.get(pid):
+                continue
+            self._seen[pid] = stamp
+            pointer = _read_pointer(reg) if stamp is not None else None
+            self._promoted[pid] = pointer.get("version") if isinstance(pointer, dict) else None
+            if stamp is not None:
+                changed.append((stamp[1], pid))
+        for _, pid in sorted(changed, reverse=True)[:self.capacity]:
+            slot, _ = self._slot(pid)        # the change itself is the reason to look now
             self._refresh(pid, slot)
-        return slot.served
 
     def _refresh(self, pid: str, slot: _Slot) -> None:
         from training.registry import ProjectRegistry
 
         reg = ProjectRegistry(self.root, pid)
         stamp = reg.pointer_stamp()
-        if stamp == slot.stamp:
+        if stamp == slot.stamp and slot.ready:
             return
-        if not slot.loading.acquire(blocking=False):
-            return                                   # another thread loads it; serve the current model
+        # Another thread loads it: serve the current model meanwhile, unless there is none yet
+        # (a project's first look, e.g. the watcher loading it at start): then wait for it.
+        if not slot.loading.acquire(blocking=not slot.ready):
+            return
         try:
+            stamp = reg.pointer_stamp()
+            if stamp == slot.stamp and slot.ready:
+                return                               # loaded by the thread we waited for
             served, note = self._choose(pid, reg, slot.served)
             old = slot.served
             if served is not old:
@@ -112,7 +190,7 @@ class ModelRouter:
                          pid, served.version, old.version)
                 with self._lock:
                     self._retire(old)
-            slot.stamp, slot.note = stamp, note
+            slot.stamp, slot.note, slot.ready = stamp, note, True
         finally:
             slot.loading.release()
 
@@ -183,6 +261,17 @@ class ModelRouter:
         slot = self._slots.get(pid) if pid is not None else None
         return slot.note if slot else ""
 
-    def loaded(self) -> dict:
+    def overview(self) -> dict:
+        """Per project (registry projects and projects served this run): the version served (None
+        when not loaded in memory now), the version promoted, and why they differ if they do."""
         with self._lock:
-            return {pid: s.served.version for pid, s in self._slots.items()}
+            slots = dict(self._slots)
+        out = {}
+        for pid in sorted(set(slots) | {p for p, v in self._promoted.items() if v},
+                          key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s)):
+            slot = slots.get(pid)
+            d = {"served": slot.served.version if slot else None, "promoted": self._promoted.get(pid)}
+            if slot and slot.note:
+                d["note"] = slot.note
+            out[pid] = d
+        return out

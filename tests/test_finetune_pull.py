@@ -14,23 +14,80 @@ from backend.config import Config
 from backend.fetch import ImageFetcher
 from backend.masks import mask_to_rle, rle_to_mask
 from training import labelstudio_pull as pull
-from training.finetune import FinetuneSettings, decide
+from training.finetune import FinetuneSettings, Paired, decide
 from training.make_ls_export import brush_result
 
 
 # -- the promotion rule ----------------------------------------------------------------------------
-@pytest.mark.parametrize("hp, hc, bench, margin, gain, promote, needle", [
-    (6.0, 4.5, {"GrabCut": {"parent": 3.0, "candidate": 3.05}}, 0.1, 0.0, True, "6.00 -> 4.50"),
-    (6.0, 6.0, {}, 0.1, 0.0, False, "not better"),
-    (6.0, 6.5, {}, 0.1, 0.0, False, "not better"),
-    (6.0, 5.9, {}, 0.1, 0.5, False, "by more than 0.5"),
-    (6.0, 4.0, {"GrabCut": {"parent": 3.0, "candidate": 3.1}}, 0.1, 0.0, True, "margin 0.1"),
-    (6.0, 4.0, {"GrabCut": {"parent": 3.0, "candidate": 2.0},
-                "Berkeley": {"parent": 4.0, "candidate": 4.6}}, 0.5, 0.0, False, "Berkeley NoC@90 got worse by 0.60"),
+def paired(name, parent, candidate):
+    """A Paired comparison from two lists of per-instance NoC@90 (instance ids i0, i1, ...)."""
+    return Paired(name, {f"i{k}": v for k, v in enumerate(parent)}, {f"i{k}": v for k, v in enumerate(candidate)})
+
+
+HOLD_BETTER = ([6, 8, 4, 6], [4, 6, 4, 4])                # mean 6.00 -> 4.50, 3 better, none worse
+
+
+@pytest.mark.parametrize("hold, bench, margin, gain, promote, needle", [
+    (HOLD_BETTER, [("GrabCut", [3, 3], [3, 3])], 0.1, 0.0, True, "holdout NoC@90 6.00 -> 4.50"),
+    (([6, 6], [6, 6]), [], 0.1, 0.0, False, "not better"),
+    (([6, 6], [7, 6]), [], 0.1, 0.0, False, "not better"),
+    (([6, 6], [6, 5]), [], 0.1, 0.75, False, "by more than 0.75"),
+    (HOLD_BETTER, [("GrabCut", [3, 3], [3, 4])], 0.5, 0.0, True, "GrabCut NoC@90 3.00 -> 3.50"),
+    (HOLD_BETTER, [("GrabCut", [3, 3], [2, 2]), ("Berkeley", [4, 4], [5, 4])], 0.1, 0.0, False,
+     "Berkeley NoC@90 got worse by 0.50 (4.00 -> 4.50), more than the allowed 0.1; 1 of 2 instances worse (i0)"),
+    # The mean improved thanks to one instance while more instances got worse: paired, refused.
+    (([20, 3, 3, 3], [5, 4, 4, 3]), [], 0.1, 0.0, False, "only 1 of 4 instances got better and 2 worse"),
 ])
-def test_promotion_rule(hp, hc, bench, margin, gain, promote, needle):
-    ok, reason = decide(hp, hc, bench, margin, gain)
-    assert ok is promote and needle in reason
+def test_promotion_rule(hold, bench, margin, gain, promote, needle):
+    ok, reason, confidence = decide(paired("holdout", *hold), [paired(*b) for b in bench], margin, gain)
+    assert ok is promote and needle in reason, reason
+    assert confidence == "normal"
+
+
+def test_the_decision_names_every_regression():
+    """Issue 14: a rejection named Berkeley but not GrabCut, which also got worse."""
+    bench = [paired("GrabCut", [3, 3, 3], [5, 3, 4]), paired("Berkeley", [4, 4], [6, 5])]
+    ok, reason, _ = decide(paired("holdout", [6, 6], [6, 7]), bench, 0.1)
+    assert not ok
+    for needle in ("holdout NoC@90 6.50 is not better than the parent's 6.00",
+                   "GrabCut NoC@90 got worse by 1.00 (3.00 -> 4.00)", "2 of 3 instances worse (i0, i2)",
+                   "Berkeley NoC@90 got worse by 1.50 (4.00 -> 5.50)", "2 of 2 instances worse"):
+        assert needle in reason, reason
+
+
+def test_a_small_holdout_makes_a_low_confidence_decision():
+    ok, reason, confidence = decide(paired("holdout", [6, 6], [4, 5]), [], 0.1, confident_holdout=10)
+    assert ok and confidence == "low"
+    assert "low confidence: only 2 holdout instance(s), under FINETUNE_CONFIDENT_HOLDOUT=10" in reason
+    assert decide(paired("holdout", [6] * 10, [5] * 10), [], 0.1, confident_holdout=10)[2] == "normal"
+
+
+def test_benchmark_instances_whose_image_is_in_the_project_are_left_out(tmp_path):
+    """Issue 14: the first N Berkeley instances included the project's own annotated images. Here
+    the project holds two Berkeley images (one re-encoded as PNG, under other names)."""
+    from training.evaluation.datasets import load_dataset
+    from training.finetune import benchmark_samples, image_digest
+
+    first = load_dataset("Berkeley", limit=4)
+    Image.open(first[0].image).save(tmp_path / "task-1.png")
+    (tmp_path / "task-2.jpg").write_bytes(open(first[2].image, "rb").read())
+    project = {image_digest(p) for p in sorted(tmp_path.iterdir())}
+    kept, excluded = benchmark_samples("Berkeley", 3, project)
+    assert excluded == [first[0].sample_id, first[2].sample_id]
+    assert [s.sample_id for s in kept] == [first[1].sample_id, first[3].sample_id,
+                                           load_dataset("Berkeley", limit=5)[4].sample_id]
+    assert [s.sample_id for s in benchmark_samples("Berkeley", 3, set())[0]] == [s.sample_id for s in first[:3]]
+
+
+def test_too_few_annotations_name_the_settings():
+    from training.finetune import too_few
+    s = FinetuneSettings.from_env({})
+    report = {"train_regions": 3, "train_tasks": [1, 2, 3], "holdout_tasks": [4, 5], "skipped": []}
+    msg = too_few(report, s)
+    assert "3 training region(s) in 3 task(s) and 2 holdout task(s)" in msg
+    assert f"FINETUNE_MIN_TRAIN={s.min_train}" in msg and f"FINETUNE_MIN_HOLDOUT={s.min_holdout}" in msg
+    assert too_few(dict(report, train_regions=4), s) == ""
+    assert "FINETUNE_MIN_HOLDOUT=3" in too_few(dict(report, train_regions=9), FinetuneSettings.from_env({}, min_holdout=3))
 
 
 def test_settings_from_env_and_overrides():

@@ -147,8 +147,13 @@ def test_train_button_to_a_registered_version(label_studio_server, label_studio_
               + ", ".join(f"{d} {b['parent']:.2f} -> {b['candidate']:.2f}" for d, b in bench.items())
               + f"; timings {res['timings']}")
         assert res["version"] == f"p{pid}-v001" and res["status"] in ("promoted", "kept") and res["reason"]
-        from training.finetune import decide
-        assert decide(h["parent"]["noc90"], h["candidate"]["noc90"], bench, 0.10)[0] is res["promoted"]
+        from training.finetune import Paired, decide
+
+        def pairs(name, d):
+            return Paired(name, {i: v[0] for i, v in d["per_instance"].items()},
+                          {i: v[1] for i, v in d["per_instance"].items()})
+        again = decide(pairs("holdout", h), [pairs(d, b) for d, b in bench.items()], 0.10)
+        assert again[0] is res["promoted"], (again, res["reason"])
         versions = requests.get(f"{burl}/versions", params={"project": pid}, timeout=10).json()
         assert res["version"] in versions["versions"]
         assert (versions["promoted"] == res["version"]) is res["promoted"]

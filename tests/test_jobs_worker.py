@@ -203,5 +203,9 @@ def test_two_workers_never_train_one_project_at_once(workers, export):
     r1, r2 = job1.return_value(), job2.return_value()
     assert r1["version"] == "p6-v001" and r1["status"] in ("promoted", "kept")
     assert r2["parent"] == ("p6-v001" if r1["promoted"] else r1["parent"])   # job 2 saw what job 1 left
-    assert r2["status"] == "not trained" and "not enough usable annotations" in r2["reason"]
+    # Too few annotations: a distinct status with the reason, naming the setting it checks.
+    assert r2["status"] == "skipped" and "FINETUNE_MIN_TRAIN=1000" in r2["reason"], r2
+    info = jobs.job_info(conn, job2_id)
+    assert (info["status"], info["reason"], info["stage"]) == ("skipped", r2["reason"], "skipped")
+    assert f"{job2_id}  skipped" in cli(env, "status", job2_id)
     assert jobs.job_info(conn, job2_id)["folded_triggers"] == 1

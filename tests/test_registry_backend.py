@@ -128,3 +128,39 @@ def test_admin_route_behind_basic_auth(base_predictor, tmp_path):
     off = create_app(Config.from_env({"MODEL_REGISTRY": "off", "ADMIN_TOKEN": ADMIN_TOKEN}), base_predictor).test_client()
     assert off.post("/admin/rollback", json={"project": 8}, headers=ADMIN).status_code == 404
     assert predict(off, "8.1") == base_predictor.version
+
+
+def test_a_promotion_is_loaded_when_it_happens_and_listed_in_health(base_predictor, tiny_checkpoint, tmp_path,
+                                                                    caplog):
+    """Issue 14: a promoted version was loaded only at the project's next request, and /health
+    showed the old one until then. No /predict is sent here before the checks."""
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "registry"
+    early = ProjectRegistry(root, 4)                   # promoted before the backend starts
+    b4 = early.ensure_base(tiny_checkpoint)
+    early.add("p4-v001", make_tiny_checkpoint(tmp_path / "p4.safetensors", seed=4, version="p4-v001"), parent=b4.name)
+    early.promote("p4-v001", served_before=b4.name)
+    app = create_app(Config.from_env({"MODEL_REGISTRY": str(root), "MODEL_RELOAD_INTERVAL": "0.2"}), base_predictor)
+    c = app.test_client()
+
+    def health_projects(want, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            got = c.get("/health").get_json()["projects"]
+            if got == want or time.monotonic() > deadline:
+                return got
+            time.sleep(0.1)
+
+    assert health_projects({"4": {"served": "p4-v001", "promoted": "p4-v001"}}) == \
+        {"4": {"served": "p4-v001", "promoted": "p4-v001"}}            # loaded at start
+    reg = ProjectRegistry(root, 5)
+    base = reg.ensure_base(tiny_checkpoint)
+    reg.add("p5-v001", make_tiny_checkpoint(tmp_path / "v1.safetensors", seed=1, version="p5-v001"), parent=base.name)
+    reg.promote("p5-v001", served_before=base.name)
+    want = {"4": {"served": "p4-v001", "promoted": "p4-v001"}, "5": {"served": "p5-v001", "promoted": "p5-v001"}}
+    assert health_projects(want) == want                              # loaded without a request
+    loads = [r.getMessage() for r in caplog.records if "loaded p5-v001" in r.getMessage()]
+    assert len(loads) == 1
+    assert predict(c, "5.1795584533") == "p5-v001"                     # the first request finds it loaded
+    assert len([r for r in caplog.records if "loaded p5-v001" in r.getMessage()]) == 1
+    app.extensions["simclick"].models.stop()

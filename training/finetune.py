@@ -10,12 +10,18 @@ Stages (reported through `progress(stage, percent, **extra)`; the RQ job puts th
             with a LabelStudioSource on the pulled images; resumed from its last state when a
             retried job finds one in its work folder;
   evaluate  the robot user (NoC) on the holdout, parent and candidate, and on the benchmarks
-            (GrabCut, Berkeley, first `bench_limit` instances); every run is recorded in the
-            evaluation history (training.evaluation.history), tagged with the job id;
+            (GrabCut, Berkeley: the first `bench_limit` instances whose image is not in the
+            project's data, compared by content hash); every run is recorded in the evaluation
+            history (training.evaluation.history), tagged with the job id;
   register  the candidate becomes an immutable registry version with its parent, job id, train
             config, metrics and the decision;
-  promote   only if its holdout NoC@90 beats the parent's by more than `min_holdout_gain` and no
-            benchmark NoC@90 got worse by more than `bench_margin`.
+  promote   only if its holdout NoC@90 beats the parent's by more than `min_holdout_gain` with more
+            holdout instances better than worse, and no benchmark NoC@90 got worse by more than
+            `bench_margin` (`decide`; the reason names every regression, and says when the holdout
+            is too small for a confident decision).
+
+A project with too few usable annotations gets a job with status "skipped" and the reason
+(`too_few`), without training.
 
 Settings come from FINETUNE_* environment variables (table: FINETUNE_SETTINGS, printed by
 `python -m training.jobs --help-env`); a job's own overrides win.
@@ -51,9 +57,12 @@ FINETUNE_SETTINGS = [
     ("min_area", "FINETUNE_MIN_AREA", 400, "regions smaller than this many pixels are skipped"),
     ("labels", "FINETUNE_LABELS", "", "comma-separated labels to learn from; empty = all"),
     ("bench_datasets", "FINETUNE_BENCH_DATASETS", "GrabCut,Berkeley", "benchmarks checked before a promotion; empty = none"),
-    ("bench_limit", "FINETUNE_BENCH_LIMIT", 20, "first N instances of each benchmark; 0 = all"),
+    ("bench_limit", "FINETUNE_BENCH_LIMIT", 20,
+     "first N instances of each benchmark whose image is not in the project; 0 = all"),
     ("bench_margin", "FINETUNE_BENCH_MARGIN", 0.10, "largest NoC@90 increase allowed on a benchmark"),
     ("min_holdout_gain", "FINETUNE_MIN_GAIN", 0.0, "holdout NoC@90 must drop by more than this"),
+    ("confident_holdout", "FINETUNE_CONFIDENT_HOLDOUT", 10,
+     "a decision on fewer holdout instances is marked low-confidence (in its reason and 'confidence')"),
     ("eval_coarse_size", "FINETUNE_EVAL_COARSE_SIZE", 0, "coarse view of the evaluation predictor; 0 = predictor default"),
     ("device", "FINETUNE_DEVICE", "", "cpu or cuda; empty = cuda if available"),
     ("threads", "FINETUNE_THREADS", 0, "torch CPU threads; 0 = torch default"),
@@ -86,6 +95,7 @@ class FinetuneSettings:
     bench_limit: int = 20
     bench_margin: float = 0.10
     min_holdout_gain: float = 0.0
+    confident_holdout: int = 10
     eval_coarse_size: int = 0
     device: str = ""
     threads: int = 0
@@ -120,22 +130,110 @@ class FinetuneSettings:
 
 
 # -- the decision ----------------------------------------------------------------------------------
-def decide(holdout_parent: float, holdout_candidate: float, bench: Dict[str, Dict[str, float]],
-           margin: float, min_gain: float = 0.0) -> tuple[bool, str]:
-    """Promote iff the holdout NoC@90 improves by more than min_gain and no benchmark NoC@90 got
-    worse by more than margin. bench: dataset -> {"parent": noc90, "candidate": noc90}."""
-    gain = holdout_parent - holdout_candidate
+@dataclass
+class Paired:
+    """NoC@90 of the parent and the candidate on the same instances (instance id -> clicks)."""
+    name: str
+    parent: Dict[str, int]
+    candidate: Dict[str, int]
+
+    @classmethod
+    def from_results(cls, name: str, parent, candidate) -> "Paired":
+        """From two evaluation results (training.evaluation DatasetResult) of the same samples."""
+        return cls(name, {r.sample_id: r.noc() for r in parent.instances},
+                   {r.sample_id: r.noc() for r in candidate.instances})
+
+    @property
+    def ids(self) -> List[str]:
+        return sorted(self.parent.keys() & self.candidate.keys())
+
+    def mean(self, side: str) -> float:
+        values = getattr(self, side)
+        return sum(values[i] for i in self.ids) / max(1, len(self.ids))
+
+    @property
+    def better(self) -> List[str]:
+        return [i for i in self.ids if self.candidate[i] < self.parent[i]]
+
+    @property
+    def worse(self) -> List[str]:
+        return [i for i in self.ids if self.candidate[i] > self.parent[i]]
+
+    def text(self) -> str:
+        return (f"{self.name} NoC@90 {self.mean('parent'):.2f} -> {self.mean('candidate'):.2f} "
+                f"({len(self.better)} of {len(self.ids)} instances better, {len(self.worse)} worse)")
+
+    def to_dict(self) -> dict:
+        return {"instances": len(self.ids), "parent": {"noc90": self.mean("parent")},
+                "candidate": {"noc90": self.mean("candidate")}, "better": len(self.better),
+                "worse": len(self.worse), "per_instance": {i: [self.parent[i], self.candidate[i]] for i in self.ids}}
+
+
+def decide(holdout: Paired, bench: List[Paired], margin: float, min_gain: float = 0.0,
+           confident_holdout: int = 0) -> tuple[bool, str, str]:
+    """(promote, reason, confidence). Promote iff on the holdout the candidate's mean NoC@90 is
+    lower than the parent's by more than min_gain and more instances got better than worse
+    (paired, instance by instance), and no benchmark's mean NoC@90 rose by more than margin. The
+    reason names every failed condition and every benchmark that got worse, with its instances.
+    confidence "low" when the holdout has fewer than `confident_holdout` instances (the reason
+    says so)."""
+    problems = []
+    gain = holdout.mean("parent") - holdout.mean("candidate")
     if not gain > min_gain:
-        return False, (f"holdout NoC@90 {holdout_candidate:.2f} is not better than the parent's "
-                       f"{holdout_parent:.2f}" + (f" by more than {min_gain:g}" if min_gain else ""))
-    for ds, m in sorted(bench.items()):
-        worse = m["candidate"] - m["parent"]
+        problems.append(f"holdout NoC@90 {holdout.mean('candidate'):.2f} is not better than the parent's "
+                        f"{holdout.mean('parent'):.2f}" + (f" by more than {min_gain:g}" if min_gain else ""))
+    elif len(holdout.worse) >= len(holdout.better):
+        problems.append(f"holdout: the mean improved but only {len(holdout.better)} of {len(holdout.ids)} "
+                        f"instances got better and {len(holdout.worse)} worse")
+    for b in bench:
+        worse = b.mean("candidate") - b.mean("parent")
         if worse > margin + 1e-9:
-            return False, (f"{ds} NoC@90 got worse by {worse:.2f} ({m['parent']:.2f} -> "
-                           f"{m['candidate']:.2f}), more than the allowed {margin:g}")
-    bench_txt = "; ".join(f"{ds} {m['parent']:.2f} -> {m['candidate']:.2f}" for ds, m in sorted(bench.items()))
-    return True, (f"holdout NoC@90 {holdout_parent:.2f} -> {holdout_candidate:.2f}"
-                  + (f"; {bench_txt} (margin {margin:g})" if bench else "; no benchmark configured"))
+            shown = ", ".join(b.worse[:5]) + (" ..." if len(b.worse) > 5 else "")
+            problems.append(f"{b.name} NoC@90 got worse by {worse:.2f} ({b.mean('parent'):.2f} -> "
+                            f"{b.mean('candidate'):.2f}), more than the allowed {margin:g}; "
+                            f"{len(b.worse)} of {len(b.ids)} instances worse ({shown})")
+    if problems:
+        reason = "; ".join(problems)
+    else:
+        reason = "; ".join([holdout.text()] + [b.text() for b in bench]) + (
+            f" (benchmark margin {margin:g})" if bench else "; no benchmark configured")
+    confidence = "normal"
+    if len(holdout.ids) < confident_holdout:
+        confidence = "low"
+        reason += (f"; low confidence: only {len(holdout.ids)} holdout instance(s), under "
+                   f"FINETUNE_CONFIDENT_HOLDOUT={confident_holdout} (annotate more tasks)")
+    return not problems, reason, confidence
+
+
+# -- benchmarks without the project's own images --------------------------------------------------
+def image_digest(image) -> str:
+    """Content hash of a decoded image (shape + RGB bytes): the same picture under another file
+    name, URL or container (a Label Studio upload of a benchmark JPEG) has the same digest."""
+    import hashlib
+
+    import numpy as np
+
+    from model.images import load_image
+
+    arr = np.ascontiguousarray(load_image(image) if not hasattr(image, "shape") else image)
+    return hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+
+def benchmark_samples(dataset: str, limit: Optional[int], exclude: set) -> tuple[list, List[str]]:
+    """(the first `limit` samples of a benchmark whose image is not in `exclude` (digests),
+    ids of the excluded ones). Evaluating a candidate on images it was fine-tuned on would
+    flatter it."""
+    from training.evaluation.datasets import load_dataset
+
+    kept, excluded = [], []
+    for sample in load_dataset(dataset):
+        if limit is not None and len(kept) >= limit:
+            break
+        if exclude and image_digest(sample.image) in exclude:
+            excluded.append(sample.sample_id)
+        else:
+            kept.append(sample)
+    return kept, excluded
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -196,10 +294,12 @@ def _record(result, checkpoint: Path, sha: str, complete: bool, job_id: str, ext
         return None
 
 
-def _cached_bench(sha: str, dataset: str, limit: Optional[int], coarse_size: int) -> Optional[float]:
-    """The NoC@90 of an earlier run of the same checkpoint file on the same instances with the same
-    protocol and predictor options, if the history has one (the parent is evaluated once)."""
+def _cached_bench(sha: str, dataset: str, ids: List[str], coarse_size: int) -> Optional[Dict[str, int]]:
+    """Per-instance NoC@90 (id -> clicks) of an earlier run of the same checkpoint file on exactly
+    the same instances with the same protocol and predictor options, if the history has one (the
+    parent is evaluated once)."""
     from training.evaluation.history import list_runs
+    from training.evaluation.metrics import noc
     from training.evaluation.protocol import CURVE_CLICKS, THRESHOLD
 
     try:
@@ -208,10 +308,25 @@ def _cached_bench(sha: str, dataset: str, limit: Optional[int], coarse_size: int
         return None
     for r in reversed(rows):
         proto = r.get("protocol") or {}
-        if (r["checkpoint_hash"] == sha and proto.get("limit") == limit and r["max_clicks"] == CURVE_CLICKS
-                and proto.get("threshold") == THRESHOLD and int(proto.get("coarse_size") or 0) == coarse_size):
-            return float(r["noc90"])
+        if (r["checkpoint_hash"] == sha and r["max_clicks"] == CURVE_CLICKS and proto.get("threshold") == THRESHOLD
+                and not proto.get("box") and int(proto.get("coarse_size") or 0) == coarse_size
+                and [p["id"] for p in r["per_instance"]] == ids):
+            return {p["id"]: noc(p["ious"], 0.90) for p in r["per_instance"]}
     return None
+
+
+def too_few(report: dict, settings: FinetuneSettings) -> str:
+    """Why the pulled annotations cannot make a job ('' when they can): the message names the
+    settings it checks."""
+    train, hold = report["train_regions"], len(report["holdout_tasks"])
+    if train >= settings.min_train and hold >= settings.min_holdout:
+        return ""
+    return (f"not enough usable annotations: {train} training region(s) in {len(report['train_tasks'])} "
+            f"task(s) and {hold} holdout task(s); a job needs at least FINETUNE_MIN_TRAIN={settings.min_train} "
+            f"training regions and FINETUNE_MIN_HOLDOUT={settings.min_holdout} holdout tasks (a share "
+            f"FINETUNE_HOLDOUT_FRACTION={settings.holdout_fraction:g} of the tasks, at least "
+            f"FINETUNE_MIN_HOLDOUT, is held out): annotate more tasks"
+            + (f"; {len(report['skipped'])} region(s) were skipped, see 'skipped'" if report["skipped"] else ""))
 
 
 # -- the job ---------------------------------------------------------------------------------------
@@ -284,12 +399,11 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
                                               "holdout_regions", "train_tasks", "holdout_tasks",
                                               "latest_annotation", "source")}
     summary["skipped"] = report["skipped"]
-    if report["train_regions"] < settings.min_train or report["holdout_regions"] < 1:
-        summary.update(status="not trained", promoted=False,
-                       reason=(f"not enough usable annotations: {report['train_regions']} training and "
-                               f"{report['holdout_regions']} holdout region(s); need at least "
-                               f"{settings.min_train} and 1 (skipped {len(report['skipped'])})"))
-        progress("done", 100, detail=summary["reason"])
+    shortfall = too_few(report, settings)
+    if shortfall:
+        summary.update(status="skipped", promoted=False, reason=shortfall)
+        log.warning("job %s skipped: %s", job_id, shortfall)
+        progress("skipped", 100, detail=shortfall)
         _cleanup(work, settings)
         return summary
 
@@ -326,7 +440,6 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     summary["train"] = {"steps": train_summary["steps"], "resumed": resume, "device": train_summary["device"]}
 
     # -- evaluate ------------------------------------------------------------------------------------
-    from training.evaluation.datasets import load_dataset
     from training.evaluation.samples import samples_from_arrays
 
     t0 = time.perf_counter()
@@ -344,31 +457,47 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     runs = {"holdout_parent": _record(res_parent, parent.checkpoint, parent_sha, True, job_id, extra),
             "holdout_candidate": _record(res_cand, candidate_path, cand_sha, True, job_id, extra)}
     mp, mc = res_parent.metrics(), res_cand.metrics()
-    metrics: Dict[str, Any] = {"holdout": {"instances": len(holdout),
+    paired_holdout = Paired.from_results("holdout", res_parent, res_cand)
+    metrics: Dict[str, Any] = {"holdout": {**paired_holdout.to_dict(),
                                            "parent": {k: mp[k] for k in ("noc85", "noc90", "nof90")},
                                            "candidate": {k: mc[k] for k in ("noc85", "noc90", "nof90")}}}
-    bench: Dict[str, Dict[str, float]] = {}
+    bench: Dict[str, Dict[str, Any]] = {}
+    paired_bench: List[Paired] = []
     names = [s.strip() for s in settings.bench_datasets.split(",") if s.strip()]
     limit = settings.bench_limit or None
+    project_images = {image_digest(p) for p in sorted((data / "images").iterdir())} if names else set()
     for i, ds in enumerate(names):
         progress("evaluate", 82 + int(12 * i / max(1, len(names))), detail=ds)
-        samples = load_dataset(ds, limit=limit)
-        bextra = {"job_id": job_id, "project": pid, "limit": limit, "coarse_size": settings.eval_coarse_size}
-        complete = limit is None or len(samples) < limit
-        cached = _cached_bench(parent_sha, ds, limit, settings.eval_coarse_size)
-        if cached is None:
+        samples, excluded = benchmark_samples(ds, limit, project_images)
+        if excluded:
+            log.warning("job %s: %d %s instance(s) left out of the promotion check, their image is in "
+                        "project %s: %s", job_id, len(excluded), ds, pid, ", ".join(excluded))
+        ids = [smp.sample_id for smp in samples]
+        bextra = {"job_id": job_id, "project": pid, "limit": limit, "coarse_size": settings.eval_coarse_size,
+                  "excluded": excluded}
+        complete = not excluded and (limit is None or len(samples) < limit)
+        parent_nocs = _cached_bench(parent_sha, ds, ids, settings.eval_coarse_size)
+        if parent_nocs is None:
             rp = _evaluate(parent_pred, samples, ds)
             runs[f"{ds}_parent"] = _record(rp, parent.checkpoint, parent_sha, complete, job_id, bextra)
-            cached = rp.metrics()["noc90"]
+            parent_nocs = {r.sample_id: r.noc() for r in rp.instances}
         rc = _evaluate(cand_pred, samples, ds)
         runs[f"{ds}_candidate"] = _record(rc, candidate_path, cand_sha, complete, job_id, bextra)
-        bench[ds] = {"parent": float(cached), "candidate": float(rc.metrics()["noc90"]), "instances": len(samples)}
+        pb = Paired(ds, parent_nocs, {r.sample_id: r.noc() for r in rc.instances})
+        paired_bench.append(pb)
+        bench[ds] = {**pb.to_dict(), "parent": pb.mean("parent"), "candidate": pb.mean("candidate"),
+                     "excluded": excluded}
     metrics["benchmarks"] = bench
     metrics["history_runs"] = runs
     timings["evaluate_s"] = round(time.perf_counter() - t0, 2)
 
     # -- decide, register, promote -------------------------------------------------------------------
-    promote, reason = decide(mp["noc90"], mc["noc90"], bench, settings.bench_margin, settings.min_holdout_gain)
+    promote, reason, confidence = decide(paired_holdout, paired_bench, settings.bench_margin,
+                                         settings.min_holdout_gain, settings.confident_holdout)
+    left_out = {ds: len(b["excluded"]) for ds, b in bench.items() if b["excluded"]}
+    if left_out:
+        reason += "; left out of the benchmarks (image in the project): " + ", ".join(
+            f"{n} {ds} instance(s)" for ds, n in left_out.items())
     progress("register", 95, detail=name)
     if before_register:
         before_register()
@@ -376,13 +505,13 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
         name, candidate_path, kind="finetuned", parent=parent.name, job_id=job_id,
         train_config=tcfg.to_dict(), settings=settings.to_dict(), metrics=metrics,
         data=summary["data"], skipped=report["skipped"][:200],
-        decision={"promote": promote, "reason": reason, "decided_at": time.time()})
+        decision={"promote": promote, "reason": reason, "confidence": confidence, "decided_at": time.time()})
     if promote:
         progress("promote", 98, detail=name)
         registry.promote(version.name, reason=reason, actor=f"job {job_id}", served_before=parent.name)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     summary.update(status="promoted" if promote else "kept", promoted=promote, reason=reason,
-                   metrics=metrics, timings=timings)
+                   confidence=confidence, metrics=metrics, timings=timings)
     log.info("job %s: %s %s (%s)", job_id, name, "promoted" if promote else "kept unpromoted", reason)
     progress("done", 100, detail=f"{name} {'promoted' if promote else 'kept'}: {reason}")
     _cleanup(work, settings)

@@ -380,6 +380,9 @@ def job_info(conn, job_id: str) -> Optional[dict]:
          "worker": job.worker_name, "meta": meta}
     if status == "finished":
         d["result"] = job.return_value()
+        if isinstance(d["result"], dict) and d["result"].get("status") == "skipped":
+            # Finished for RQ, but nothing was trained: say so where an admin looks first.
+            d["status"], d["reason"] = "skipped", d["result"].get("reason")
     elif status in ("failed", "stopped", "canceled"):
         latest = job.latest_result()
         exc = (latest.exc_string if latest is not None else "") or ""
@@ -488,7 +491,9 @@ def _print(obj, as_json: bool) -> None:
             line += f"  {d['detail']}"
         if d.get("error"):
             line += f"  error: {d['error']}"
-        if d.get("result"):
+        if d["status"] == "skipped":
+            line += f"  skipped: {d.get('reason')}"
+        elif d.get("result"):
             r = d["result"]
             line += f"  -> {r.get('version')} {r.get('status')}: {r.get('reason')}"
         print(line)
