@@ -10,6 +10,7 @@ Routes (what Label Studio 1.23 calls, plus some for operators):
   GET  /jobs/<id>       a fine-tuning job: status, stage, percent, result or error
   GET  /jobs?project=N  recent fine-tuning jobs
   POST /admin/rollback  {"project": N, "to": optional version}: serve another registry version
+  POST /admin/jobs/<id>/cancel  cancel a fine-tuning job (queued, running or abandoned)
 
 Each project is served by its promoted registry version (backend/models.py), reloaded within
 MODEL_RELOAD_INTERVAL seconds of a promotion or rollback, without a restart.
@@ -393,6 +394,20 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
         if info is None:
             raise ApiError(f"no job {job_id} (unknown, or expired after TRAINING_RESULT_TTL)", 404)
         return jsonify(info)
+
+    @app.post("/admin/jobs/<job_id>/cancel")
+    def cancel_job(job_id):
+        from training.jobs import cancel_job
+        try:
+            out = cancel_job(backend.redis(), job_id, f"http {request.remote_addr}")
+        except ApiError:
+            raise
+        except RuntimeError as e:
+            raise ApiError(str(e), 404 if str(e).startswith("no job") else 409) from None
+        except Exception as e:
+            raise ApiError(f"the training queue is unreachable: {type(e).__name__}: {e}", 503) from None
+        log.warning("job %s: %s by %s", job_id, out["status"], request.remote_addr)
+        return jsonify(out)
 
     @app.post("/admin/rollback")
     def rollback():

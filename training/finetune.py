@@ -28,6 +28,7 @@ Settings come from FINETUNE_* environment variables (table: FINETUNE_SETTINGS, p
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,6 +38,8 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
+
+from training.evaluation.protocol import CURVE_CLICKS     # clicks every evaluated instance runs
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +303,7 @@ def _cached_bench(sha: str, dataset: str, ids: List[str], coarse_size: int) -> O
     parent is evaluated once)."""
     from training.evaluation.history import list_runs
     from training.evaluation.metrics import noc
-    from training.evaluation.protocol import CURVE_CLICKS, THRESHOLD
+    from training.evaluation.protocol import THRESHOLD
 
     try:
         rows = list_runs(dataset=dataset, full=True)
@@ -313,6 +316,107 @@ def _cached_bench(sha: str, dataset: str, ids: List[str], coarse_size: int) -> O
                 and [p["id"] for p in r["per_instance"]] == ids):
             return {p["id"]: noc(p["ious"], 0.90) for p in r["per_instance"]}
     return None
+
+
+@dataclass
+class BenchPlan:
+    dataset: str
+    samples: list
+    excluded: List[str]                      # ids left out: their image is in the project
+    parent_nocs: Optional[Dict[str, int]]    # the parent's NoC@90 from the history, if it has them
+    complete: bool                           # every instance of the data set is in `samples`
+
+
+def plan_benchmarks(settings: FinetuneSettings, project_images: Path, parent_sha: str, job_id: str,
+                    pid: str) -> List[BenchPlan]:
+    """The benchmark instances the promotion check will run (FINETUNE_BENCH_DATASETS, the first
+    FINETUNE_BENCH_LIMIT of each whose image is not one of the project's), and the parent's
+    cached results on exactly those."""
+    names = [n.strip() for n in settings.bench_datasets.split(",") if n.strip()]
+    if not names:
+        return []
+    limit = settings.bench_limit or None
+    digests = {image_digest(p) for p in sorted(project_images.iterdir())}
+    plans = []
+    for ds in names:
+        samples, excluded = benchmark_samples(ds, limit, digests)
+        if excluded:
+            log.warning("job %s: %d %s instance(s) left out of the promotion check, their image is in "
+                        "project %s: %s", job_id, len(excluded), ds, pid, ", ".join(excluded))
+        ids = [smp.sample_id for smp in samples]
+        plans.append(BenchPlan(ds, samples, excluded, _cached_bench(parent_sha, ds, ids, settings.eval_coarse_size),
+                               not excluded and (limit is None or len(samples) < limit)))
+    return plans
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """A sample that calls `started` when the evaluation loads it (evaluate_dataset has no
+    per-instance callback)."""
+    sample: Any
+    started: Callable[[], None]
+
+    @property
+    def sample_id(self) -> str:
+        return self.sample.sample_id
+
+    def load(self):
+        self.started()
+        return self.sample.load()
+
+
+class Eta:
+    """Seconds a job has left: its training steps left at the measured seconds per step, plus its
+    evaluation clicks left at the measured seconds per click. Until this job has measured a speed,
+    the previous job's on this host (`rates`) stands in (a first job times a few clicks before
+    training, `click_seconds`); with neither, no ETA (None)."""
+
+    def __init__(self, steps: int, rates: dict, clock: Callable[[], float] = time.monotonic):
+        self.steps, self.clock = steps, clock
+        self.step_s: Optional[float] = rates.get("train_step_s")
+        self.click_s: Optional[float] = rates.get("eval_click_s")
+        self.eval_clicks = 0                 # clicks the evaluation will run (set once planned)
+        self.measured: Dict[str, float] = {}
+        self._train0: Optional[tuple] = None
+        self._eval0: Optional[float] = None
+
+    def step(self, step: int) -> dict:
+        """At training step `step` (first call: the reference point, start-up excluded)."""
+        now = self.clock()
+        if self._train0 is None:
+            self._train0 = (now, step)
+        elif step > self._train0[1]:
+            self.step_s = self.measured["train_step_s"] = (now - self._train0[0]) / (step - self._train0[1])
+        return self.left(self.steps - step, self.eval_clicks)
+
+    def clicks(self, done: int) -> dict:
+        """After `done` evaluation clicks (first call: the evaluation starts)."""
+        now = self.clock()
+        if self._eval0 is None:
+            self._eval0 = now
+        elif done > 0:
+            self.click_s = self.measured["eval_click_s"] = (now - self._eval0) / done
+        return self.left(0, self.eval_clicks - done)
+
+    def left(self, steps: int, clicks: int) -> dict:
+        if (steps > 0 and self.step_s is None) or (clicks > 0 and self.click_s is None):
+            return {"eta_s": None}
+        return {"eta_s": round(max(0, steps) * (self.step_s or 0.0) + max(0, clicks) * (self.click_s or 0.0), 1)}
+
+
+def click_seconds(predictor, sample, clicks: int = 3) -> float:
+    """Seconds per click of `predictor` on one holdout instance (image encoding included, as in the
+    evaluation): the ETA's measure of the evaluation speed before the evaluation has started."""
+    import numpy as np
+
+    loaded = sample.load()
+    ys, xs = np.nonzero(loaded.gt)
+    k = len(ys) // 2
+    t0 = time.perf_counter()
+    session = predictor.open(loaded.image)
+    for _ in range(clicks):
+        session.add_click(float(xs[k]), float(ys[k]), True)
+    return (time.perf_counter() - t0) / clicks
 
 
 def too_few(report: dict, settings: FinetuneSettings) -> str:
@@ -333,9 +437,12 @@ def too_few(report: dict, settings: FinetuneSettings) -> str:
 def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings] = None,
                  progress: Optional[Progress] = None, export: Optional[str] = None,
                  registry_root: Optional[str] = None, base_checkpoint: Optional[str] = None,
-                 work_root: Optional[str] = None, before_register: Optional[Callable[[], None]] = None) -> dict:
+                 work_root: Optional[str] = None, before_register: Optional[Callable[[], None]] = None,
+                 rates: Optional[dict] = None) -> dict:
     """One fine-tuning job for one project. Returns a JSON-able summary (also the RQ job result).
-    `before_register` is called right before the registry is changed (the job's lock check)."""
+    `before_register` is called right before the registry is changed (the job's lock check).
+    `rates`: the speeds a previous job measured on this host (the summary's "rates"), the ETA's
+    guess until this job has measured its own."""
     import torch
 
     from backend.config import Config
@@ -407,6 +514,19 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
         _cleanup(work, settings)
         return summary
 
+    # -- benchmarks: chosen before training (a missing data set fails early; the ETA knows the work)
+    parent_sha = parent.info.get("sha256") or file_sha256(parent.checkpoint)
+    checks = plan_benchmarks(settings, data / "images", parent_sha, job_id, pid)
+    from training.evaluation.samples import samples_from_arrays
+
+    holdout = samples_from_arrays(pull.holdout_pairs(data), prefix=f"p{pid}-holdout-")
+    parent_pred = _predictor(parent.checkpoint, settings, parent.name)
+    eta = Eta(settings.steps, rates or {})
+    eta.eval_clicks = CURVE_CLICKS * (2 * len(holdout) + sum(
+        len(c.samples) * (1 if c.parent_nocs is not None else 2) for c in checks))
+    if eta.click_s is None and holdout:             # no earlier job on this host: measure a few clicks
+        eta.click_s = click_seconds(parent_pred, holdout[0])
+
     # -- train ---------------------------------------------------------------------------------------
     from training.config import TrainConfig
     from training.train import train
@@ -426,10 +546,12 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
         device=settings.device or "auto", seed=settings.seed, version=name,
         notes=f"fine-tuned from {parent.name} by job {job_id} on project {pid}")
     resume = (out / "state.safetensors").exists()
-    progress("train", 10, detail=("resuming" if resume else "starting") + f" from {parent.name}")
+    progress("train", 10, detail=("resuming" if resume else "starting") + f" from {parent.name}",
+             **eta.left(settings.steps, eta.eval_clicks))
     watcher = _TrainProgress(out / "log.csv", settings.steps,
                              lambda step: progress("train", 10 + int(60 * step / settings.steps),
-                                                   detail=f"step {step}/{settings.steps}", step=step))
+                                                   detail=f"step {step}/{settings.steps}", step=step,
+                                                   **eta.step(step)))
     watcher.start()
     try:
         train_summary = train(tcfg, resume=resume, progress=False)
@@ -440,20 +562,24 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     summary["train"] = {"steps": train_summary["steps"], "resumed": resume, "device": train_summary["device"]}
 
     # -- evaluate ------------------------------------------------------------------------------------
-    from training.evaluation.samples import samples_from_arrays
-
     t0 = time.perf_counter()
-    progress("evaluate", 70, detail="holdout")
-    holdout = samples_from_arrays(pull.holdout_pairs(data), prefix=f"p{pid}-holdout-")
-    parent_sha, cand_sha = parent.info.get("sha256") or file_sha256(parent.checkpoint), file_sha256(candidate_path)
-    parent_pred = _predictor(parent.checkpoint, settings, parent.name)
+    cand_sha = file_sha256(candidate_path)
     cand_pred = _predictor(candidate_path, settings, name)
+    done = [0]           # evaluation clicks run so far, for the progress and the ETA
+
+    def counted(samples, what: str, low: int, high: int) -> list:
+        """The samples, reporting progress as each one starts (every instance runs CURVE_CLICKS)."""
+        def started(i: int) -> None:
+            progress("evaluate", low + int((high - low) * i / max(1, len(samples))),
+                     detail=f"{what} {i + 1}/{len(samples)}", **eta.clicks(done[0]))
+            done[0] += CURVE_CLICKS
+        return [_Counted(smp, functools.partial(started, i)) for i, smp in enumerate(samples)]
+
     extra = {"job_id": job_id, "project": pid, "holdout_tasks": report["holdout_tasks"],
              "coarse_size": settings.eval_coarse_size}
     ds_name = f"ls-p{pid}-holdout"
-    res_parent = _evaluate(parent_pred, holdout, ds_name)
-    progress("evaluate", 76, detail="holdout (candidate)")
-    res_cand = _evaluate(cand_pred, holdout, ds_name)
+    res_parent = _evaluate(parent_pred, counted(holdout, "holdout (parent)", 70, 73), ds_name)
+    res_cand = _evaluate(cand_pred, counted(holdout, "holdout (candidate)", 73, 76), ds_name)
     runs = {"holdout_parent": _record(res_parent, parent.checkpoint, parent_sha, True, job_id, extra),
             "holdout_candidate": _record(res_cand, candidate_path, cand_sha, True, job_id, extra)}
     mp, mc = res_parent.metrics(), res_cand.metrics()
@@ -463,30 +589,22 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
                                            "candidate": {k: mc[k] for k in ("noc85", "noc90", "nof90")}}}
     bench: Dict[str, Dict[str, Any]] = {}
     paired_bench: List[Paired] = []
-    names = [s.strip() for s in settings.bench_datasets.split(",") if s.strip()]
-    limit = settings.bench_limit or None
-    project_images = {image_digest(p) for p in sorted((data / "images").iterdir())} if names else set()
-    for i, ds in enumerate(names):
-        progress("evaluate", 82 + int(12 * i / max(1, len(names))), detail=ds)
-        samples, excluded = benchmark_samples(ds, limit, project_images)
-        if excluded:
-            log.warning("job %s: %d %s instance(s) left out of the promotion check, their image is in "
-                        "project %s: %s", job_id, len(excluded), ds, pid, ", ".join(excluded))
-        ids = [smp.sample_id for smp in samples]
-        bextra = {"job_id": job_id, "project": pid, "limit": limit, "coarse_size": settings.eval_coarse_size,
-                  "excluded": excluded}
-        complete = not excluded and (limit is None or len(samples) < limit)
-        parent_nocs = _cached_bench(parent_sha, ds, ids, settings.eval_coarse_size)
+    for i, c in enumerate(checks):
+        low = 76 + int(18 * i / len(checks))
+        mid, high = low + int(9 / len(checks)), 76 + int(18 * (i + 1) / len(checks))
+        ds, bextra = c.dataset, {"job_id": job_id, "project": pid, "limit": settings.bench_limit or None,
+                                 "coarse_size": settings.eval_coarse_size, "excluded": c.excluded}
+        parent_nocs = c.parent_nocs
         if parent_nocs is None:
-            rp = _evaluate(parent_pred, samples, ds)
-            runs[f"{ds}_parent"] = _record(rp, parent.checkpoint, parent_sha, complete, job_id, bextra)
+            rp = _evaluate(parent_pred, counted(c.samples, f"{ds} (parent)", low, mid), ds)
+            runs[f"{ds}_parent"] = _record(rp, parent.checkpoint, parent_sha, c.complete, job_id, bextra)
             parent_nocs = {r.sample_id: r.noc() for r in rp.instances}
-        rc = _evaluate(cand_pred, samples, ds)
-        runs[f"{ds}_candidate"] = _record(rc, candidate_path, cand_sha, complete, job_id, bextra)
+        rc = _evaluate(cand_pred, counted(c.samples, f"{ds} (candidate)", mid, high), ds)
+        runs[f"{ds}_candidate"] = _record(rc, candidate_path, cand_sha, c.complete, job_id, bextra)
         pb = Paired(ds, parent_nocs, {r.sample_id: r.noc() for r in rc.instances})
         paired_bench.append(pb)
         bench[ds] = {**pb.to_dict(), "parent": pb.mean("parent"), "candidate": pb.mean("candidate"),
-                     "excluded": excluded}
+                     "excluded": c.excluded}
     metrics["benchmarks"] = bench
     metrics["history_runs"] = runs
     timings["evaluate_s"] = round(time.perf_counter() - t0, 2)
@@ -511,7 +629,7 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
         registry.promote(version.name, reason=reason, actor=f"job {job_id}", served_before=parent.name)
     timings["total_s"] = round(time.perf_counter() - t_start, 2)
     summary.update(status="promoted" if promote else "kept", promoted=promote, reason=reason,
-                   confidence=confidence, metrics=metrics, timings=timings)
+                   confidence=confidence, metrics=metrics, timings=timings, rates=eta.measured)
     log.info("job %s: %s %s (%s)", job_id, name, "promoted" if promote else "kept unpromoted", reason)
     progress("done", 100, detail=f"{name} {'promoted' if promote else 'kept'}: {reason}")
     _cleanup(work, settings)

@@ -5,7 +5,8 @@
     python -m training.jobs enqueue --project P [--export FILE] [--steps N] [--bench-limit N] ...
     python -m training.jobs versions --project P [--json]
     python -m training.jobs rollback --project P [--to VERSION]
-    python -m training.jobs retry JOB
+    python -m training.jobs retry JOB                    # failed, stopped, canceled or abandoned: resumes
+    python -m training.jobs cancel JOB [--wait 30]       # queued: never runs; running: ended (resumable)
     python -m training.jobs resync --project P           # re-derive the annotation counter from Label Studio
 
 Enqueueing (the backend's /webhook calls `enqueue_webhook`; it only talks to Redis, a few ms):
@@ -24,21 +25,32 @@ The job (`run_training_job`, run by the worker) holds a per-project Redis lock
 (simclick:train-lock:<project>, a lease renewed by a heartbeat thread) for the whole fine-tuning,
 so two workers on one queue never train the same project at once: the second waits (job.meta
 stage "waiting"). The lock's owner is one *attempt* of a job (job id + a random token), not the
-job: when a worker is SIGKILLed its work-horse lives on in its own process group, RQ marks the
-job abandoned, and `retry` starts a second attempt with the same job id; that attempt waits until
-the first one finishes (it still renews its lease) or dies (its lease expires after
-TRAINING_LOCK_TTL seconds), then resumes training from the last saved state. A job killed mid-way
+job: a work-horse whose worker was SIGKILLed lives on in its own process group until its guard
+notices (below), and a `retry` meanwhile starts a second attempt with the same job id; that
+attempt waits until the first one ends (it still renews its lease) or dies (its lease expires
+after TRAINING_LOCK_TTL seconds), then resumes training from the last saved state. A job killed mid-way
 leaves the registry untouched (versions are registered only at the end, atomically).
-Progress is in job.meta: stage (queued, waiting, pull, train, evaluate, register, promote, done),
-percent, detail.
+
+Stopping and crashing: each job runs a guard thread (`JobGuard`) that renews a heartbeat key
+(simclick:alive:<job>, TTL TRAINING_HEARTBEAT_TTL); a started job without one is shown as
+"abandoned" within seconds, and `retry`/`cancel` accept it at once. The guard also ends the job
+(`JobInterrupted`, its lock released, its saved state kept) when it is cancelled
+(simclick:cancel:<job>, set by `cancel` or POST /admin/jobs/<id>/cancel) or when the worker that
+forked it died; and the worker's stop (SIGTERM/SIGINT) ends its running job the same way instead
+of waiting for it. A job with too few annotations finishes at once as "skipped", with the reason.
+Progress is in job.meta: stage (queued, waiting, pull, train, evaluate, register, promote, done,
+skipped, interrupted), percent, detail, eta_s (training.finetune.Eta); `status` and /jobs show
+the time left (eta_s, eta_at).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -60,6 +72,9 @@ JOB_SETTINGS = [
      "enqueue a fine-tuning job after this many new/updated annotations with a mask; 0 = only the Train button"),
     ("job_timeout", "TRAINING_JOB_TIMEOUT", 6 * 3600, "seconds before RQ stops a job"),
     ("lock_ttl", "TRAINING_LOCK_TTL", 30, "seconds the per-project training lock outlives a dead worker"),
+    ("heartbeat_ttl", "TRAINING_HEARTBEAT_TTL", 10,
+     "a started job without a heartbeat for this many seconds (its worker and work-horse gone) is "
+     "shown as abandoned, and retry/cancel accept it"),
     ("dedup_seconds", "WEBHOOK_DEDUP_SECONDS", 60, "an identical webhook body within this window is one delivery"),
     ("result_ttl", "TRAINING_RESULT_TTL", 7 * 86400, "seconds finished and failed jobs stay visible"),
 ]
@@ -72,6 +87,7 @@ class JobSettings:
     train_every: int = 0
     job_timeout: int = 6 * 3600
     lock_ttl: int = 30
+    heartbeat_ttl: int = 10
     dedup_seconds: int = 60
     result_ttl: int = 7 * 86400
 
@@ -331,33 +347,163 @@ class _Meta:
         self.update(stage=stage, percent=int(percent), at=time.time(), **kw)
 
 
+class JobInterrupted(RuntimeError):
+    """The job was ended before its end: its worker stopped or died, or it was cancelled. Its work
+    folder keeps the last saved training state, so `retry` resumes it."""
+
+
+class JobGuard(threading.Thread):
+    """Runs beside a job, in its own process: every TRAINING_HEARTBEAT_TTL/4 seconds it renews the
+    job's heartbeat key (simclick:alive:<job>), so a job whose process is gone shows as abandoned
+    within seconds instead of RQ's minutes; and it ends the job (JobInterrupted in the job's main
+    thread) when the job is cancelled (simclick:cancel:<job>) or when the worker that forked this
+    work-horse died (SIGKILL), so no orphaned training goes on."""
+
+    def __init__(self, conn, job_id: str, ttl: float, worker_pid: Optional[int]):
+        super().__init__(name=f"guard-{job_id}", daemon=True)
+        self.conn, self.job_id, self.ttl, self.worker_pid = conn, job_id, ttl, worker_pid
+        self.reason: Optional[str] = None
+        self.armed = False            # the job's SIGTERM handler is in place (`interruptible`)
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        every = max(0.2, self.ttl / 4)
+        while not self._halt.is_set():
+            why = self.check()
+            if why and self.armed:
+                self.reason = why
+                # A real signal to the main thread: it also breaks a blocking call (a download).
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                return
+            self._halt.wait(every)
+
+    def check(self) -> Optional[str]:
+        """Renew the heartbeat; the reason to end the job, if any."""
+        if self.worker_pid is not None and os.getppid() != self.worker_pid:
+            return f"its worker (pid {self.worker_pid}) died"
+        try:
+            self.conn.set(_key("alive", self.job_id), str(os.getpid()), ex=max(1, int(round(self.ttl))))
+            who = self.conn.get(_key("cancel", self.job_id))
+        except Exception as e:       # Redis briefly away: the heartbeat lapses, the job goes on
+            log.warning("job %s: heartbeat failed: %s", self.job_id, e)
+            return None
+        return f"cancelled by {_s(who)}" if who is not None else None
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(5)
+        try:
+            self.conn.delete(_key("alive", self.job_id))
+        except Exception:
+            pass
+
+
+def _forking_worker_pid(conn, job) -> Optional[int]:
+    """The pid of the RQ worker that forked this process (a work-horse), else None (a SimpleWorker
+    or a direct Job.perform(): no parent to outlive)."""
+    from rq import Worker
+
+    if not job.worker_name:
+        return None
+    try:
+        w = Worker.find_by_key(Worker.redis_worker_namespace_prefix + job.worker_name, connection=conn)
+    except Exception:
+        return None
+    return w.pid if w is not None and w.pid == os.getppid() else None
+
+
+@contextlib.contextmanager
+def interruptible(guard: JobGuard):
+    """SIGTERM (the worker's stop, or the guard) raises JobInterrupted in the job, once: the job's
+    `finally` blocks run (the project lock is released), the training state on disk stays for a
+    retry. A handler that was there (a SimpleWorker's own stop request) is called first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    fired = []
+
+    def handler(signum, frame):
+        if guard.reason is None and callable(previous):    # a real SIGTERM, not the guard's
+            previous(signum, frame)
+        if fired:
+            return
+        fired.append(signum)
+        raise JobInterrupted(f"interrupted: {guard.reason or 'the worker was stopped (SIGTERM)'}; "
+                             f"`python -m training.jobs retry {guard.job_id}` resumes it from its last saved state")
+
+    signal.signal(signal.SIGTERM, handler)
+    guard.armed = True
+    try:
+        yield
+    finally:
+        guard.armed = False
+        fired.append(None)          # from here on a SIGTERM raises nothing: the cleanup must finish
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_training_job(project: Any, overrides: Optional[dict] = None, export: Optional[str] = None) -> dict:
     """The RQ job: take the project's training lock, fine-tune, release. See training.finetune."""
     from rq import get_current_job
-
-    from training.finetune import FinetuneSettings, run_finetune
-    from training.registry import project_key
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = get_current_job()
     conn = job.connection
     s = JobSettings.from_env()
-    pid = project_key(project)
+    guard = JobGuard(conn, job.id, s.heartbeat_ttl, _forking_worker_pid(conn, job))
     meta = _Meta(job)
+    guard.start()
+    meta.update(heartbeat_ttl=s.heartbeat_ttl)
+    try:
+        with interruptible(guard):
+            return _train_locked(job, conn, project, overrides, export, s, meta)
+    except JobInterrupted as e:
+        meta.update(stage="interrupted", detail=str(e), canceled=guard.reason if (
+            guard.reason or "").startswith("cancelled") else None)
+        log.warning("job %s %s", job.id, e)
+        raise
+    finally:
+        guard.stop()
+
+
+def _train_locked(job, conn, project, overrides, export, s: JobSettings, meta: "_Meta") -> dict:
+    from training.finetune import FinetuneSettings, run_finetune
+    from training.registry import project_key
+
+    pid = project_key(project)
     meta.update(stage="waiting", percent=0, pid=os.getpid(), host=socket.gethostname(), worker=job.worker_name,
-                attempt=int(job.meta.get("attempt", 0)) + 1, started=time.time())
+                attempt=int(job.meta.get("attempt", 0)) + 1, started=time.time(), canceled=None)
     settings = FinetuneSettings.from_env(**(overrides or {}))   # bad settings fail before waiting
     lock = ProjectLock(conn, pid, attempt_owner(job.id), ttl=s.lock_ttl)
     lock.acquire(on_wait=lambda holder: meta.update(stage="waiting", detail=_waiting_for(holder, job.id, pid)))
     try:
         meta.update(lock_acquired=time.time(), detail="")
         conn.eval(_CAD, 1, _key("pending", pid), job.id)   # later triggers queue the next job
+        rates_key = _key("rates", socket.gethostname())
         result = run_finetune(pid, job.id, settings, progress=meta.progress, export=export,
-                              before_register=lock.check)
+                              before_register=lock.check, rates=_load_rates(conn, rates_key))
+        _save_rates(conn, rates_key, result.get("rates"))
         return result
     finally:
         meta.update(lock_released=time.time())
         lock.release()
+
+
+def _load_rates(conn, key: str) -> dict:
+    """Speeds measured by this host's previous job (seconds per training step, per evaluation click):
+    the ETA's guess before the job has measured its own."""
+    try:
+        return {_s(k): float(v) for k, v in conn.hgetall(key).items()}
+    except Exception:
+        return {}
+
+
+def _save_rates(conn, key: str, rates: Optional[dict]) -> None:
+    if rates:
+        try:
+            conn.hset(key, mapping={k: v for k, v in rates.items() if v})
+        except Exception as e:
+            log.warning("could not save the measured speeds: %s", e)
 
 
 # -- status ----------------------------------------------------------------------------------------
@@ -371,6 +517,10 @@ def job_info(conn, job_id: str) -> Optional[dict]:
         return None
     status = str(job.get_status().value)
     meta = job.get_meta()
+    if status == "started" and _abandoned(conn, job):
+        status = "abandoned"
+    elif status == "failed" and meta.get("canceled"):
+        status = "canceled"
     d = {"id": job.id, "status": status, "project": meta.get("project"), "stage": meta.get("stage"),
          "percent": meta.get("percent"), "detail": meta.get("detail"), "trigger": meta.get("trigger"),
          "description": job.description, "folded_triggers": int(conn.get(_key("folded", job.id)) or 0),
@@ -378,6 +528,7 @@ def job_info(conn, job_id: str) -> Optional[dict]:
          "started_at": job.started_at.isoformat() if job.started_at else None,
          "ended_at": job.ended_at.isoformat() if job.ended_at else None,
          "worker": job.worker_name, "meta": meta}
+    d.update(_eta(meta) if status == "started" else {})
     if status == "finished":
         d["result"] = job.return_value()
         if isinstance(d["result"], dict) and d["result"].get("status") == "skipped":
@@ -387,7 +538,53 @@ def job_info(conn, job_id: str) -> Optional[dict]:
         latest = job.latest_result()
         exc = (latest.exc_string if latest is not None else "") or ""
         d["error"] = exc.strip().splitlines()[-1] if exc.strip() else status
+    elif status == "abandoned":
+        ttl = meta.get("heartbeat_ttl") or _heartbeat_ttl()
+        d["error"] = (f"no heartbeat for over TRAINING_HEARTBEAT_TTL={ttl:g} s: its worker and "
+                      f"work-horse are gone; `retry` resumes it, `cancel` drops it")
     return d
+
+
+def _eta(meta: dict) -> dict:
+    """{"eta_s", "eta_at"}: the job's last estimate of its time left (training.finetune.Eta), less
+    the time since it was made; {} when it has none yet."""
+    import datetime as dt
+
+    eta, at = meta.get("eta_s"), meta.get("at")
+    if not isinstance(eta, (int, float)) or not isinstance(at, (int, float)):
+        return {}
+    left = max(0.0, eta - (time.time() - at))
+    end = dt.datetime.fromtimestamp(time.time() + left, dt.timezone.utc)
+    return {"eta_s": round(left), "eta_at": end.isoformat(timespec="seconds")}
+
+
+def _heartbeat_ttl() -> float:
+    return float(JobSettings.from_env().heartbeat_ttl)
+
+
+def _abandoned(conn, job) -> bool:
+    """A started job whose heartbeat lapsed, and that started long enough ago to have had one (its
+    own TRAINING_HEARTBEAT_TTL, from its meta; this process's setting if it has not said yet)."""
+    if conn.exists(_key("alive", job.id)):
+        return False
+    started = job.started_at
+    if started is None:
+        return False
+    from rq.utils import now
+
+    ttl = job.meta.get("heartbeat_ttl") or _heartbeat_ttl()
+    return (now() - started).total_seconds() > float(ttl)
+
+
+def _fail_abandoned(conn, job, why: str) -> None:
+    """Move an abandoned job to failed now (what RQ's own cleanup does minutes later)."""
+    from rq.job_lifecycle import record_job_failure
+
+    with conn.pipeline() as pipe:
+        for execution in job.get_executions():
+            execution.delete(job=job, pipeline=pipe)
+        record_job_failure(job, why, pipe)
+        pipe.execute()
 
 
 def list_jobs(conn, queue: str, project: Optional[str] = None, limit: int = 20) -> List[dict]:
@@ -413,11 +610,16 @@ def retry_job(conn, job_id: str, settings: Optional[JobSettings] = None) -> str:
 
     s = settings or JobSettings.from_env()
     job = Job.fetch(job_id, connection=conn)
-    status = str(job.get_status().value)
-    if status not in ("failed", "stopped", "canceled"):
-        raise RuntimeError(f"job {job_id} is {status}; only failed or stopped jobs are retried")
+    status = job_info(conn, job_id)["status"]
+    if status == "abandoned":
+        _fail_abandoned(conn, job, "abandoned: no heartbeat (retried)")
+    elif str(job.get_status().value) == "canceled":
+        raise RuntimeError(f"job {job_id} was cancelled before it started: enqueue a new one")
+    elif status not in ("failed", "stopped", "canceled"):
+        raise RuntimeError(f"job {job_id} is {status}; only failed, stopped, canceled or abandoned jobs are retried")
+    conn.delete(_key("cancel", job_id))
     pid = job.meta.get("project")
-    job.meta["stage"], job.meta["percent"], job.meta["detail"] = "queued", 0, "retry"
+    job.meta["stage"], job.meta["percent"], job.meta["detail"], job.meta["canceled"] = "queued", 0, "retry", None
     job.save_meta()
     job.requeue()
     if pid is not None:
@@ -425,6 +627,43 @@ def retry_job(conn, job_id: str, settings: Optional[JobSettings] = None) -> str:
             if not conn.get(_key("pending", pid)):
                 conn.set(_key("pending", pid), job_id)
     return job_id
+
+
+def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
+    """Cancel a job: a queued one never runs; a running one is ended by its guard (within
+    TRAINING_HEARTBEAT_TTL/4 s; its lock released, its saved state kept: `retry` resumes it); an
+    abandoned one is failed now. Waits up to `wait` s for a running job to end. Returns
+    {"job", "status", "detail"}; RuntimeError (with the reason) when there is nothing to cancel."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    try:
+        job = Job.fetch(job_id, connection=conn)
+    except NoSuchJobError:
+        raise RuntimeError(f"no job {job_id}") from None
+    status = job_info(conn, job_id)["status"]
+    pid = job.meta.get("project")
+    if status in ("queued", "deferred", "scheduled"):
+        job.cancel()
+        if pid is not None:
+            conn.eval(_CAD, 1, _key("pending", pid), job_id)     # the next trigger queues a new job
+        return {"job": job_id, "status": "canceled", "detail": f"cancelled by {actor} before it started"}
+    if status == "abandoned":
+        _fail_abandoned(conn, job, f"abandoned; cancelled by {actor}")
+        job.meta["canceled"] = f"cancelled by {actor}"
+        job.save_meta()
+        return {"job": job_id, "status": "canceled", "detail": f"abandoned; cancelled by {actor}"}
+    if status != "started":
+        raise RuntimeError(f"job {job_id} is {status}: nothing to cancel")
+    conn.set(_key("cancel", job_id), actor, ex=JobSettings.from_env().result_ttl)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline and job_info(conn, job_id)["status"] == "started":
+        time.sleep(0.2)
+    info = job_info(conn, job_id)
+    if info["status"] == "started":
+        return {"job": job_id, "status": "cancelling",
+                "detail": f"cancelled by {actor}; the job ends within seconds (`status {job_id}`)"}
+    return {"job": job_id, "status": info["status"], "detail": info.get("error") or info.get("detail")}
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -466,6 +705,28 @@ def _conn(args):
     return connect(s.redis_url), s
 
 
+def _stopping(cls):
+    """An RQ worker class whose stop (SIGTERM, SIGINT: docker stop, systemd, Ctrl+C) also ends the
+    job it is running, instead of RQ's warm shutdown that waits for the job to finish (a training
+    takes many minutes, the supervisor SIGKILLs the worker before, and its work-horse would go on
+    alone). The job's SIGTERM handler (`interruptible`) ends it cleanly, failed with the reason;
+    `retry` resumes it from its last saved state."""
+
+    class StoppingWorker(cls):
+        def request_stop(self, signum, frame):
+            horse = getattr(self, "horse_pid", 0)
+            if horse:
+                self.log.warning("Worker %s: stopping; ending the running job (work-horse %s)", self.name, horse)
+                try:
+                    os.kill(horse, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            super().request_stop(signum, frame)
+
+    StoppingWorker.__name__ = StoppingWorker.__qualname__ = f"Stopping{cls.__name__}"
+    return StoppingWorker
+
+
 def cmd_worker(args) -> int:
     from rq import Queue, SimpleWorker, Worker
 
@@ -473,7 +734,7 @@ def cmd_worker(args) -> int:
     conn.ping()
     if not args.no_preload:
         preload()
-    cls = SimpleWorker if args.simple else Worker
+    cls = SimpleWorker if args.simple else _stopping(Worker)
     worker = cls([Queue(s.queue, connection=conn)], connection=conn, name=args.name)
     worker.work(burst=args.burst, logging_level=args.log_level, with_scheduler=False)
     return 0
@@ -489,6 +750,8 @@ def _print(obj, as_json: bool) -> None:
         line = f"{d['id']}  {d['status']:<9} project {d['project']}  {d.get('stage') or '':<9} {d.get('percent') or 0:>3}%"
         if d.get("detail"):
             line += f"  {d['detail']}"
+        if d.get("eta_s") is not None:
+            line += f"  ETA {d['eta_s'] // 60:.0f} min {d['eta_s'] % 60:02.0f} s"
         if d.get("error"):
             line += f"  error: {d['error']}"
         if d["status"] == "skipped":
@@ -568,6 +831,13 @@ def cmd_rollback(args) -> int:
 def cmd_retry(args) -> int:
     conn, s = _conn(args)
     print(retry_job(conn, args.job, s))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    conn, _ = _conn(args)
+    out = cancel_job(conn, args.job, f"cli {os.environ.get('USER', '')}".strip(), wait=args.wait)
+    print(json.dumps(out) if args.json else f"{out['job']}  {out['status']}  {out['detail'] or ''}")
     return 0
 
 
@@ -660,6 +930,13 @@ def parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("job")
     p.set_defaults(fn=cmd_retry)
+
+    p = sub.add_parser("cancel", help="cancel a job: queued (never runs), running (ended, resumable) or abandoned")
+    common(p)
+    p.add_argument("job")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a running job to end")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_cancel)
 
     p = sub.add_parser("resync", help="re-derive the annotation counter from Label Studio")
     common(p, registry=True)
