@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -253,15 +254,11 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) 
 
 # -- validation, export ------------------------------------------------------------------------
 def validation_samples(cfg: TrainConfig, mixture) -> list:
-    """Held-out instances at full resolution (deterministic), as evaluation samples."""
-    from training.evaluation.samples import samples_from_arrays
+    """The first `val_instances` held-out instances at full resolution, sources interleaved: for a
+    config on the default sources, the first instances of `--datasets TrainVal` with this seed."""
+    from training.evaluation.datasets import mixture_val_samples
 
-    pairs = []
-    for _, inst in mixture.instances("val", seed=cfg.seed):
-        pairs.append((inst.image, inst.mask))
-        if len(pairs) >= cfg.val_instances:
-            break
-    return samples_from_arrays(pairs, prefix="val")
+    return list(itertools.islice(mixture_val_samples(mixture, cfg.seed), cfg.val_instances))
 
 
 def validate(net, info: dict, samples: list, device) -> dict:

@@ -150,21 +150,23 @@ def pascal_voc(folder: Path) -> Iterator[Sample]:
 def train_val(folder: Path, seed: int = 0, val_fraction: float = 0.05) -> Iterator[Sample]:
     """The held-out split of the default training mixture (training.data; the split a training
     run with this seed never trains on): where model choices are made, never on the benchmarks.
-    Sources are interleaved (one instance of each in turn) so that `limit` takes a mix. `folder`
-    is the training data root."""
+    `folder` is the training data root."""
     from training.data import Mixture, default_sources
 
-    mixture = Mixture(default_sources(folder), val_fraction=val_fraction, seed=seed)
+    return mixture_val_samples(Mixture(default_sources(folder), val_fraction=val_fraction, seed=seed), seed)
+
+
+def mixture_val_samples(mixture, seed: int) -> Iterator[Sample]:
+    """Every instance of a mixture's validation split, sources interleaved (one instance of each in
+    turn, so that a limit takes a mix), each drawn as Mixture.instances draws it."""
     per_source: Dict[int, List] = {}
     for k, (s, i) in enumerate(mixture.items("val")):
-        per_source.setdefault(s, []).append((k, i))
-    order = [x for group in itertools.zip_longest(*per_source.values()) for x in group if x is not None]
-    by_key = {k: s for s, items in per_source.items() for k, _ in items}
-    for k, i in order:
-        s = by_key[k]
-        inst = mixture.load(s, i, np.random.default_rng([seed, k]))   # same draw as Mixture.instances
-        if inst is not None:
-            yield Sample(f"{inst.source}/{inst.item_id}", inst.image, partial(_fixed_target, inst.mask.astype(bool)))
+        per_source.setdefault(s, []).append((k, s, i))
+    for group in itertools.zip_longest(*per_source.values()):
+        for k, s, i in (x for x in group if x is not None):
+            inst = mixture.load(s, i, np.random.default_rng([seed, k]))
+            if inst is not None:
+                yield Sample(f"{inst.source}/{inst.item_id}", inst.image, partial(_fixed_target, inst.mask.astype(bool)))
 
 
 def _fixed_target(gt: np.ndarray) -> Target:
