@@ -1,8 +1,12 @@
 """Read what the backend needs from a project's label config (the `<View>` XML).
 
 - the Image object tags (name -> task data key of `value="$key"`);
-- the output controls: BrushLabels (and PolygonLabels) with their toName and label values, so a
+- the output controls: BrushLabels (and PolygonLabels) with their toName and label names, so a
   click for label "Cat" becomes a mask of the BrushLabels control that has `<Label value="Cat"/>`.
+
+A label's name is its `alias` when it has one, else its `value`: Label Studio writes the alias in
+results (`<Label value="Cat: click" alias="Cat"/>` shows "Cat: click" and stores "Cat"), so tools
+can have distinct button texts and still name the same object.
 """
 from __future__ import annotations
 
@@ -90,7 +94,8 @@ def parse_label_config(xml: str) -> LabelConfig:
             value = el.get("value") or el.get("valueList") or ""
             images[name] = value[1:] if value.startswith("$") else value
         elif name and el.get("toName"):
-            labels = tuple(lab.get("value") for lab in el.iter("Label") if lab.get("value"))
+            labels = tuple(lab.get("alias") or lab.get("value") for lab in el.iter("Label")
+                           if lab.get("alias") or lab.get("value"))
             controls.append(Control(name=name, tag=el.tag,
                                     to_name=tuple(t.strip() for t in el.get("toName").split(",")),
                                     labels=labels, smart=_bool(el.get("smart")) or any(

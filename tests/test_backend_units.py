@@ -245,6 +245,18 @@ def test_polygons_follow_the_mask():
     assert sum(map(len, coarse)) < sum(map(len, polys))
 
 
+def test_label_aliases_name_the_object():
+    """Label Studio stores a label's alias in results: tools with distinct button texts (value)
+    and one alias write the same object."""
+    lc = parse_label_config('<View><Image name="img" value="$image"/>'
+                            '<KeyPointLabels name="kp" toName="img"><Label value="Cat: click" alias="Cat"/></KeyPointLabels>'
+                            '<BrushLabels name="mask" toName="img"><Label value="Cat: paint" alias="Cat"/>'
+                            '<Label value="Dog"/></BrushLabels></View>')
+    assert lc.output_for("Cat", "img")[0].name == "mask" and lc.output_for("Dog", "img")[1] == "Dog"
+    with pytest.raises(LabelConfigError):
+        lc.output_for("Cat: paint", "img")
+
+
 # -- brush strokes, caches, click sequences ---------------------------------------------------------
 def test_brush_scribble_gives_spread_clicks_and_no_prior():
     s = np.zeros((200, 300), bool)
