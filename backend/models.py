@@ -100,7 +100,7 @@ class ModelRouter:
         if self.root is None or pid is None:
             return self.base
         slot, due = self._slot(pid)
-        if due:
+        if due or not slot.ready:      # not ready: the watcher is loading it now, wait for it
             self._refresh(pid, slot)
         return slot.served
 

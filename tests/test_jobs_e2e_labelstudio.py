@@ -149,10 +149,10 @@ def test_train_button_to_a_registered_version(label_studio_server, label_studio_
         assert res["version"] == f"p{pid}-v001" and res["status"] in ("promoted", "kept") and res["reason"]
         from training.finetune import Paired, decide
 
-        def pairs(name, d):
+        def paired(name, d):
             return Paired(name, {i: v[0] for i, v in d["per_instance"].items()},
                           {i: v[1] for i, v in d["per_instance"].items()})
-        again = decide(pairs("holdout", h), [pairs(d, b) for d, b in bench.items()], 0.10)
+        again = decide(paired("holdout", h), [paired(d, b) for d, b in bench.items()], 0.10)
         assert again[0] is res["promoted"], (again, res["reason"])
         versions = requests.get(f"{burl}/versions", params={"project": pid}, timeout=10).json()
         assert res["version"] in versions["versions"]

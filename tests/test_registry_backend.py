@@ -164,3 +164,32 @@ def test_a_promotion_is_loaded_when_it_happens_and_listed_in_health(base_predict
     assert predict(c, "5.1795584533") == "p5-v001"                     # the first request finds it loaded
     assert len([r for r in caplog.records if "loaded p5-v001" in r.getMessage()]) == 1
     app.extensions["simclick"].models.stop()
+
+
+def test_a_request_waits_for_the_watcher_loading_its_project(base_predictor, tiny_checkpoint, tmp_path):
+    """The watcher loads a promoted version at start; a request for that project arriving during
+    the load waits for it instead of answering with the base model (the load is slowed down here
+    to make the overlap certain)."""
+    from backend.engine import ByteCache, Segmenter
+    from backend.models import ModelRouter, Served
+    from model.predictor import Predictor
+
+    root = tmp_path / "registry"
+    reg = ProjectRegistry(root, 5)
+    base = reg.ensure_base(tiny_checkpoint)
+    reg.add("p5-v001", make_tiny_checkpoint(tmp_path / "v1.safetensors", seed=1, version="p5-v001"), parent=base.name)
+    reg.promote("p5-v001", served_before=base.name)
+
+    def slow_load(path):
+        time.sleep(1.5)
+        return Predictor.load(str(path), coarse_size=128)
+
+    sessions = ByteCache(2**20, 60)
+    router = ModelRouter(Served("base", base_predictor, Segmenter(base_predictor, sessions)), root, 2.0, 4,
+                         load=slow_load, make_segmenter=lambda p: Segmenter(p, sessions))
+    router.watch()
+    deadline = time.monotonic() + 10
+    while "5" not in router._slots and time.monotonic() < deadline:   # the watcher has begun loading
+        time.sleep(0.01)
+    assert router.for_project("5.1795584533").version == "p5-v001"
+    router.stop()
