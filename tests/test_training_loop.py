@@ -59,6 +59,16 @@ def test_a_few_iterations_write_everything(tmp_path):
     assert exported.keys() == state.keys()
     assert out.stat().st_size < 0.6 * (tmp_path / "last.safetensors").stat().st_size
 
+    # Inference settings chosen for the weights travel in the card and are the loaded defaults.
+    from training.export import main as export_main
+    assert export_main([str(tmp_path / "state.safetensors"), str(tmp_path / "tuned.safetensors"),
+                        "--predictor", "edge_radius=2.5,focus_passes=1"]) == 0
+    tuned = Predictor.load(tmp_path / "tuned.safetensors")
+    assert (tuned.options.edge_radius, tuned.options.focus_passes) == (2.5, 1)
+    assert Predictor.load(tmp_path / "tuned.safetensors", focus_passes=2).options.focus_passes == 2
+    with pytest.raises(SystemExit):
+        export_main([str(tmp_path / "state.safetensors"), str(tmp_path / "x.safetensors"), "--predictor", "edge=2"])
+
 
 def test_a_run_that_continues_a_checkpoint_exports_its_architecture(tmp_path):
     """A config with init_checkpoint and no "model" (cpu-lite2-continue.json): the exported file

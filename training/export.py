@@ -1,10 +1,11 @@
 """Export an inference checkpoint from a training state (e.g. to ship a model mid-run).
 
     python -m training.export runs/cpu-lite2/state.safetensors model/weights/simclick-lite2.safetensors \
-        [--half] [--version NAME] [--metrics metrics.json]
+        [--half] [--version NAME] [--metrics metrics.json] [--predictor edge_radius=2,...]
 
 The inference file keeps only the network's weights (no optimizer, no PEM buffer) and a card built
-from the state's header: config, steps, training hours, data.
+from the state's header: config, steps, training hours, data. `--predictor` stores the inference
+settings chosen for these weights (on the validation split); Predictor.load uses them as defaults.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from safetensors import safe_open
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import ModelConfig
+from training.evaluation.predictors import parse_options
 
 
 def export(state_path: Path, out: Path, half: bool = False, version: str | None = None,
-           metrics: dict | None = None) -> Path:
+           metrics: dict | None = None, predictor: dict | None = None) -> Path:
     with safe_open(str(state_path), framework="pt") as f:
         header = json.loads((f.metadata() or {}).get("state", "{}"))
         weights = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
@@ -36,6 +38,8 @@ def export(state_path: Path, out: Path, half: bool = False, version: str | None 
                      "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         "metrics": metrics or {},
     }
+    if predictor:
+        info["predictor"] = dict(predictor)
     return save_checkpoint(out, weights, model_cfg, info, half=half)
 
 
@@ -58,9 +62,15 @@ def main(argv=None) -> int:
     ap.add_argument("--half", action="store_true", help="store weights as fp16 (half the size)")
     ap.add_argument("--version")
     ap.add_argument("--metrics", type=Path, help="JSON file of metrics to put in the card")
+    ap.add_argument("--predictor", metavar="NAME=VALUE,...",
+                    help="inference settings for these weights (model.predictor.PredictorOptions)")
     args = ap.parse_args(argv)
     metrics = json.loads(args.metrics.read_text()) if args.metrics else None
-    path = export(args.state, args.out, args.half, args.version, metrics)
+    try:
+        predictor = dict(parse_options(args.predictor))
+    except ValueError as e:
+        ap.error(str(e))
+    path = export(args.state, args.out, args.half, args.version, metrics, predictor)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
