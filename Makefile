@@ -4,11 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 9090
+REQUIREMENTS := requirements.txt requirements-runtime.txt requirements-training.txt requirements-test.txt
 
 .PHONY: run test worker bench demo clean-venv
 
-# The stamp file is rebuilt whenever requirements.txt changes.
-$(VENV)/.installed: requirements.txt
+# The stamp file is rebuilt whenever a requirements file changes. requirements.txt is the union
+# (runtime + training + test); the Docker images install requirements-training.txt only.
+$(VENV)/.installed: $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
