@@ -1,6 +1,8 @@
-"""Every setting of the backend, read from environment variables in one place.
+"""Every setting of the backend (the serving side), read from environment variables in one place.
 
-`python -m backend --help-env` prints this table; README's table is generated from it. Names
+`python -m backend --help-env` prints this table. The job queue's and fine-tuning's settings
+(WEBHOOK_DEDUP_SECONDS, FINETUNE_*..., and again REDIS_URL, TRAINING_QUEUE) are in training/jobs.py
+and training/finetune.py: `python -m training.jobs --help-env` prints them. Names
 shared with Label Studio's own ML backends (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY,
 BASIC_AUTH_USER/PASS, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) keep Label Studio's spelling.
 """

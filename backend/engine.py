@@ -225,7 +225,6 @@ class Outcome:
     score: float
     frame: Frame
     ran: int                  # network runs (predictions) this request cost
-    reused: int               # steps reused from the cached session
     clicks: int               # clicks in the sequence
     box: bool = False         # the model was given the box as a prompt
 
@@ -379,7 +378,7 @@ class Segmenter:
         boxed = e.box_prompt is not None
         k = common_prefix(e.steps, steps)
         if k == len(steps) == len(e.steps) and e.bits is not None:
-            return Outcome(e.bits, e.score, e.frame, 0, k, clicks, boxed)
+            return Outcome(e.bits, e.score, e.frame, 0, clicks, boxed)
         undo = len(e.steps) - k
         if undo > 0 and (k == 0 and not boxed or undo > e.depth):
             e.session.reset()       # back to the start: the history does not reach that far
@@ -389,7 +388,7 @@ class Segmenter:
                 prob = e.session.undo()
             e.steps, e.depth = e.steps[:k], e.depth - undo
             e.remember(prob, self.threshold)
-        reused, ran = len(e.steps), 0
+        ran = 0
         max_history = self.predictor.options.max_history
         if boxed and not e.boxed:
             x0, y0, x1, y1 = e.box_prompt
@@ -404,4 +403,4 @@ class Segmenter:
             e.depth = min(e.depth + 1, max_history)
             e.remember(prob, self.threshold)
             ran += 1
-        return Outcome(e.bits, e.score, e.frame, ran, reused, clicks, boxed)
+        return Outcome(e.bits, e.score, e.frame, ran, clicks, boxed)

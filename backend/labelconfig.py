@@ -19,9 +19,6 @@ class LabelConfigError(ValueError):
     """The label config cannot serve smart segmentation (message says what to add)."""
 
 
-OUTPUT_TYPES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
-
-
 @dataclass(frozen=True)
 class Control:
     name: str

@@ -49,10 +49,6 @@ class Prompt:
     brush: np.ndarray | None = None                   # bool H x W at (orig_h, orig_w)
     size: tuple | None = None                         # (original_width, original_height) sent
 
-    @property
-    def key(self) -> tuple:
-        return (self.to_name, self.label)
-
 
 @dataclass
 class PredictRequest:

@@ -86,7 +86,6 @@ class Predictor:
             net = net.to(memory_format=torch.channels_last)  # faster oneDNN convolutions
         self.net = net
         self.version = str(self.info.get("version", "unversioned"))
-        self.timings: dict[str, float] = {}
 
     @classmethod
     def load(cls, checkpoint: str | None = "default", device=None, **options) -> "Predictor":
@@ -104,7 +103,6 @@ class Predictor:
         p = Predictor.__new__(Predictor)
         p.__dict__.update(self.__dict__)
         p.options = replace(self.options, **changes)
-        p.timings = {}
         return p
 
     def open(self, image: np.ndarray, prior_mask: np.ndarray | None = None) -> "Session":

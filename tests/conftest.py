@@ -7,7 +7,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Tests run on CPU with the default thread count; keep BLAS from oversubscribing the 2 cores.
+# Tests run on CPU with two OpenMP threads unless OMP_NUM_THREADS says otherwise: small passes gain
+# nothing from more, and more oversubscribe a machine that runs other work.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Idle OpenMP threads sleep instead of spinning: on a loaded machine (a training run beside the
 # tests) spinning threads made a small forward pass 36x slower; on an idle one it costs nothing.

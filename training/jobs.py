@@ -604,11 +604,11 @@ def list_jobs(conn, queue: str, project: Optional[str] = None, limit: int = 20) 
     return out[:limit]
 
 
-def retry_job(conn, job_id: str, settings: Optional[JobSettings] = None) -> str:
-    """Requeue a failed (or stopped) job with the same id: it resumes from its saved state."""
+def retry_job(conn, job_id: str) -> str:
+    """Requeue a failed (or stopped) job with the same id, on the queue it came from: it resumes
+    from its saved state."""
     from rq.job import Job
 
-    s = settings or JobSettings.from_env()
     job = Job.fetch(job_id, connection=conn)
     status = job_info(conn, job_id)["status"]
     if status == "abandoned":
@@ -829,8 +829,8 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_retry(args) -> int:
-    conn, s = _conn(args)
-    print(retry_job(conn, args.job, s))
+    conn, _ = _conn(args)
+    print(retry_job(conn, args.job))
     return 0
 
 

@@ -118,8 +118,8 @@ def worker_init_fn(worker_id: int) -> None:
     """Per-worker: seed Python's and NumPy's global generators from the worker's torch seed (which
     the DataLoader derives from its seeded ``generator``); the samples themselves use their own
     per-index generators. (torch already runs workers with one thread. Do NOT call
-    cv2.setNumThreads here: after torch has run in the parent it can deadlock in a forked child,
-    reproduced on this machine; cv2's own pool is fork-safe when left alone.)"""
+    cv2.setNumThreads here: after torch has run in the parent it can deadlock in a forked child
+    (seen in this project's DataLoader workers); cv2's own pool is fork-safe when left alone.)"""
     s = torch.initial_seed() % 2 ** 32
     np.random.seed(s)
     random.seed(s)
