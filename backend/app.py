@@ -34,6 +34,8 @@ import numpy as np
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from model.interface import ClickPredictor
+
 from .config import DEFAULT_ENQUEUE, Config
 from .engine import ByteCache, PredictTimeout, Segmenter
 from .fetch import FetchError, ImageFetcher, SetupInfo
@@ -106,7 +108,7 @@ REDACTOR = RedactingFilter()
 class Backend:
     """Everything one worker holds: models per project, caches, image fetcher, setups, webhooks."""
 
-    def __init__(self, config: Config, predictor):
+    def __init__(self, config: Config, predictor: ClickPredictor):
         self.cfg = config
         self.fetcher = ImageFetcher(config)
         # One byte budget for the images, one for the click sessions of every model.
@@ -125,16 +127,16 @@ class Backend:
             log.warning("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever "
                         "sent to LABEL_STUDIO_URL, so it is not used")
 
-    def make_segmenter(self, predictor) -> Segmenter:
+    def make_segmenter(self, predictor: ClickPredictor) -> Segmenter:
         return Segmenter(predictor, self.sessions, self.cfg.box_margin, self.cfg.mask_threshold)
 
-    def load_predictor(self, path):
+    def load_predictor(self, path) -> ClickPredictor:
         from model.predictor import Predictor
         return Predictor.load(str(path), device=self.cfg.device or None)
 
     # The base model (MODEL_CHECKPOINT): what projects without a promoted version get.
     @property
-    def predictor(self):
+    def predictor(self) -> ClickPredictor:
         return self.models.base.predictor
 
     @property

@@ -41,7 +41,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .payload import Click, PayloadError, Prompt
+from model.clicks import Click
+from model.interface import ClickPredictor, ClickSession
+
+from .payload import PayloadError, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +200,7 @@ class Plan:
 
 @dataclass
 class Entry:
-    session: object
+    session: ClickSession
     identity: tuple                         # Plan.identity of the plans it serves
     frame: Frame
     box: tuple | None
@@ -284,7 +287,7 @@ class Segmenter:
 
     _ids = itertools.count(1)
 
-    def __init__(self, predictor, sessions: ByteCache, box_margin: float = 0.15, threshold: float = 0.5):
+    def __init__(self, predictor: ClickPredictor, sessions: ByteCache, box_margin: float = 0.15, threshold: float = 0.5):
         self.predictor = predictor
         self.sessions = sessions
         self.box_margin = box_margin

@@ -31,7 +31,12 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+from model.interface import ClickPredictor
+
+if TYPE_CHECKING:
+    from .engine import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +54,8 @@ def _read_pointer(reg):
 @dataclass
 class Served:
     version: str
-    predictor: object
-    segmenter: object
+    predictor: ClickPredictor
+    segmenter: Segmenter
     source: str = "checkpoint"        # "checkpoint" (MODEL_CHECKPOINT) or "registry"
     loaded_at: float = field(default_factory=time.time)
 
@@ -67,7 +72,7 @@ class _Slot:
 
 class ModelRouter:
     def __init__(self, base: Served, registry_root: Optional[Path], interval: float, capacity: int,
-                 load: Callable[[Path], object], make_segmenter: Callable[[object], object],
+                 load: Callable[[Path], ClickPredictor], make_segmenter: Callable[[ClickPredictor], Segmenter],
                  clock: Callable[[], float] = time.monotonic,
                  retire: Callable[[Served], None] = lambda served: None):
         self.base = base

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.clicks import Click
+
 from .labelconfig import LabelConfig, parse_label_config
 from .masks import MaskFormatError, rle_to_mask
 
@@ -30,13 +32,6 @@ class PayloadError(ValueError):
 # A keypoint that sits off by this much (editor rounding) still matches the image's size.
 SIZE_TOLERANCE = 1
 SMART_TYPES = ("keypointlabels", "keypoint", "rectanglelabels", "rectangle", "brushlabels", "brush")
-
-
-@dataclass(frozen=True)
-class Click:
-    x: float
-    y: float
-    positive: bool
 
 
 @dataclass

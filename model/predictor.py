@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, fields, replace
-from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -23,15 +22,10 @@ import torch
 
 from . import focus
 from .checkpoint import build_model, file_sha256, resolve
+from .clicks import Click
 from .fold import fold_batchnorm
 from .guided_filter import guided_filter
 from .images import to_rgb8
-
-
-class Click(NamedTuple):
-    x: float          # column, full-resolution pixels
-    y: float          # row
-    positive: bool
 
 
 @dataclass(frozen=True)
