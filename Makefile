@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 9090
 REQUIREMENTS := requirements.txt requirements-runtime.txt requirements-training.txt requirements-test.txt
 
-.PHONY: run test worker bench demo clean-venv
+.PHONY: run test lint worker bench demo clean-venv
 
 # The stamp file is rebuilt whenever a requirements file changes. requirements.txt is the union
 # (runtime + training + test); the Docker images install requirements-training.txt only.
@@ -21,6 +21,11 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# ruff and mypy, configured in pyproject.toml.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 worker: $(VENV)/.installed
 	$(PY) -m training.jobs worker

@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 import weakref
+from typing import Any
 
 import cv2
 import numpy as np
@@ -83,7 +84,7 @@ class RedactingFilter(logging.Filter):
         self.backends = weakref.WeakSet()
 
     def secrets(self) -> set[str]:
-        out = set()
+        out: set[str] = set()
         for b in list(self.backends):
             out.update(s for s in b.secrets() if s and len(s) >= 6)
         return out
@@ -195,7 +196,7 @@ class Backend:
             log.info("predict batch: %d task(s), no prediction before a click", len(req.tasks))
             return {"results": [[] for _ in req.tasks], "model_version": served.version}
         try:
-            prompts = parse_prompts(req.context, self.cfg.max_image_pixels, self.cfg.max_clicks)
+            prompts = parse_prompts(req.context or [], self.cfg.max_image_pixels, self.cfg.max_clicks)
         except PayloadError as e:
             raise ApiError(str(e), e.status) from None
         task = req.tasks[0]
@@ -263,7 +264,7 @@ class Backend:
         from training.registry import projects
 
         root = self.cfg.registry_root()
-        out = {"model_version": self.version, "versions": [self.version]}
+        out: dict[str, Any] = {"model_version": self.version, "versions": [self.version]}
         if root is None:
             return out
         if project not in (None, ""):
@@ -328,7 +329,7 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
     backend = Backend(config, predictor)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_content_length
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider's; typed as the base
     app.extensions["simclick"] = backend
     _install_redaction(backend)
 

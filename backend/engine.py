@@ -37,6 +37,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any, Iterable, cast
 
 import cv2
 import numpy as np
@@ -133,6 +134,7 @@ def held_bytes(obj, skip: tuple = ("predictor",)) -> int:
         seen.add(id(v))
         if hasattr(v, "shape") and hasattr(v, "nbytes"):
             return int(v.nbytes)
+        items: Iterable[Any]
         if isinstance(v, dict):
             items = v.values()
         elif isinstance(v, (list, tuple)):
@@ -324,7 +326,8 @@ class Segmenter:
             box = cached.box
         if box is not None and not all(self.box_frame(box, width, height).contains(c) for c in prompt.clicks):
             box = None
-        frame, steps, box_prompt = whole, [], None
+        steps: list[tuple[Click, ...]] = []
+        frame, box_prompt = whole, None
         if box is not None and self.accepts_box:
             box_prompt = box
         elif box is not None:
@@ -390,11 +393,11 @@ class Segmenter:
             for _ in range(undo):
                 prob = e.session.undo()
             e.steps, e.depth = e.steps[:k], e.depth - undo
-            e.remember(prob, self.threshold)
+            e.remember(cast(np.ndarray, prob), self.threshold)   # undo <= depth: never None here
         ran = 0
         max_history = self.predictor.options.max_history
         if boxed and not e.boxed:
-            x0, y0, x1, y1 = e.box_prompt
+            x0, y0, x1, y1 = cast(tuple, e.box_prompt)      # boxed: a box prompt is there
             e.remember(e.session.set_box(x0, y0, x1, y1), self.threshold)
             e.boxed, ran = True, 1
         for st in steps[len(e.steps):]:
@@ -406,4 +409,4 @@ class Segmenter:
             e.depth = min(e.depth + 1, max_history)
             e.remember(prob, self.threshold)
             ran += 1
-        return Outcome(e.bits, e.score, e.frame, ran, clicks, boxed)
+        return Outcome(cast(np.ndarray, e.bits), e.score, e.frame, ran, clicks, boxed)

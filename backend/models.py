@@ -31,7 +31,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, cast
 
 from model.interface import ClickPredictor
 
@@ -157,9 +157,10 @@ class ModelRouter:
         look (the first look: the most recently promoted projects, at most PROJECT_MODELS)."""
         from training.registry import ProjectRegistry, projects
 
+        root = cast(Path, self.root)     # the watcher runs only with a registry
         changed = []
-        for pid in projects(self.root):
-            reg = ProjectRegistry(self.root, pid)
+        for pid in projects(root):
+            reg = ProjectRegistry(root, pid)
             stamp = reg.pointer_stamp()
             if stamp == self._seen.get(pid):
                 continue
@@ -175,7 +176,7 @@ class ModelRouter:
     def _refresh(self, pid: str, slot: _Slot) -> None:
         from training.registry import ProjectRegistry
 
-        reg = ProjectRegistry(self.root, pid)
+        reg = ProjectRegistry(cast(Path, self.root), pid)
         stamp = reg.pointer_stamp()
         if stamp == slot.stamp and slot.ready:
             return
@@ -215,7 +216,9 @@ class ModelRouter:
                          pid, self.base.version)
             return self.base, ""
         wanted = pointer.get("version")
-        stack = pointer.get("stack") if isinstance(pointer.get("stack"), list) else []
+        stack = pointer.get("stack")
+        if not isinstance(stack, list):
+            stack = []
         stack = [v for v in stack if isinstance(v, str)]
         problems = []
         for name in [wanted] + [v for v in reversed(stack) if v != wanted]:

@@ -12,7 +12,6 @@ backend lists it and serves it if promoted.
 """
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -23,7 +22,6 @@ import numpy as np
 import pytest
 import redis
 import requests
-from PIL import Image
 
 from backend.bench import LABEL_CONFIG
 from training.make_ls_export import brush_result, sod_pairs
@@ -88,7 +86,7 @@ def test_train_button_to_a_registered_version(label_studio_server, label_studio_
         assert r.status_code == 201 and r.json()["state"] == "CO", r.text
         ml = r.json()["id"]
         # -- annotate through the API --------------------------------------------------------------------
-        for k, (stem, path, mask) in enumerate(pairs):
+        for k, (_stem, path, mask) in enumerate(pairs):
             result = [brush_result(mask, rid=f"m{k}")]
             if k == 0:
                 result.append(brush_result(np.zeros_like(mask), rid="empty"))          # empty mask

@@ -57,7 +57,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class JobSettings:
     result_ttl: int = 7 * 86400
 
     @classmethod
-    def from_env(cls, env: Optional[dict] = None, **overrides) -> "JobSettings":
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "JobSettings":
         env = os.environ if env is None else env
         values: Dict[str, Any] = {}
         for name, var, default, _ in JOB_SETTINGS:

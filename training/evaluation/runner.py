@@ -33,7 +33,7 @@ from .samples import LoadedSample, Sample
 class InstanceResult:
     sample_id: str
     ious: List[float]                      # IoU after click 1, 2, ... (>= 20 values)
-    clicks: List[Tuple[int, int, bool]]    # (x, y, positive) of each click
+    clicks: List[Tuple[float, float, bool]]    # (x, y, positive) of each click (whole pixels)
     seconds: float                         # predictor wall time: open() + every add_click()
     masks: Optional[Dict[int, np.ndarray]] = None  # click -> packed prediction (failure report only)
     shape: Tuple[int, int] = (0, 0)
@@ -211,7 +211,7 @@ def evaluate_dataset(predictor_or_factory: Any, samples: Sequence[Sample], datas
             ctx = mp.get_context("spawn")  # safe with torch/CUDA and OpenCV thread pools
             with ctx.Pool(min(workers, len(samples)), initializer=_init_worker,
                           initargs=(predictor_or_factory, protocol, keep)) as pool:
-                for r, info in pool.imap(_work, samples, chunksize=1):
+                for r, info in pool.imap(_work, samples, chunksize=1):  # noqa: B007 (read after the loop)
                     results.append(r)
                     worst.offer(len(results) - 1, r)
                     bar.update(1)
