@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 9090
 REQUIREMENTS := requirements.txt requirements-runtime.txt requirements-training.txt requirements-test.txt
 
-.PHONY: run test lint worker bench demo clean-venv
+.PHONY: run test test-fast lint worker bench demo clean-venv
 
 # The stamp file is rebuilt whenever a requirements file changes. requirements.txt is the union
 # (runtime + training + test); the Docker images install requirements-training.txt only.
@@ -19,8 +19,13 @@ $(VENV)/.installed: $(REQUIREMENTS)
 run: $(VENV)/.installed
 	$(PY) -m backend --host $(HOST) --port $(PORT)
 
+# Both tiers: unit and e2e (real Label Studio, Redis, PostgreSQL, browser, real training runs).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The unit tier only (pytest marker `unit`: everything not marked `e2e`).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not e2e" tests
 
 # ruff and mypy, configured in pyproject.toml.
 lint: $(VENV)/.installed

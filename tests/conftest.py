@@ -24,6 +24,15 @@ import pytest  # noqa: E402
 _TINY = {}
 
 
+def pytest_collection_modifyitems(config, items):
+    """Two tiers (markers in pyproject.toml): a test is `e2e` when its module or itself says so
+    (a real Label Studio, Redis, PostgreSQL, browser, or a real training run); every other test is
+    `unit`. `make test-fast` = -m "not e2e"; `-m unit` selects the same tests."""
+    for item in items:
+        if item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.unit)
+
+
 def make_tiny_checkpoint(path, seed=0, version="tiny"):
     """A small real network (efficientnet-lite2 backbone, 128 px input, 32-channel heads, random
     init; `seed` perturbs every weight, so each seed is another model) saved as a SimClick

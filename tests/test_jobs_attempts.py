@@ -20,11 +20,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pytest
 import redis
 from PIL import Image
 
 from training import jobs
 from training.make_ls_export import brush_result
+
+pytestmark = pytest.mark.e2e          # real Redis and fine-tuning job processes
 
 REPO = Path(__file__).resolve().parents[1]
 DB = 15

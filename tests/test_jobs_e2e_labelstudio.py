@@ -32,6 +32,8 @@ QUEUE = "simclick-test-e2e"
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 import ls_harness  # noqa: E402
 
+pytestmark = pytest.mark.e2e          # a real Label Studio, Redis and worker process
+
 
 def _wait(pred, timeout, what, log=None):
     deadline = time.monotonic() + timeout
