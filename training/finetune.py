@@ -228,7 +228,8 @@ def benchmark_samples(dataset: str, limit: Optional[int], exclude: set) -> tuple
     flatter it."""
     from training.evaluation.datasets import load_dataset
 
-    kept, excluded = [], []
+    kept: List[Any] = []
+    excluded: List[Any] = []
     for sample in load_dataset(dataset):
         if limit is not None and len(kept) >= limit:
             break

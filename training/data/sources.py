@@ -31,7 +31,7 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import cv2
 import numpy as np
@@ -379,7 +379,7 @@ class COCOSource(InstanceSource):
                 if info is None or info[0] is None:
                     self.stats["no_image"] += 1
                     continue
-                path, h, w = info
+                path, h, w = cast(Tuple[Path, int, int], info)     # info[0] is not None (above)
                 area = float(ann.get("area", 0.0))
                 if area < min_area:
                     self.stats["small"] += 1

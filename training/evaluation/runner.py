@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 
@@ -44,7 +44,8 @@ class InstanceResult:
 
     def mask(self, click: int) -> np.ndarray:
         h, w = self.shape
-        return np.unpackbits(self.masks[click], count=h * w).reshape(h, w).astype(bool)
+        masks = cast(Dict[int, np.ndarray], self.masks)      # called on results that kept them
+        return np.unpackbits(masks[click], count=h * w).reshape(h, w).astype(bool)
 
 
 @dataclass
@@ -169,7 +170,8 @@ class _WorstK:
     """Keep packed masks only for the K worst instances (highest NoC@90, then lowest final IoU)."""
 
     def __init__(self, k: int):
-        self.k, self.heap = k, []
+        self.k = k
+        self.heap: List[Any] = []
 
     def offer(self, i: int, r: InstanceResult) -> None:
         if r.masks is None:
