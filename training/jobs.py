@@ -676,13 +676,10 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
 
 # -- CLI -------------------------------------------------------------------------------------------
 def help_env() -> str:
-    from training.finetune import FINETUNE_SETTINGS
+    """Every variable SimClick reads, the worker's among them (backend/settings.py)."""
+    from backend.settings import help_text
 
-    rows = [(var, default, text) for _, var, default, text in JOB_SETTINGS + FINETUNE_SETTINGS]
-    lines = ["| variable | default | meaning |", "|---|---|---|"]
-    for var, default, text in rows:
-        lines.append(f"| `{var}` | `{default}` | {text} |" if default != "" else f"| `{var}` | | {text} |")
-    return "\n".join(lines)
+    return help_text()
 
 
 def preload() -> None:
@@ -882,7 +879,8 @@ def cmd_resync(args) -> int:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training.jobs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--help-env", action="store_true", help="print the environment variables and exit")
+    ap.add_argument("--help-env", action="store_true",
+                    help="print every environment variable SimClick reads (backend, worker, paths) and exit")
     sub = ap.add_subparsers(dest="command")
 
     def common(p, registry=False):
