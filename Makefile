@@ -4,11 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 9090
+REQUIREMENTS := requirements.txt requirements-runtime.txt requirements-training.txt requirements-test.txt
 
-.PHONY: run test worker bench demo clean-venv
+.PHONY: run test test-fast lint worker bench demo clean-venv
 
-# The stamp file is rebuilt whenever requirements.txt changes.
-$(VENV)/.installed: requirements.txt
+# The stamp file is rebuilt whenever a requirements file changes. requirements.txt is the union
+# (runtime + training + test); the Docker images install requirements-training.txt only.
+$(VENV)/.installed: $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -17,8 +19,18 @@ $(VENV)/.installed: requirements.txt
 run: $(VENV)/.installed
 	$(PY) -m backend --host $(HOST) --port $(PORT)
 
+# Both tiers: unit and e2e (real Label Studio, Redis, PostgreSQL, browser, real training runs).
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# The unit tier only (pytest marker `unit`: everything not marked `e2e`).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not e2e" tests
+
+# ruff and mypy, configured in pyproject.toml.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 worker: $(VENV)/.installed
 	$(PY) -m training.jobs worker

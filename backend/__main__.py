@@ -8,7 +8,8 @@ import argparse
 import logging
 import sys
 
-from .config import Config, ConfigError, help_text
+from .config import Config, ConfigError
+from .settings import help_text
 
 
 def configure_logging(level: str) -> None:
@@ -21,7 +22,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=9090)
-    ap.add_argument("--help-env", action="store_true", help="print the environment variables and exit")
+    ap.add_argument("--help-env", action="store_true", help="print every environment variable SimClick reads (backend, worker, paths) and exit")
     args = ap.parse_args(argv)
     if args.help_env:
         print(help_text())

@@ -28,11 +28,14 @@ import logging
 import time
 import uuid
 import weakref
+from typing import Any
 
 import cv2
 import numpy as np
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+from model.interface import ClickPredictor
 
 from .config import DEFAULT_ENQUEUE, Config
 from .engine import ByteCache, PredictTimeout, Segmenter
@@ -81,7 +84,7 @@ class RedactingFilter(logging.Filter):
         self.backends = weakref.WeakSet()
 
     def secrets(self) -> set[str]:
-        out = set()
+        out: set[str] = set()
         for b in list(self.backends):
             out.update(s for s in b.secrets() if s and len(s) >= 6)
         return out
@@ -106,7 +109,7 @@ REDACTOR = RedactingFilter()
 class Backend:
     """Everything one worker holds: models per project, caches, image fetcher, setups, webhooks."""
 
-    def __init__(self, config: Config, predictor):
+    def __init__(self, config: Config, predictor: ClickPredictor):
         self.cfg = config
         self.fetcher = ImageFetcher(config)
         # One byte budget for the images, one for the click sessions of every model.
@@ -125,16 +128,16 @@ class Backend:
             log.warning("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever "
                         "sent to LABEL_STUDIO_URL, so it is not used")
 
-    def make_segmenter(self, predictor) -> Segmenter:
+    def make_segmenter(self, predictor: ClickPredictor) -> Segmenter:
         return Segmenter(predictor, self.sessions, self.cfg.box_margin, self.cfg.mask_threshold)
 
-    def load_predictor(self, path):
+    def load_predictor(self, path) -> ClickPredictor:
         from model.predictor import Predictor
         return Predictor.load(str(path), device=self.cfg.device or None)
 
     # The base model (MODEL_CHECKPOINT): what projects without a promoted version get.
     @property
-    def predictor(self):
+    def predictor(self) -> ClickPredictor:
         return self.models.base.predictor
 
     @property
@@ -193,7 +196,7 @@ class Backend:
             log.info("predict batch: %d task(s), no prediction before a click", len(req.tasks))
             return {"results": [[] for _ in req.tasks], "model_version": served.version}
         try:
-            prompts = parse_prompts(req.context, self.cfg.max_image_pixels, self.cfg.max_clicks)
+            prompts = parse_prompts(req.context or [], self.cfg.max_image_pixels, self.cfg.max_clicks)
         except PayloadError as e:
             raise ApiError(str(e), e.status) from None
         task = req.tasks[0]
@@ -261,7 +264,7 @@ class Backend:
         from training.registry import projects
 
         root = self.cfg.registry_root()
-        out = {"model_version": self.version, "versions": [self.version]}
+        out: dict[str, Any] = {"model_version": self.version, "versions": [self.version]}
         if root is None:
             return out
         if project not in (None, ""):
@@ -326,7 +329,7 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
     backend = Backend(config, predictor)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_content_length
-    app.json.sort_keys = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider's; typed as the base
     app.extensions["simclick"] = backend
     _install_redaction(backend)
 

@@ -214,7 +214,9 @@ def main(argv=None) -> int:
             pred |= rle_to_mask(item["value"]["rle"], h, w)
         return pred
 
-    first, later, ious = [], [], [[] for _ in range(args.clicks)]
+    first: list[float] = []
+    later: list[float] = []
+    ious: list[list[float]] = [[] for _ in range(args.clicks)]
     for n, mpath in enumerate(masks, start=1):
         gt = load_mask(mpath)
         h, w = gt.shape

@@ -1,6 +1,8 @@
-"""Every setting of the backend, read from environment variables in one place.
+"""Every setting of the backend (the serving side), read from environment variables in one place.
 
-`python -m backend --help-env` prints this table; README's table is generated from it. Names
+The job queue's and fine-tuning's settings (WEBHOOK_DEDUP_SECONDS, FINETUNE_*..., and again
+REDIS_URL, TRAINING_QUEUE) are in training/jobs.py and training/finetune.py; backend/settings.py
+gathers every table into one, which `python -m backend --help-env` prints. Names
 shared with Label Studio's own ML backends (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY,
 BASIC_AUTH_USER/PASS, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) keep Label Studio's spelling.
 """
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Mapping
 
 
@@ -235,12 +237,3 @@ GUNICORN_SETTINGS = [
     ("GUNICORN_TIMEOUT", "120", "seconds before a silent worker is restarted"),
     ("GUNICORN_MAX_REQUESTS", "0", "recycle a worker after this many requests; 0 = never"),
 ]
-
-
-def help_text() -> str:
-    assert [f.name for f in fields(Config)] == [s[0] for s in SETTINGS]
-    lines = ["| variable | default | meaning |", "|---|---|---|"]
-    rows = [(var, default, text) for _, var, default, _, text in SETTINGS] + GUNICORN_SETTINGS
-    for var, default, text in rows:
-        lines.append(f"| `{var}` | `{default}` | {text} |" if default else f"| `{var}` | | {text} |")
-    return "\n".join(lines)

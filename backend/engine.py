@@ -37,11 +37,15 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any, Iterable, cast
 
 import cv2
 import numpy as np
 
-from .payload import Click, PayloadError, Prompt
+from model.clicks import Click
+from model.interface import ClickPredictor, ClickSession
+
+from .payload import PayloadError, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,7 @@ def held_bytes(obj, skip: tuple = ("predictor",)) -> int:
         seen.add(id(v))
         if hasattr(v, "shape") and hasattr(v, "nbytes"):
             return int(v.nbytes)
+        items: Iterable[Any]
         if isinstance(v, dict):
             items = v.values()
         elif isinstance(v, (list, tuple)):
@@ -197,7 +202,7 @@ class Plan:
 
 @dataclass
 class Entry:
-    session: object
+    session: ClickSession
     identity: tuple                         # Plan.identity of the plans it serves
     frame: Frame
     box: tuple | None
@@ -225,7 +230,6 @@ class Outcome:
     score: float
     frame: Frame
     ran: int                  # network runs (predictions) this request cost
-    reused: int               # steps reused from the cached session
     clicks: int               # clicks in the sequence
     box: bool = False         # the model was given the box as a prompt
 
@@ -285,7 +289,7 @@ class Segmenter:
 
     _ids = itertools.count(1)
 
-    def __init__(self, predictor, sessions: ByteCache, box_margin: float = 0.15, threshold: float = 0.5):
+    def __init__(self, predictor: ClickPredictor, sessions: ByteCache, box_margin: float = 0.15, threshold: float = 0.5):
         self.predictor = predictor
         self.sessions = sessions
         self.box_margin = box_margin
@@ -322,7 +326,8 @@ class Segmenter:
             box = cached.box
         if box is not None and not all(self.box_frame(box, width, height).contains(c) for c in prompt.clicks):
             box = None
-        frame, steps, box_prompt = whole, [], None
+        steps: list[tuple[Click, ...]] = []
+        frame, box_prompt = whole, None
         if box is not None and self.accepts_box:
             box_prompt = box
         elif box is not None:
@@ -379,7 +384,7 @@ class Segmenter:
         boxed = e.box_prompt is not None
         k = common_prefix(e.steps, steps)
         if k == len(steps) == len(e.steps) and e.bits is not None:
-            return Outcome(e.bits, e.score, e.frame, 0, k, clicks, boxed)
+            return Outcome(e.bits, e.score, e.frame, 0, clicks, boxed)
         undo = len(e.steps) - k
         if undo > 0 and (k == 0 and not boxed or undo > e.depth):
             e.session.reset()       # back to the start: the history does not reach that far
@@ -388,11 +393,11 @@ class Segmenter:
             for _ in range(undo):
                 prob = e.session.undo()
             e.steps, e.depth = e.steps[:k], e.depth - undo
-            e.remember(prob, self.threshold)
-        reused, ran = len(e.steps), 0
+            e.remember(cast(np.ndarray, prob), self.threshold)   # undo <= depth: never None here
+        ran = 0
         max_history = self.predictor.options.max_history
         if boxed and not e.boxed:
-            x0, y0, x1, y1 = e.box_prompt
+            x0, y0, x1, y1 = cast(tuple, e.box_prompt)      # boxed: a box prompt is there
             e.remember(e.session.set_box(x0, y0, x1, y1), self.threshold)
             e.boxed, ran = True, 1
         for st in steps[len(e.steps):]:
@@ -404,4 +409,4 @@ class Segmenter:
             e.depth = min(e.depth + 1, max_history)
             e.remember(prob, self.threshold)
             ran += 1
-        return Outcome(e.bits, e.score, e.frame, ran, reused, clicks, boxed)
+        return Outcome(cast(np.ndarray, e.bits), e.score, e.frame, ran, clicks, boxed)

@@ -190,7 +190,7 @@ class LabelStudioAuth:
         self.api_key = api_key
         self.key_source = key_source
         payload = _jwt_payload(api_key)
-        self.is_pat = bool(payload) and payload.get("token_type") == "refresh"
+        self.is_pat = bool(payload and payload.get("token_type") == "refresh")
         self._access: str | None = None
         self._access_exp = 0.0
         self._lock = threading.Lock()

@@ -19,9 +19,6 @@ class LabelConfigError(ValueError):
     """The label config cannot serve smart segmentation (message says what to add)."""
 
 
-OUTPUT_TYPES = {"brushlabels": "BrushLabels", "polygonlabels": "PolygonLabels"}
-
-
 @dataclass(frozen=True)
 class Control:
     name: str
@@ -93,11 +90,10 @@ def parse_label_config(xml: str) -> LabelConfig:
         if el.tag == "Image" and name:
             value = el.get("value") or el.get("valueList") or ""
             images[name] = value[1:] if value.startswith("$") else value
-        elif name and el.get("toName"):
-            labels = tuple(lab.get("alias") or lab.get("value") for lab in el.iter("Label")
-                           if lab.get("alias") or lab.get("value"))
+        elif name and (to_names := el.get("toName")):
+            labels = tuple(text for lab in el.iter("Label") if (text := lab.get("alias") or lab.get("value")))
             controls.append(Control(name=name, tag=el.tag,
-                                    to_name=tuple(t.strip() for t in el.get("toName").split(",")),
+                                    to_name=tuple(t.strip() for t in to_names.split(",")),
                                     labels=labels, smart=_bool(el.get("smart")) or any(
                                         _bool(lab.get("smart")) for lab in el.iter("Label"))))
     if not images:

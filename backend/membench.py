@@ -39,7 +39,7 @@ def photo(width: int, height: int, seed: int) -> bytes:
 
     rng = np.random.default_rng(seed)
     small = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((width, height),
-                                                                                       Image.BILINEAR)
+                                                                                       Image.Resampling.BILINEAR)
     ImageDraw.Draw(small).ellipse([width // 3, height // 3, 2 * width // 3, 2 * height // 3],
                                   fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
     buf = io.BytesIO()

@@ -31,7 +31,12 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, cast
+
+from model.interface import ClickPredictor
+
+if TYPE_CHECKING:
+    from .engine import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +54,8 @@ def _read_pointer(reg):
 @dataclass
 class Served:
     version: str
-    predictor: object
-    segmenter: object
+    predictor: ClickPredictor
+    segmenter: Segmenter
     source: str = "checkpoint"        # "checkpoint" (MODEL_CHECKPOINT) or "registry"
     loaded_at: float = field(default_factory=time.time)
 
@@ -67,7 +72,7 @@ class _Slot:
 
 class ModelRouter:
     def __init__(self, base: Served, registry_root: Optional[Path], interval: float, capacity: int,
-                 load: Callable[[Path], object], make_segmenter: Callable[[object], object],
+                 load: Callable[[Path], ClickPredictor], make_segmenter: Callable[[ClickPredictor], Segmenter],
                  clock: Callable[[], float] = time.monotonic,
                  retire: Callable[[Served], None] = lambda served: None):
         self.base = base
@@ -152,9 +157,10 @@ class ModelRouter:
         look (the first look: the most recently promoted projects, at most PROJECT_MODELS)."""
         from training.registry import ProjectRegistry, projects
 
+        root = cast(Path, self.root)     # the watcher runs only with a registry
         changed = []
-        for pid in projects(self.root):
-            reg = ProjectRegistry(self.root, pid)
+        for pid in projects(root):
+            reg = ProjectRegistry(root, pid)
             stamp = reg.pointer_stamp()
             if stamp == self._seen.get(pid):
                 continue
@@ -170,7 +176,7 @@ class ModelRouter:
     def _refresh(self, pid: str, slot: _Slot) -> None:
         from training.registry import ProjectRegistry
 
-        reg = ProjectRegistry(self.root, pid)
+        reg = ProjectRegistry(cast(Path, self.root), pid)
         stamp = reg.pointer_stamp()
         if stamp == slot.stamp and slot.ready:
             return
@@ -210,7 +216,9 @@ class ModelRouter:
                          pid, self.base.version)
             return self.base, ""
         wanted = pointer.get("version")
-        stack = pointer.get("stack") if isinstance(pointer.get("stack"), list) else []
+        stack = pointer.get("stack")
+        if not isinstance(stack, list):
+            stack = []
         stack = [v for v in stack if isinstance(v, str)]
         problems = []
         for name in [wanted] + [v for v in reversed(stack) if v != wanted]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.clicks import Click
+
 from .labelconfig import LabelConfig, parse_label_config
 from .masks import MaskFormatError, rle_to_mask
 
@@ -32,13 +34,6 @@ SIZE_TOLERANCE = 1
 SMART_TYPES = ("keypointlabels", "keypoint", "rectanglelabels", "rectangle", "brushlabels", "brush")
 
 
-@dataclass(frozen=True)
-class Click:
-    x: float
-    y: float
-    positive: bool
-
-
 @dataclass
 class Prompt:
     """Everything the annotator gave for one object (one label on one image)."""
@@ -48,10 +43,6 @@ class Prompt:
     box: tuple | None = None                          # (x0, y0, x1, y1) continuous pixels
     brush: np.ndarray | None = None                   # bool H x W at (orig_h, orig_w)
     size: tuple | None = None                         # (original_width, original_height) sent
-
-    @property
-    def key(self) -> tuple:
-        return (self.to_name, self.label)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ def parse_event(body) -> WebhookEvent:
     project_id = _id(body.get("project"), "project")
     if action in REQUIRED and project_id is None:
         raise WebhookError(f"{action} event without a project id")
-    ann = body.get("annotation") if isinstance(body.get("annotation"), dict) else {}
+    ann = body.get("annotation")
+    if not isinstance(ann, dict):
+        ann = {}
     task_id = _id(body.get("task"), "task") or _id(ann.get("task"), "task")
     if action.startswith("ANNOTATION_") and action in REQUIRED:
         if _id(ann, "annotation") is None or not isinstance(ann.get("result"), list):
@@ -87,7 +89,7 @@ def parse_event(body) -> WebhookEvent:
                         annotation_id=_id(ann, "annotation"), payload=body)
 
 
-def load_enqueue(spec: str) -> Optional[Callable[[WebhookEvent], Optional[str]]]:
+def load_enqueue(spec: str) -> Optional[Callable[..., Any]]:
     """'package.module:function' -> the function (ImportError/AttributeError if it is not there)."""
     if not spec:
         return None
@@ -99,15 +101,15 @@ def load_enqueue(spec: str) -> Optional[Callable[[WebhookEvent], Optional[str]]]
 
 
 class WebhookHandler:
-    def __init__(self, enqueue: Optional[Callable[[WebhookEvent], Optional[str]]] = None,
+    def __init__(self, enqueue: Optional[Callable[[WebhookEvent], Any]] = None,
                  history: int = 100):
         self.enqueue = enqueue
-        self._recent = deque(maxlen=history)
+        self._recent: deque = deque(maxlen=history)
         self._lock = threading.Lock()
 
     def handle(self, body) -> tuple[dict, int]:
         event = parse_event(body)   # WebhookError -> 400 in the app
-        record = event.summary()
+        record: dict[str, Any] = event.summary()
         answer = {"status": "ok", "action": event.action}
         status = 200
         if event.action in TRAINING_ACTIONS:

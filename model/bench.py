@@ -55,7 +55,7 @@ def _run_one(args: tuple) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    from .checkpoint import DEFAULT_CHECKPOINT, build_model
+    from .checkpoint import build_model
     from .config import ModelConfig
     from .network import InteractiveSegNet
     from .predictor import Predictor

@@ -17,7 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 

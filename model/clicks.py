@@ -3,10 +3,27 @@
 A batch of clicks is a float tensor (B, M, 3) of (y, x, sign) in the network input's pixel
 coordinates (pixel centres at integer positions); sign is +1 positive, -1 negative, 0 padding, so
 samples with different click counts share one tensor.
+
+`Click` is one click in image pixel coordinates, the one click type of every layer: the backend's
+prompts (backend/payload.py), the predictor's session and the evaluation's robot user
+(training/evaluation/clicker.py).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class Click(NamedTuple):
+    """A click at column `x`, row `y` (pixel centres at integers; the robot user's are whole
+    pixels, the backend's may be sub-pixel), positive (on the object) or negative."""
+    x: float
+    y: float
+    positive: bool
+
+    def as_tuple(self) -> tuple[float, float, bool]:
+        return (self.x, self.y, self.positive)
 
 
 def disk_maps(clicks: torch.Tensor, height: int, width: int, radius: float) -> torch.Tensor:

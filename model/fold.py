@@ -9,17 +9,20 @@ network's output against the original's).
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import nn
 
 
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    # Typed Optional (track_running_stats=False has none); a network's BatchNorms track them.
+    mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+    scale = bn.weight.detach() / torch.sqrt(var + bn.eps)
     w = conv.weight.detach() * scale.view(-1, 1, 1, 1)
-    b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    b = conv.bias.detach() if conv.bias is not None else torch.zeros_like(mean)
     conv.weight = nn.Parameter(w)
-    conv.bias = nn.Parameter((b - bn.running_mean) * scale + bn.bias.detach())
+    conv.bias = nn.Parameter((b - mean) * scale + bn.bias.detach())
 
 
 def _after_bn(bn: nn.BatchNorm2d) -> nn.Module:

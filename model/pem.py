@@ -18,6 +18,9 @@ def masked_average_pool(feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class PrototypeLoss(nn.Module):
+    pro_pos: torch.Tensor          # buffers (register_buffer), typed for mypy
+    initialised: torch.Tensor
+
     def __init__(self, channels: int, beta: float = 0.01):
         super().__init__()
         self.beta = beta

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, fields, replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, cast
 
 import cv2
 import numpy as np
@@ -23,15 +23,14 @@ import torch
 
 from . import focus
 from .checkpoint import build_model, file_sha256, resolve
+from .clicks import Click
+from .config import ModelConfig
 from .fold import fold_batchnorm
 from .guided_filter import guided_filter
 from .images import to_rgb8
 
-
-class Click(NamedTuple):
-    x: float          # column, full-resolution pixels
-    y: float          # row
-    positive: bool
+if TYPE_CHECKING:
+    from .network import InteractiveSegNet
 
 
 @dataclass(frozen=True)
@@ -79,14 +78,13 @@ class Predictor:
         self.device = pick_device(device)
         self.info = info or {}
         self.options = options or PredictorOptions()
-        self.config = net.config
+        self.config: ModelConfig = cast(ModelConfig, net.config)
         # A folded copy: BN costs nothing at inference, and a network still being trained is untouched.
         net = fold_batchnorm(net).to(self.device)
         if self.device.type == "cpu":
             net = net.to(memory_format=torch.channels_last)  # faster oneDNN convolutions
-        self.net = net
+        self.net: InteractiveSegNet = cast("InteractiveSegNet", net)
         self.version = str(self.info.get("version", "unversioned"))
-        self.timings: dict[str, float] = {}
 
     @classmethod
     def load(cls, checkpoint: str | None = "default", device=None, **options) -> "Predictor":
@@ -104,7 +102,6 @@ class Predictor:
         p = Predictor.__new__(Predictor)
         p.__dict__.update(self.__dict__)
         p.options = replace(self.options, **changes)
-        p.timings = {}
         return p
 
     def open(self, image: np.ndarray, prior_mask: np.ndarray | None = None) -> "Session":
@@ -349,7 +346,7 @@ class Session:
         empty = np.zeros((h, w), bool)
         t0 = time.perf_counter()
         prob = self._coarse_pass([], empty)
-        by0, bx0, by1, bx1 = self.box
+        by0, bx0, by1, bx1 = cast(tuple, self.box)      # called by set_box, after it set the box
         half = max(by1 - by0, bx1 - bx0) * 0.5 * 1.4
         crop = focus.focus_box((by0 + by1) / 2, (bx0 + bx1) / 2, max(half, opt.focus_min_side / 2), self.wh, self.ww)
         side = max(crop[2] - crop[0], crop[3] - crop[1])

@@ -7,7 +7,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Tests run on CPU with the default thread count; keep BLAS from oversubscribing the 2 cores.
+# Tests run on CPU with two OpenMP threads unless OMP_NUM_THREADS says otherwise: small passes gain
+# nothing from more, and more oversubscribe a machine that runs other work.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Idle OpenMP threads sleep instead of spinning: on a loaded machine (a training run beside the
 # tests) spinning threads made a small forward pass 36x slower; on an idle one it costs nothing.
@@ -21,6 +22,15 @@ import pytest  # noqa: E402
 
 
 _TINY = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Two tiers (markers in pyproject.toml): a test is `e2e` when its module or itself says so
+    (a real Label Studio, Redis, PostgreSQL, browser, or a real training run); every other test is
+    `unit`. `make test-fast` = -m "not e2e"; `-m unit` selects the same tests."""
+    for item in items:
+        if item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 def make_tiny_checkpoint(path, seed=0, version="tiny"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, encode_rle
 
-from backend.config import Config, ConfigError, help_text
+from backend.config import Config, ConfigError
 from backend.engine import ByteCache, Frame, Segmenter, brush_clicks, common_prefix
 from backend.fetch import FetchError, ImageFetcher, LabelStudioAuth, SetupInfo, _jwt_payload, origin
 from backend.labelconfig import LabelConfigError, parse_label_config
@@ -64,6 +64,8 @@ def test_config_rejects_bad_values(env, needle):
 
 
 def test_help_lists_every_variable():
+    from backend.settings import help_text
+
     text = help_text()
     for var in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS",
                 "BASIC_AUTH_USER", "TRAINING_ENQUEUE", "SESSION_CACHE_MB", "IMAGE_CACHE_MB", "CACHE_TTL",

@@ -26,6 +26,8 @@ from .test_e2e_labelstudio import backend_log, backend_process
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 import browser  # noqa: E402
 
+pytestmark = pytest.mark.e2e          # a real Label Studio driven in headless Chromium
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "docs" / "label-configs" / "one-object.xml"
 BERKELEY = DATASETS / "Berkeley"

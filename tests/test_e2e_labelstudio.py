@@ -33,6 +33,8 @@ from .conftest import DATASETS
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 import ls_harness  # noqa: E402
 
+pytestmark = pytest.mark.e2e          # a real Label Studio and the backend as a process
+
 REPO = Path(__file__).resolve().parents[1]
 BERKELEY = DATASETS / "Berkeley"
 STEM = "376043"

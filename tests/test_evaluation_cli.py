@@ -20,6 +20,7 @@ def _json_lines(text):
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.e2e
 @needs_data
 def test_module_entry_oracle_json_on_three_benchmarks(tmp_path):
     db = tmp_path / "h.sqlite"
@@ -39,6 +40,7 @@ def test_module_entry_oracle_json_on_three_benchmarks(tmp_path):
     assert db.stat().st_size > 0
 
 
+@pytest.mark.e2e
 @needs_data
 def test_grabcut_baseline_with_workers_history_compare_plot_and_report(tmp_path, capsys):
     db, report, plots = str(tmp_path / "h.sqlite"), tmp_path / "report", tmp_path / "plots"
@@ -86,6 +88,7 @@ def test_unknown_version_is_a_clean_error(tmp_path, capsys):
     assert main(["plot", "--versions", "nope", "--out", str(tmp_path), "--db", db]) == 2
 
 
+@pytest.mark.e2e
 @needs_data
 def test_bad_checkpoint_and_unknown_data_set_fail_cleanly(tmp_path, capsys):
     bad = tmp_path / "bad.safetensors"
@@ -99,6 +102,7 @@ def test_bad_checkpoint_and_unknown_data_set_fail_cleanly(tmp_path, capsys):
     assert "unknown data set" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 @needs_data
 def test_network_checkpoint_is_evaluated_and_hashed(tmp_path, capsys, tiny_checkpoint):
     import hashlib
@@ -112,6 +116,7 @@ def test_network_checkpoint_is_evaluated_and_hashed(tmp_path, capsys, tiny_check
     assert row["instances"] == 1 and 1 <= row["noc90"] <= 20 and row["spc"] > 0
 
 
+@pytest.mark.e2e
 @needs_data
 def test_predictor_options_make_an_ablation_version(tmp_path, capsys, tiny_checkpoint):
     assert main(["--checkpoint", str(tiny_checkpoint), "--datasets", "GrabCut", "--limit", "1", "--workers", "1",

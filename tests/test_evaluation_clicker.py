@@ -1,4 +1,5 @@
 """The robot user: checked against a brute-force implementation of the protocol's words."""
+import cv2
 import numpy as np
 import pytest
 
@@ -162,3 +163,70 @@ def test_matches_brute_force_protocol_on_random_masks(seed):
         clicked[c.y, c.x] = True
         pred = pred.copy()
         pred[c.y, c.x] = c.positive  # let the "prediction" follow the click a little
+
+
+def _blobs(rng, h, w, n):
+    """A mask of n random rectangles and ellipses: shapes with interiors, like real objects."""
+    m = np.zeros((h, w), np.uint8)
+    for _ in range(n):
+        y, x = rng.integers(0, h), rng.integers(0, w)
+        a, b = rng.integers(2, max(3, h // 3)), rng.integers(2, max(3, w // 3))
+        if rng.random() < 0.5:
+            m[max(0, y - a):y + a, max(0, x - b):x + b] = 1
+        else:
+            cv2.ellipse(m, (int(x), int(y)), (int(b), int(a)), float(rng.integers(0, 180)), 0, 360, 1, -1)
+    return m.astype(bool)
+
+
+def test_training_robot_user_agrees_with_the_evaluation_one_on_random_masks():
+    """The robot-user rule is written twice: training.data.clicks.next_clicks (cv2's exact distance
+    transform, float32, batched, clicks as (y, x, sign) rows) and RobotClicker (scipy's EDT, float64,
+    one mask). They must pick the same click; where they pick different pixels, those pixels must tie
+    (equal distance) and the sign must agree. They differ on purpose only with nothing left to
+    correct: training adds no click (a padding row), the evaluation clicks negative at (0, 0)
+    (module docstring of training/evaluation/clicker.py, as in RITM)."""
+    from scipy.ndimage import distance_transform_edt
+
+    from training.data import next_clicks
+
+    def dist(region, clicked):
+        d = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+        d[clicked] = 0.0
+        return d
+
+    rng = np.random.default_rng(12)
+    same = ties = done = 0
+    for trial in range(300):
+        h, w = (int(v) for v in rng.integers(8, 72, size=2))
+        gt = _blobs(rng, h, w, int(rng.integers(1, 4)))
+        pred = _blobs(rng, h, w, int(rng.integers(0, 4))) if trial % 5 else gt.copy()
+        ignore = (rng.random((h, w)) < 0.05) if trial % 3 == 0 else None
+        valid = None if ignore is None else ~ignore
+        robot = RobotClicker(gt, ignore)
+        rows = []                                       # the training side's (y, x, sign) history
+        for _ in range(5):
+            clicks = np.array([rows], np.float32) if rows else None
+            t = next_clicks(gt[None], pred[None], clicks, None if valid is None else valid[None])[0]
+            e = robot.next_click(pred)
+            if t[2] == 0:                               # nothing left to correct
+                assert e.as_tuple() == (0, 0, False)
+                done += 1
+                break
+            ty, tx, positive = int(t[0]), int(t[1]), bool(t[2] > 0)
+            assert positive == e.positive
+            if (ty, tx) == (e.y, e.x):
+                same += 1
+            else:                                       # a tie in exact arithmetic, split by rounding
+                fn, fp = gt & ~pred, pred & ~gt
+                region = fn if positive else fp
+                if valid is not None:
+                    region = region & valid
+                clicked = robot.clicked.copy()
+                clicked[e.y, e.x] = False
+                d = dist(region, clicked)
+                assert d[ty, tx] == pytest.approx(d[e.y, e.x], abs=1e-4)
+                ties += 1
+            rows.append((e.y, e.x, 1.0 if e.positive else -1.0))
+            pred = pred.copy()
+            pred[max(0, e.y - 2):e.y + 3, max(0, e.x - 2):e.x + 3] = e.positive   # follow the click
+    assert same > 500 and done > 0, (same, ties, done)

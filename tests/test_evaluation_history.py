@@ -101,6 +101,7 @@ def pg_url():
         admin.dispose()
 
 
+@pytest.mark.e2e
 def test_history_on_postgresql(pg_url):
     _exercise(pg_url)
     eng = sa.create_engine(pg_url)

@@ -27,6 +27,8 @@ from PIL import Image
 from training import jobs
 from training.make_ls_export import brush_result
 
+pytestmark = pytest.mark.e2e          # real Redis and fine-tuning job processes
+
 REPO = Path(__file__).resolve().parents[1]
 DB = 15
 QUEUE = "simclick-test-attempts"

@@ -12,7 +12,6 @@ backend lists it and serves it if promoted.
 """
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -23,7 +22,6 @@ import numpy as np
 import pytest
 import redis
 import requests
-from PIL import Image
 
 from backend.bench import LABEL_CONFIG
 from training.make_ls_export import brush_result, sod_pairs
@@ -33,6 +31,8 @@ DB = 13
 QUEUE = "simclick-test-e2e"
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 import ls_harness  # noqa: E402
+
+pytestmark = pytest.mark.e2e          # a real Label Studio, Redis and worker process
 
 
 def _wait(pred, timeout, what, log=None):
@@ -88,7 +88,7 @@ def test_train_button_to_a_registered_version(label_studio_server, label_studio_
         assert r.status_code == 201 and r.json()["state"] == "CO", r.text
         ml = r.json()["id"]
         # -- annotate through the API --------------------------------------------------------------------
-        for k, (stem, path, mask) in enumerate(pairs):
+        for k, (_stem, path, mask) in enumerate(pairs):
             result = [brush_result(mask, rid=f"m{k}")]
             if k == 0:
                 result.append(brush_result(np.zeros_like(mask), rid="empty"))          # empty mask

@@ -76,6 +76,7 @@ def test_default_enqueue_follows_redis_url():
     assert Config.from_env({}).training_enqueue == ""
 
 
+@pytest.mark.e2e
 def test_same_delivery_twice_is_one_job_and_triggers_fold(rdb, predictor, tmp_path):
     url, conn = rdb
     c = make_app(predictor, tmp_path, redis_url=url).test_client()
@@ -109,6 +110,7 @@ def test_same_delivery_twice_is_one_job_and_triggers_fold(rdb, predictor, tmp_pa
     assert new not in (job, other) and new.startswith("train-p5-")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("rdb", [10], indirect=True)
 def test_every_n_annotations_enqueues(rdb, predictor, tmp_path):
     url, conn = rdb
@@ -160,6 +162,7 @@ def test_redis_down_webhook_503_predictions_served(predictor, tmp_path):
     assert events[-1]["action"] == "START_TRAINING" and "could not enqueue" in events[-1]["error"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("rdb", [10], indirect=True)
 def test_project_lock(rdb):
     url, conn = rdb

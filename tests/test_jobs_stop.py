@@ -29,6 +29,8 @@ from training.make_ls_export import brush_result
 from .test_jobs_attempts import HeldImageServer
 from .test_jobs_worker import cli, start_worker, wait_for, worker_env, workers_listening
 
+pytestmark = pytest.mark.e2e          # real Redis and fine-tuning jobs
+
 REPO = Path(__file__).resolve().parents[1]
 DB = 12
 URL = f"redis://127.0.0.1:6379/{DB}"

@@ -25,6 +25,8 @@ from training import jobs
 from training.make_ls_export import make_export
 from training.registry import ProjectRegistry
 
+pytestmark = pytest.mark.e2e          # real Redis and worker processes that fine-tune
+
 REPO = Path(__file__).resolve().parents[1]
 QUEUE = "simclick-test-worker"
 

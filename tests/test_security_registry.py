@@ -35,8 +35,8 @@ URI = _uri()
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """Small convolutions on one thread: on a busy 2-core machine two threads spin-wait for each
-    other and a 64-px pass took 0.9 s instead of 25 ms. Restored after this module."""
+    """Small convolutions on one thread: two threads on busy cores spin-wait for each other (a
+    64-px pass took 0.9 s instead of 25 ms). Restored after this module."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

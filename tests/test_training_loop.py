@@ -16,7 +16,9 @@ from training.train import train
 
 from .conftest import DATASETS
 
-pytestmark = pytest.mark.skipif(not (DATASETS / "train").is_dir(), reason=f"training data not at {DATASETS / 'train'}")
+# Real training runs read the training data: skipped without it, and in the e2e tier (slow). The
+# other tests build the network and run steps on toy batches: unit tier, no data needed.
+needs_data = pytest.mark.skipif(not (DATASETS / "train").is_dir(), reason=f"training data not at {DATASETS / 'train'}")
 
 
 def tiny_config(out_dir, **kw) -> TrainConfig:
@@ -33,6 +35,8 @@ def weights(path):
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
 
 
+@pytest.mark.e2e
+@needs_data
 def test_a_few_iterations_write_everything(tmp_path):
     summary = train(tiny_config(tmp_path, val_instances=1), progress=False)
     assert summary["steps"] == 3
@@ -70,6 +74,8 @@ def test_a_few_iterations_write_everything(tmp_path):
         export_main([str(tmp_path / "state.safetensors"), str(tmp_path / "x.safetensors"), "--predictor", "edge=2"])
 
 
+@pytest.mark.e2e
+@needs_data
 def test_a_run_that_continues_a_checkpoint_exports_its_architecture(tmp_path):
     """A config with init_checkpoint and no "model" (cpu-lite2-continue.json): the exported file
     must carry the continued network's architecture, not the default one."""
@@ -85,6 +91,8 @@ def test_a_run_that_continues_a_checkpoint_exports_its_architecture(tmp_path):
     assert config.late_fusion and config.decoder_channels == 32 and config.input_size == 128
 
 
+@pytest.mark.e2e
+@needs_data
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     train(tiny_config(straight, steps=4), progress=False)
@@ -101,6 +109,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.e2e
+@needs_data
 def test_seed_changes_the_run(tmp_path):
     train(tiny_config(tmp_path / "s0", steps=1, checkpoint_every=1), progress=False)
     train(tiny_config(tmp_path / "s1", steps=1, checkpoint_every=1, seed=1), progress=False)
@@ -129,6 +139,8 @@ def test_losses_reward_the_right_answer_and_ignore_padding():
         assert loss(wrong_in_padding, gt, valid) == pytest.approx(loss(good, gt, valid).item(), abs=1e-6)
 
 
+@pytest.mark.e2e
+@needs_data
 def test_crash_mid_write_keeps_the_previous_state(tmp_path, monkeypatch):
     from model import checkpoint
 
@@ -234,6 +246,8 @@ def _late_model(**kw):
             "fusion": "late", **kw}
 
 
+@pytest.mark.e2e
+@needs_data
 def test_late_fusion_trains_several_clicks_per_backbone_pass(tmp_path):
     """Frozen backbone: only the head moves; with the backbone training, the shared pass gets the
     gradient of every supervised click (retain_graph across the points)."""

@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from training.evaluation.protocol import CURVE_CLICKS     # clicks every evaluated instance runs
 
@@ -106,7 +106,7 @@ class FinetuneSettings:
     keep_workdir: bool = False
 
     @classmethod
-    def from_env(cls, env: Optional[dict] = None, **overrides) -> "FinetuneSettings":
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "FinetuneSettings":
         env = os.environ if env is None else env
         values = {}
         for name, var, default, _ in FINETUNE_SETTINGS:
@@ -228,7 +228,8 @@ def benchmark_samples(dataset: str, limit: Optional[int], exclude: set) -> tuple
     flatter it."""
     from training.evaluation.datasets import load_dataset
 
-    kept, excluded = [], []
+    kept: List[Any] = []
+    excluded: List[Any] = []
     for sample in load_dataset(dataset):
         if limit is not None and len(kept) >= limit:
             break

@@ -57,7 +57,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, cast
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ PREFIX = "simclick:"
 LIVE = ("queued", "deferred", "scheduled", "started")
 
 # (field, environment variable, default, help)
-JOB_SETTINGS = [
+JOB_SETTINGS: List[tuple[str, str, Any, str]] = [
     ("redis_url", "REDIS_URL", "", "Redis for the training queue, e.g. redis://localhost:6379/0; empty = no queue"),
     ("queue", "TRAINING_QUEUE", "simclick-training", "RQ queue name"),
     ("train_every", "TRAIN_EVERY_N_ANNOTATIONS", 0,
@@ -92,7 +92,7 @@ class JobSettings:
     result_ttl: int = 7 * 86400
 
     @classmethod
-    def from_env(cls, env: Optional[dict] = None, **overrides) -> "JobSettings":
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "JobSettings":
         env = os.environ if env is None else env
         values: Dict[str, Any] = {}
         for name, var, default, _ in JOB_SETTINGS:
@@ -122,6 +122,7 @@ def connect(url: str, timeout: Optional[float] = None):
 
     if not url:
         raise RuntimeError("REDIS_URL is not set: no training queue")
+    options: Dict[str, Any]
     if timeout is None:
         options = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
     else:
@@ -297,6 +298,7 @@ def enqueue_webhook(event, *, redis_url: Optional[str] = None, queue: Optional[s
         first = _s(conn.get(dkey)) or None
         return {"job": first, "training": "duplicate delivery: handled already"
                 + (f" (job {first})" if first else "")}
+    answer: Dict[str, Any]
     try:
         if event.action == "START_TRAINING":
             job_id, created = enqueue_training(conn, pid, settings=s, trigger="START_TRAINING")
@@ -373,7 +375,7 @@ class JobGuard(threading.Thread):
             if why and self.armed:
                 self.reason = why
                 # A real signal to the main thread: it also breaks a blocking call (a download).
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                signal.pthread_kill(cast(int, threading.main_thread().ident), signal.SIGTERM)
                 return
             self._halt.wait(every)
 
@@ -421,7 +423,7 @@ def interruptible(guard: JobGuard):
         yield
         return
     previous = signal.getsignal(signal.SIGTERM)
-    fired = []
+    fired: List[Optional[int]] = []
 
     def handler(signum, frame):
         if guard.reason is None and callable(previous):    # a real SIGTERM, not the guard's
@@ -445,9 +447,10 @@ def interruptible(guard: JobGuard):
 def run_training_job(project: Any, overrides: Optional[dict] = None, export: Optional[str] = None) -> dict:
     """The RQ job: take the project's training lock, fine-tune, release. See training.finetune."""
     from rq import get_current_job
+    from rq.job import Job
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    job = get_current_job()
+    job = cast(Job, get_current_job())        # run by an RQ worker: there is a current job
     conn = job.connection
     s = JobSettings.from_env()
     guard = JobGuard(conn, job.id, s.heartbeat_ttl, _forking_worker_pid(conn, job))
@@ -507,6 +510,11 @@ def _save_rates(conn, key: str, rates: Optional[dict]) -> None:
 
 
 # -- status ----------------------------------------------------------------------------------------
+def _existing_job_info(conn, job_id: str) -> dict:
+    """job_info of a job just fetched: it exists."""
+    return cast(dict, job_info(conn, job_id))
+
+
 def job_info(conn, job_id: str) -> Optional[dict]:
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
@@ -604,13 +612,13 @@ def list_jobs(conn, queue: str, project: Optional[str] = None, limit: int = 20) 
     return out[:limit]
 
 
-def retry_job(conn, job_id: str, settings: Optional[JobSettings] = None) -> str:
-    """Requeue a failed (or stopped) job with the same id: it resumes from its saved state."""
+def retry_job(conn, job_id: str) -> str:
+    """Requeue a failed (or stopped) job with the same id, on the queue it came from: it resumes
+    from its saved state."""
     from rq.job import Job
 
-    s = settings or JobSettings.from_env()
     job = Job.fetch(job_id, connection=conn)
-    status = job_info(conn, job_id)["status"]
+    status = _existing_job_info(conn, job_id)["status"]
     if status == "abandoned":
         _fail_abandoned(conn, job, "abandoned: no heartbeat (retried)")
     elif str(job.get_status().value) == "canceled":
@@ -641,7 +649,7 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
         job = Job.fetch(job_id, connection=conn)
     except NoSuchJobError:
         raise RuntimeError(f"no job {job_id}") from None
-    status = job_info(conn, job_id)["status"]
+    status = _existing_job_info(conn, job_id)["status"]
     pid = job.meta.get("project")
     if status in ("queued", "deferred", "scheduled"):
         job.cancel()
@@ -657,9 +665,9 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
         raise RuntimeError(f"job {job_id} is {status}: nothing to cancel")
     conn.set(_key("cancel", job_id), actor, ex=JobSettings.from_env().result_ttl)
     deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and job_info(conn, job_id)["status"] == "started":
+    while time.monotonic() < deadline and _existing_job_info(conn, job_id)["status"] == "started":
         time.sleep(0.2)
-    info = job_info(conn, job_id)
+    info = _existing_job_info(conn, job_id)
     if info["status"] == "started":
         return {"job": job_id, "status": "cancelling",
                 "detail": f"cancelled by {actor}; the job ends within seconds (`status {job_id}`)"}
@@ -668,13 +676,10 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
 
 # -- CLI -------------------------------------------------------------------------------------------
 def help_env() -> str:
-    from training.finetune import FINETUNE_SETTINGS
+    """Every variable SimClick reads, the worker's among them (backend/settings.py)."""
+    from backend.settings import help_text
 
-    rows = [(var, default, text) for _, var, default, text in JOB_SETTINGS + FINETUNE_SETTINGS]
-    lines = ["| variable | default | meaning |", "|---|---|---|"]
-    for var, default, text in rows:
-        lines.append(f"| `{var}` | `{default}` | {text} |" if default != "" else f"| `{var}` | | {text} |")
-    return "\n".join(lines)
+    return help_text()
 
 
 def preload() -> None:
@@ -829,8 +834,8 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_retry(args) -> int:
-    conn, s = _conn(args)
-    print(retry_job(conn, args.job, s))
+    conn, _ = _conn(args)
+    print(retry_job(conn, args.job))
     return 0
 
 
@@ -874,7 +879,8 @@ def cmd_resync(args) -> int:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training.jobs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--help-env", action="store_true", help="print the environment variables and exit")
+    ap.add_argument("--help-env", action="store_true",
+                    help="print every environment variable SimClick reads (backend, worker, paths) and exit")
     sub = ap.add_subparsers(dest="command")
 
     def common(p, registry=False):

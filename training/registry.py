@@ -37,7 +37,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Iterator, List, Mapping, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR_ENV = "DATA_DIR"
@@ -53,7 +53,7 @@ class RegistryError(ValueError):
     """A registry operation cannot be done (unknown version, bad name, version already exists...)."""
 
 
-def data_dir(env: Optional[dict] = None) -> Path:
+def data_dir(env: Optional[Mapping[str, str]] = None) -> Path:
     """$DATA_DIR (relative paths are taken from the repository root), default <repo>/data."""
     env = os.environ if env is None else env
     value = (env.get(DATA_DIR_ENV) or "").strip()
@@ -61,7 +61,7 @@ def data_dir(env: Optional[dict] = None) -> Path:
     return p if p.is_absolute() else REPO_ROOT / p
 
 
-def default_root(env: Optional[dict] = None) -> Path:
+def default_root(env: Optional[Mapping[str, str]] = None) -> Path:
     """$MODEL_REGISTRY, else $DATA_DIR/registry."""
     env = os.environ if env is None else env
     value = (env.get(REGISTRY_ENV) or "").strip()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -15,10 +16,13 @@ from safetensors.torch import save as safetensors_bytes
 
 from model.checkpoint import atomic_write_bytes
 
+if TYPE_CHECKING:
+    from model.network import InteractiveSegNet
+
 FORMAT = "simclick-train-state/1"
 
 
-def save_state(path: Path, net: torch.nn.Module, pem: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+def save_state(path: Path, net: InteractiveSegNet, pem: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
                meta: dict) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if pem is not None:

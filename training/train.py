@@ -51,7 +51,7 @@ def build_mixture(cfg: TrainConfig):
 
 
 def train_batches(cfg: TrainConfig, mixture, start_step: int):
-    """Yields (step, batch) from start_step on. A batch depends only on (seed, epoch, index), so a
+    """Yields (step, epoch, batch) from start_step on. A batch depends only on (seed, epoch, index), so a
     resumed run sees exactly the batches the killed run would have seen."""
     from training.data import ClickSegDataset, collate, worker_init_fn
 

@@ -2,11 +2,11 @@
 fixed crop, the torch Dataset/DataLoader, and click simulation (initial clicks, robot-user clicks on
 errors, focus-view crops). See each module's docstring; the click convention is in ``clicks``.
 
-Typical use in the training loop::
+Typical use (training/train.py builds its own DataLoader over the dataset instead, with a sampler
+that starts mid-epoch so a resumed run sees the batches the killed one would have)::
 
-    from training.data import (Mixture, default_sources, ClickSegDataset, make_loader,
-                               add_next_clicks, last_clicks, sample_focus_boxes, focus_view)
-    mix = Mixture(default_sources(), weights={"bsds": .35, "sod": .15, "coco": .5}, seed=0)
+    from training.data import Mixture, default_sources, ClickSegDataset, make_loader
+    mix = Mixture(default_sources(), seed=0)          # weights: DEFAULT_WEIGHTS
     train = ClickSegDataset(mix, "train", length=4000, seed=0)
     for epoch in range(E):
         for batch in make_loader(train, batch_size=8, num_workers=2, epoch=epoch):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, cast
 
 import cv2
 import numpy as np
@@ -118,7 +118,7 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig
     c = rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)
     s = rng.uniform(1 - cfg.saturation, 1 + cfg.saturation)
     w = np.array([0.299, 0.587, 0.114])
-    mean_rgb = np.array(cv2.mean(image, mask=None if valid is None else valid.astype(np.uint8))[:3])
+    mean_rgb = np.array(cv2.mean(image, mask=None if valid is None else valid.astype(np.uint8)))[:3]
     m = b * float(w @ mean_rgb)
     # out = s*c*b*img + (1-s)*c*b*grey(img) + (1-c)*m
     M = s * c * b * np.eye(3) + (1 - s) * c * b * np.tile(w, (3, 1))
@@ -167,7 +167,7 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
         k = rng.integers(len(ys))
         best = (min(max(int((ys[k] + 0.5) * sy) - c // 2, min(0, sh - c)), max(0, sh - c)),
                 min(max(int((xs[k] + 0.5) * sx) - c // 2, min(0, sw - c)), max(0, sw - c)))
-    oy, ox = best
+    oy, ox = cast(Tuple[int, int], best)      # set above: by the search, or the fallback
 
     m8 = mask.astype(np.uint8) * 255
     if s < 1.0:
@@ -181,7 +181,7 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         m_c = cv2.warpAffine(m8, M, (c, c), flags=cv2.INTER_LINEAR,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    valid = np.zeros((c, c), bool)
+    valid: np.ndarray = np.zeros((c, c), bool)
     valid[max(0, -oy):max(0, min(c, sh - oy)), max(0, -ox):max(0, min(c, sw - ox))] = True
     mask_c = (m_c > 127) & valid
     img_c[~valid] = 0

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from .augment import AugmentConfig, augment, eval_config
 from .clicks import InitialClickConfig, sample_initial_clicks
 from .mixture import Mixture
+from .sources import Instance
 
 
 class ClickSegDataset(Dataset):
@@ -73,6 +74,7 @@ class ClickSegDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         rng = self._rng(index)
+        inst: Optional[Instance]
         for attempt in range(self.max_redraws):
             if self.split == "train":
                 s, inst = self.mixture.draw(rng, "train")
@@ -118,8 +120,8 @@ def worker_init_fn(worker_id: int) -> None:
     """Per-worker: seed Python's and NumPy's global generators from the worker's torch seed (which
     the DataLoader derives from its seeded ``generator``); the samples themselves use their own
     per-index generators. (torch already runs workers with one thread. Do NOT call
-    cv2.setNumThreads here: after torch has run in the parent it can deadlock in a forked child,
-    reproduced on this machine; cv2's own pool is fork-safe when left alone.)"""
+    cv2.setNumThreads here: after torch has run in the parent it can deadlock in a forked child
+    (seen in this project's DataLoader workers); cv2's own pool is fork-safe when left alone.)"""
     s = torch.initial_seed() % 2 ** 32
     np.random.seed(s)
     random.seed(s)
@@ -134,7 +136,7 @@ def make_loader(dataset: ClickSegDataset, batch_size: int, num_workers: int = 2,
     dataset.set_epoch(epoch)
     g = torch.Generator()
     g.manual_seed(int(np.random.SeedSequence([dataset.seed, epoch]).generate_state(1)[0]))
-    kw = {}
+    kw: Dict[str, Any] = {}
     if num_workers > 0:
         kw["worker_init_fn"] = worker_init_fn
         if prefetch_factor is not None:

@@ -31,7 +31,7 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import cv2
 import numpy as np
@@ -214,7 +214,7 @@ class BSDSSource(InstanceSource):
             if seg.shape != image.shape[:2]:
                 continue
             areas = np.bincount(seg.ravel())
-            labels = [l for l in np.nonzero(areas)[0] if self.area_filter.ok(int(areas[l]), total)]
+            labels = [lab for lab in np.nonzero(areas)[0] if self.area_filter.ok(int(areas[lab]), total)]
             if not labels:
                 continue
             label = labels[rng.integers(len(labels))]
@@ -222,13 +222,13 @@ class BSDSSource(InstanceSource):
             area = int(areas[label])
             if self.max_merge > 0 and rng.random() < self.merge_prob:
                 for _ in range(int(rng.integers(1, self.max_merge + 1))):
-                    nbrs = [l for l in _adjacent_labels(seg, mask)
-                            if self.area_filter.ok(area + int(areas[l]), total)]
+                    nbrs = [lab for lab in _adjacent_labels(seg, mask)
+                            if self.area_filter.ok(area + int(areas[lab]), total)]
                     if not nbrs:
                         break
-                    l = nbrs[rng.integers(len(nbrs))]
-                    mask |= seg == l
-                    area += int(areas[l])
+                    lab = nbrs[rng.integers(len(nbrs))]
+                    mask |= seg == lab
+                    area += int(areas[lab])
             return self._instance(item, image, mask)
         return None
 
@@ -379,7 +379,7 @@ class COCOSource(InstanceSource):
                 if info is None or info[0] is None:
                     self.stats["no_image"] += 1
                     continue
-                path, h, w = info
+                path, h, w = cast(Tuple[Path, int, int], info)     # info[0] is not None (above)
                 area = float(ann.get("area", 0.0))
                 if area < min_area:
                     self.stats["small"] += 1
@@ -443,7 +443,7 @@ class SBDSource(InstanceSource):
         root = assert_not_benchmark(root)
         if list_file is not None or split is not None:
             lf = assert_not_benchmark(list_file) if list_file is not None else root / f"{split}.txt"
-            ids = [l.strip() for l in lf.read_text().splitlines() if l.strip()]
+            ids = [line.strip() for line in lf.read_text().splitlines() if line.strip()]
         else:
             ids = [p.stem for p in _sorted_files(root / "inst", (".mat",))]
         items = []
@@ -462,8 +462,8 @@ class SBDSource(InstanceSource):
         image = _load_image_checked(img_path)
         inst = read_sbd_instances(mat_path)
         areas = np.bincount(inst.ravel().astype(np.int64))
-        labels = [l for l in np.nonzero(areas)[0]
-                  if 0 < l < 255 and self.area_filter.ok(int(areas[l]), inst.size)]
+        labels = [lab for lab in np.nonzero(areas)[0]
+                  if 0 < lab < 255 and self.area_filter.ok(int(areas[lab]), inst.size)]
         if not labels:
             return None
         return self._instance(item, image, inst == labels[rng.integers(len(labels))])

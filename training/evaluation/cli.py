@@ -164,7 +164,7 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps({k: v for k, v in out.items() if k != "miou"} | {"miou": out["miou"]}), flush=True)
         if args.report:
             by_id = {s.sample_id: s for s in samples}
-            sections.append((result, write_report(result, lambda i: by_id[i].load(), args.report, args.report_k)))
+            sections.append((result, write_report(result, lambda i: by_id[i].load(), args.report, args.report_k)))  # noqa: B023 (used at once)
         metrics.append(out)
     total = time.perf_counter() - started
     version = metrics[0]["model_version"]

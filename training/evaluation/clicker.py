@@ -8,21 +8,12 @@ row-major order (so with nothing left to correct, the click is negative at (0, 0
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
-
-@dataclass(frozen=True)
-class Click:
-    x: int          # column
-    y: int          # row
-    positive: bool
-
-    def as_tuple(self) -> Tuple[int, int, bool]:
-        return (self.x, self.y, self.positive)
+from model.clicks import Click
 
 
 def region_peak(region: np.ndarray, clicked: Optional[np.ndarray] = None) -> Tuple[float, int, int]:
@@ -66,10 +57,8 @@ class RobotClicker:
             fp &= self.valid
         fn_max, fn_r, fn_c = region_peak(fn, self.clicked)
         fp_max, fp_r, fp_c = region_peak(fp, self.clicked)
-        if fn_max > fp_max:
-            click = Click(fn_c, fn_r, True)
-        else:
-            click = Click(fp_c, fp_r, False)
-        self.clicked[click.y, click.x] = True
+        row, col, positive = (fn_r, fn_c, True) if fn_max > fp_max else (fp_r, fp_c, False)
+        click = Click(col, row, positive)
+        self.clicked[row, col] = True
         self.clicks.append(click)
         return click

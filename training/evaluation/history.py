@@ -9,7 +9,7 @@ import datetime as dt
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -112,7 +112,8 @@ def record_run(result: DatasetResult, db: Union[None, str, Engine] = None, check
         tag=tag, notes=notes,
     )
     with engine_for(db).begin() as conn:
-        return int(conn.execute(runs.insert().values(**row)).inserted_primary_key[0])
+        key = cast(Any, conn.execute(runs.insert().values(**row)).inserted_primary_key)
+        return int(key[0])
 
 
 SUMMARY_COLS = [c for c in runs.c if c.name not in ("per_instance", "metrics", "protocol")]
@@ -179,9 +180,9 @@ def compare(a: str, b: str, db: Union[None, str, Engine] = None) -> List[Dict[st
             continue
         for k in ("noc85", "noc90", "nof90", "spc"):
             row[k] = (x[k], y[k], None if x[k] is None or y[k] is None else y[k] - x[k])
-        for k in (1, 5):
-            ma, mb = x["metrics"]["miou"][k - 1], y["metrics"]["miou"][k - 1]
-            row[f"miou@{k}"] = (ma, mb, mb - ma)
+        for n in (1, 5):
+            ma, mb = x["metrics"]["miou"][n - 1], y["metrics"]["miou"][n - 1]
+            row[f"miou@{n}"] = (ma, mb, mb - ma)
         row["instances"] = (x["instances"], y["instances"])
         row.update(_paired(x["per_instance"], y["per_instance"]))
         rows.append(row)

@@ -74,7 +74,7 @@ class _GrabCutSession(_ClickSession):
         size = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
         small = cv2.resize(image, size, interpolation=cv2.INTER_AREA) if self.scale < 1 else image
         self.small = np.ascontiguousarray(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
-        diag = float(np.hypot(*self.small.shape[:2]))
+        diag = float(np.hypot(self.small.shape[0], self.small.shape[1]))
         self.seed_r = max(1, int(round(p.seed_radius * diag)))
         self.prior_r = max(2, int(round(p.prior_radius * diag)))
         self.history: List[Optional[np.ndarray]] = []  # working-resolution result after each click
@@ -135,7 +135,8 @@ class _GrabCutSession(_ClickSession):
         if probable_or_bg.any() and (~probable_or_bg).any():
             try:
                 cv2.setRNGSeed(0)
-                cv2.grabCut(self.small, mask, None, bgd, fgd, self.p.iterations, cv2.GC_INIT_WITH_MASK)
+                cv2.grabCut(self.small, mask, None, bgd, fgd, self.p.iterations,  # type: ignore[call-overload]
+                            cv2.GC_INIT_WITH_MASK)     # OpenCV's stubs want a rect; with a mask it is None
             except cv2.error:
                 pass  # too few samples for a GMM: keep the seeded trimap
         return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)

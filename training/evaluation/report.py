@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import re
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, cast
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def _draw_clicks(ax, clicks, size: float) -> None:
 
 def render_instance(sample: LoadedSample, r: InstanceResult, out: Path, title: str) -> Path:
     img, gt, ign = sample.image, sample.gt, sample.ignore
-    last = max(k for k in r.masks)
+    last = max(k for k in cast(dict, r.masks))     # a report is made of results that kept masks
     p1, plast = r.mask(1), r.mask(last)
     valid = ~ign if ign is not None else np.ones_like(gt)
     h, w = gt.shape

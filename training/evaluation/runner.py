@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from .samples import LoadedSample, Sample
 class InstanceResult:
     sample_id: str
     ious: List[float]                      # IoU after click 1, 2, ... (>= 20 values)
-    clicks: List[Tuple[int, int, bool]]    # (x, y, positive) of each click
+    clicks: List[Tuple[float, float, bool]]    # (x, y, positive) of each click (whole pixels)
     seconds: float                         # predictor wall time: open() + every add_click()
     masks: Optional[Dict[int, np.ndarray]] = None  # click -> packed prediction (failure report only)
     shape: Tuple[int, int] = (0, 0)
@@ -44,7 +44,8 @@ class InstanceResult:
 
     def mask(self, click: int) -> np.ndarray:
         h, w = self.shape
-        return np.unpackbits(self.masks[click], count=h * w).reshape(h, w).astype(bool)
+        masks = cast(Dict[int, np.ndarray], self.masks)      # called on results that kept them
+        return np.unpackbits(masks[click], count=h * w).reshape(h, w).astype(bool)
 
 
 @dataclass
@@ -169,7 +170,8 @@ class _WorstK:
     """Keep packed masks only for the K worst instances (highest NoC@90, then lowest final IoU)."""
 
     def __init__(self, k: int):
-        self.k, self.heap = k, []
+        self.k = k
+        self.heap: List[Any] = []
 
     def offer(self, i: int, r: InstanceResult) -> None:
         if r.masks is None:
@@ -211,7 +213,7 @@ def evaluate_dataset(predictor_or_factory: Any, samples: Sequence[Sample], datas
             ctx = mp.get_context("spawn")  # safe with torch/CUDA and OpenCV thread pools
             with ctx.Pool(min(workers, len(samples)), initializer=_init_worker,
                           initargs=(predictor_or_factory, protocol, keep)) as pool:
-                for r, info in pool.imap(_work, samples, chunksize=1):
+                for r, info in pool.imap(_work, samples, chunksize=1):  # noqa: B007 (read after the loop)
                     results.append(r)
                     worst.offer(len(results) - 1, r)
                     bar.update(1)

@@ -1,0 +1,37 @@
+"""What the backend needs of a predictor and of its click session, as typing Protocols.
+
+model.predictor.Predictor and its Session satisfy them; the backend (backend/engine.py,
+backend/models.py, backend/app.py) is typed against these, so another predictor (a test double, an
+evaluation wrapper) only has to provide these members. Static typing only: nothing checks them at
+run time.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .predictor import PredictorOptions
+
+
+class ClickSession(Protocol):
+    """One image being annotated. Every call that predicts returns the full-resolution probability
+    map (float H x W); each call is one undo step."""
+
+    def add_clicks(self, clicks: Sequence[tuple[float, float, bool]]) -> np.ndarray: ...
+
+    def set_box(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray: ...
+
+    def undo(self) -> np.ndarray | None: ...
+
+    def reset(self) -> None: ...
+
+
+class ClickPredictor(Protocol):
+    """Loaded weights that open a session per image. `accepts_box` (a model trained with box
+    prompts) is optional: the backend reads it with getattr, default False."""
+
+    version: str
+    options: PredictorOptions          # the backend reads max_history (the session's undo depth)
+
+    def open(self, image: np.ndarray, prior_mask: np.ndarray | None = None) -> ClickSession: ...
