@@ -11,6 +11,13 @@ new request is compared with the steps that session has seen:
   predictor keeps only its last `max_history` masks, so an undo deeper than that replays from
   the start instead (an undo past the history would restore an empty mask).
 
+Several replicas (a load balancer that is not sticky): a request whose session is not in this
+process replays its steps from the request (Label Studio sends every smart region of the label on
+each click), which gives the mask the cached session gives. The one thing a request does not carry
+is a smart rectangle drawn in an earlier request (Label Studio sends it once, then the keypoints
+without it): with REDIS_URL set, that box is kept in Redis (`SharedPrompts`, one small key per
+session, idle TTL = CACHE_TTL) and read on every request, so every replica applies it.
+
 Memory: the sessions of every model live in one cache bounded in bytes (SESSION_CACHE_MB), sized
 by what each session holds (its working image, coarse view, mask and undo history, plus the
 answer kept here as a packed bit mask); the least recently used go first. A request may run for
@@ -279,15 +286,76 @@ def brush_clicks(stroke: np.ndarray) -> tuple[list[Click], bool]:
     return [Click(float(xs[i]), float(ys[i]), True) for i in chosen], blob
 
 
+class SharedPrompts:
+    """The smart rectangle that applies to each (image, image tag, label), in Redis, for replicas.
+
+    One key per session (`simclick:prompt:<sha1>`, a JSON box, expiring after `ttl` idle seconds),
+    written only when the box changes. Redis errors are logged and the process falls back to its
+    own memory (what a single replica does) for `retry_after` seconds, so a Redis that is down
+    costs one timeout a minute, not one per click."""
+
+    PREFIX = "simclick:prompt:"
+
+    def __init__(self, client, ttl: float, retry_after: float = 60.0):
+        self.client, self.ttl, self.retry_after = client, max(1, int(ttl)), retry_after
+        self._down_until = 0.0
+
+    @classmethod
+    def key(cls, image_key: str, to_name: str, label: str) -> str:
+        return cls.PREFIX + hashlib.sha1("\0".join((image_key, to_name, label)).encode()).hexdigest()
+
+    def _failed(self, e: Exception) -> None:
+        self._down_until = time.monotonic() + self.retry_after
+        log.warning("Redis (shared box prompts) failed: %s; this replica uses its own memory for %.0f s",
+                    e, self.retry_after)
+
+    @property
+    def up(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def get(self, key: str):
+        """(True, box or None) from Redis; (False, None) when Redis did not answer."""
+        import json
+
+        if not self.up:
+            return False, None
+        try:
+            raw = self.client.get(key)
+            if raw is not None:
+                self.client.expire(key, self.ttl)
+        except Exception as e:   # redis-py's errors, socket errors: the request goes on without it
+            self._failed(e)
+            return False, None
+        return True, (tuple(json.loads(raw)) if raw is not None else None)
+
+    def put(self, key: str, box) -> None:
+        import json
+
+        if not self.up:
+            return
+        try:
+            if box is None:
+                self.client.delete(key)
+            else:
+                self.client.set(key, json.dumps([float(v) for v in box]), ex=self.ttl)
+        except Exception as e:
+            self._failed(e)
+
+
+_CACHED = object()
+
+
 class Segmenter:
     """One model's click sessions. `sessions` is shared by every model's Segmenter (keys start with
     the Segmenter's id), so one byte budget covers them all."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, predictor, sessions: ByteCache, box_margin: float = 0.15, threshold: float = 0.5):
+    def __init__(self, predictor, sessions: ByteCache, box_margin: float = 0.15, threshold: float = 0.5,
+                 shared: SharedPrompts | None = None):
         self.predictor = predictor
         self.sessions = sessions
+        self.shared = shared
         self.box_margin = box_margin
         self.threshold = threshold
         self.id = next(self._ids)
@@ -310,16 +378,19 @@ class Segmenter:
     def accepts_box(self) -> bool:
         return bool(getattr(self.predictor, "accepts_box", False))
 
-    def plan(self, prompt: Prompt, width: int, height: int, cached: Entry | None) -> Plan:
+    def plan(self, prompt: Prompt, width: int, height: int, cached: Entry | None, remembered=_CACHED) -> Plan:
         """The session and the steps a prompt needs. A smart rectangle is a prompt of its own for a
         model trained with boxes (the whole image, session.set_box); otherwise the image is cropped
         to the box plus BOX_MARGIN and the box centre is the first click. Either way the box stays
         for later keypoints of the label (Label Studio sends them without it) while they fall
-        inside box + margin; a keypoint outside it means the box no longer applies."""
+        inside box + margin; a keypoint outside it means the box no longer applies. `remembered`:
+        the box that applies from earlier requests (SharedPrompts); by default the cached session's."""
         whole = Frame(0, 0, width, height)
+        if remembered is _CACHED:
+            remembered = cached.box if cached is not None else None
         box = prompt.box
-        if box is None and cached is not None and cached.box is not None and prompt.brush is None:
-            box = cached.box
+        if box is None and remembered is not None and prompt.brush is None:
+            box = remembered
         if box is not None and not all(self.box_frame(box, width, height).contains(c) for c in prompt.clicks):
             box = None
         frame, steps, box_prompt = whole, [], None
@@ -348,7 +419,15 @@ class Segmenter:
         height, width = image.shape[:2]
         key = (self.id, image_key, prompt.to_name, prompt.label)
         cached = self.sessions.get(key)
-        plan = self.plan(prompt, width, height, cached)
+        remembered, shared_key = _CACHED, None
+        if self.shared is not None:
+            shared_key = SharedPrompts.key(image_key, prompt.to_name, prompt.label)
+            ok, box = self.shared.get(shared_key)
+            if ok:
+                remembered = box
+        plan = self.plan(prompt, width, height, cached, remembered)
+        if shared_key is not None and plan.box != (remembered if remembered is not _CACHED else None):
+            self.shared.put(shared_key, plan.box)
         if not plan.steps and plan.box_prompt is None:
             raise PayloadError("the smart regions give no click (an empty brush stroke?)")
         if cached is None or cached.identity != plan.identity:
