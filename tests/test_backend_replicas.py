@@ -213,3 +213,49 @@ def test_shared_prompts_round_trip_in_redis():
     assert 0 < shared.client.ttl(key) <= 30
     shared.put(key, None)
     assert shared.get(key) == (True, None)
+
+
+NGINX = os.environ.get("SIMCLICK_NGINX") or __import__("shutil").which("nginx")
+
+
+@pytest.mark.skipif(not NGINX, reason="no nginx binary (PATH or SIMCLICK_NGINX)")
+def test_through_the_compose_nginx_config(replicas, images, tmp_path):
+    """docker/nginx/simclick-replicas.conf.template in front of the two replicas (addresses
+    instead of compose's DNS names): round robin, every click answered as by one process."""
+    a, b = replicas
+    servers = " ".join(f"server {u['url'].split('//')[1]};" for u in (a, b))
+    port = free_port()
+    conf = (ROOT / "docker" / "nginx" / "simclick-replicas.conf.template").read_text()
+    conf = conf.replace("${SIMCLICK_BACKENDS}", servers).replace("listen 9090;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("resolver 127.0.0.11", "# resolver 127.0.0.11")   # no Docker DNS here
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "default.conf").write_text(conf)
+    temp = tmp_path / "tmp"
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid; error_log {tmp_path}/logs/error.log; daemon off;\n"
+        "events {}\nhttp {\n  access_log off;\n"
+        + "".join(f"  {d}_temp_path {temp};\n" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        + f"  include {tmp_path}/default.conf;\n}}\n")
+    proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    lb = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                if requests.get(lb + "/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.1)
+        stem = f"{images}/scene.png"
+        one = f"{stem}?lb-one-{uuid.uuid4().hex}"
+        via = f"{stem}?lb-via-{uuid.uuid4().hex}"
+        kps = [keypoint(x, y, W, H, pos, i) for i, (x, y, pos) in enumerate(CLICKS[:4])]
+        before = [u["log"].read_text().count("predict task=") for u in (a, b)]
+        for k in range(1, len(kps) + 1):
+            m1, m2 = ask(a["url"], one, kps[:k]), ask(lb, via, kps[:k])
+            assert np.array_equal(m1, m2), f"click {k}: {int((m1 ^ m2).sum())} pixels differ"
+        after = [u["log"].read_text().count("predict task=") for u in (a, b)]
+        assert after[1] - before[1] >= 1 and (after[0] - before[0]) - len(kps) >= 1   # both replicas answered
+    finally:
+        proc.terminate()
+        proc.wait(10)
