@@ -141,22 +141,23 @@ def test_plain_process_is_world_size_one(monkeypatch):
 
 
 def test_torchrun_launch(tmp_path):
-    """The documented command: torchrun --standalone --nproc_per_node 2 -m training.train."""
-    import json
-    import subprocess
-    import sys
-
-    from .conftest import ROOT
-
+    """The documented command, torchrun --standalone --nproc_per_node 2 -m training.train, through
+    the helper the fine-tuning worker uses with FINETUNE_GPUS > 1."""
     cfg = tiny_config(tmp_path / "run", steps=2, batch_size=4, max_sim_rounds=1, checkpoint_every=2)
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "training.train", "--config", str(tmp_path / "cfg.json"), "--threads", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])      # printed once, by rank 0
+    summary = distributed.torchrun_train(cfg, 2, threads=1, timeout=300)
     assert summary["steps"] == 2 and summary["world_size"] == 2
+    log = (tmp_path / "run" / "torchrun.log").read_text()
+    assert log.count('"last_checkpoint"') == 1                          # printed once, by rank 0
     assert [int(r["step"]) for r in csv.DictReader((tmp_path / "run" / "log.csv").open())] == [1, 2]
-    assert (tmp_path / "run" / "last.safetensors").exists()
+    assert Path(summary["last_checkpoint"]).exists()
+    with pytest.raises(RuntimeError, match="multiple of 2"):            # 3 crops over 2 processes
+        distributed.torchrun_train(tiny_config(tmp_path / "bad", steps=1, batch_size=3), 2, threads=1, timeout=300)
+
+
+def test_finetune_gpus_setting():
+    from training.finetune import FinetuneSettings
+
+    assert FinetuneSettings.from_env({}).gpus == 1
+    assert FinetuneSettings.from_env({"FINETUNE_GPUS": "2", "FINETUNE_BATCH_SIZE": "8"}).gpus == 2
+    with pytest.raises(ValueError, match="FINETUNE_GPUS"):
+        FinetuneSettings.from_env({"FINETUNE_GPUS": "3", "FINETUNE_BATCH_SIZE": "4"})

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -192,3 +193,59 @@ def convert_sync_batchnorm(net: torch.nn.Module, device: torch.device) -> torch.
     from timm.layers import convert_sync_batchnorm as timm_convert  # keeps timm's BatchNormAct2d activations
 
     return timm_convert(net)
+
+
+def torchrun_train(cfg, nproc: int, resume: bool = False, threads: int | None = None, timeout: float | None = None) -> dict:
+    """Run `torchrun --standalone --nproc_per_node nproc -m training.train` on `cfg` (a TrainConfig)
+    in a child process and return rank 0's summary (out_dir/card.json). For callers that train in
+    process otherwise (the fine-tuning worker, FINETUNE_GPUS): the config goes to
+    out_dir/torchrun-config.json, the output to out_dir/torchrun.log. The child gets SIGTERM when
+    this process dies (a stopped RQ work-horse leaves no training behind)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "torchrun-config.json"
+    cfg_path.write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "card.json").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "training.train", "--config", str(cfg_path)]
+    if resume:
+        cmd.append("--resume")
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+
+    def die_with_parent() -> None:   # Linux: PR_SET_PDEATHSIG
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        except OSError:
+            pass
+
+    log_path = out / "torchrun.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent)
+        try:
+            rc = proc.wait(timeout)
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if rc != 0:
+        text = log_path.read_text(errors="replace")
+        errors = re.findall(r"^\[rank\d+\]: (\w*(?:Error|Exception)\b.*)$", text, re.M)   # a rank's exception
+        raise RuntimeError(f"torchrun training ({nproc} processes) failed with exit code {rc}"
+                           + (f": {errors[0]}" if errors else "") + f"; see {log_path}")
+    return json.loads((out / "card.json").read_text())
