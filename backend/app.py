@@ -299,7 +299,8 @@ def make_shared_prompts(config: Config) -> SharedPrompts | None:
         return None
     from training.jobs import connect
 
-    return SharedPrompts(connect(config.redis_url, timeout=config.redis_timeout), config.cache_ttl)
+    return SharedPrompts(connect(config.redis_url, timeout=config.redis_timeout), config.cache_ttl,
+                         max_session_bytes=max(0, config.shared_session_kb) * 1024)
 
 
 def make_enqueue(config: Config):

@@ -95,6 +95,9 @@ SETTINGS = [
     ("shared_prompts", "SHARED_PROMPTS", "auto", _choice("auto", "on", "off"),
      "several replicas: keep each session's smart rectangle in Redis (REDIS_URL) so a click on another "
      "replica applies it; auto = on when REDIS_URL is set"),
+    ("shared_session_kb", "SHARED_SESSION_KB", "4096", _int,
+     "with shared prompts on: also keep each session's steps and masks in Redis (compressed, up to this "
+     "many KB; 0 = off) so a click on another replica continues without replaying the earlier clicks"),
     ("training_queue", "TRAINING_QUEUE", "simclick-training", _str, "RQ queue the fine-tuning jobs go to"),
     ("train_every", "TRAIN_EVERY_N_ANNOTATIONS", "0", _int,
      "enqueue fine-tuning after this many new/updated annotations with a mask; 0 = Train button only"),
@@ -138,6 +141,7 @@ class Config:
     redis_url: str
     redis_timeout: float
     shared_prompts: str
+    shared_session_kb: int
     training_queue: str
     train_every: int
     data_dir: str

@@ -16,7 +16,12 @@ process replays its steps from the request (Label Studio sends every smart regio
 each click), which gives the mask the cached session gives. The one thing a request does not carry
 is a smart rectangle drawn in an earlier request (Label Studio sends it once, then the keypoints
 without it): with REDIS_URL set, that box is kept in Redis (`SharedPrompts`, one small key per
-session, idle TTL = CACHE_TTL) and read on every request, so every replica applies it.
+session, idle TTL = CACHE_TTL) and read on every request, so every replica applies it. With
+SHARED_SESSION_KB > 0 the state a continuation needs (the steps, the mask at the predictor's
+working resolution, the answer) is kept there too, compressed, after every request: a replica that
+misses the session but finds it restores it (`Session.restore`, no network run) and runs only the
+new clicks, which gives the mask the cached session gives. A request that is not a continuation of
+the stored steps (a click deleted or moved), or a state over the size bound, replays.
 
 Memory: the sessions of every model live in one cache bounded in bytes (SESSION_CACHE_MB), sized
 by what each session holds (its working image, coarse view, mask and undo history, plus the
@@ -38,10 +43,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import math
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -296,8 +303,11 @@ class SharedPrompts:
 
     PREFIX = "simclick:prompt:"
 
-    def __init__(self, client, ttl: float, retry_after: float = 60.0):
+    SESSION_PREFIX = "simclick:session:"
+
+    def __init__(self, client, ttl: float, retry_after: float = 60.0, max_session_bytes: int = 0):
         self.client, self.ttl, self.retry_after = client, max(1, int(ttl)), retry_after
+        self.max_session_bytes = max_session_bytes      # 0: box prompts only, no session states
         self._down_until = 0.0
 
     @classmethod
@@ -327,6 +337,49 @@ class SharedPrompts:
             self._failed(e)
             return False, None
         return True, (tuple(json.loads(raw)) if raw is not None else None)
+
+    @classmethod
+    def session_key(cls, version: str, image_key: str, to_name: str, label: str) -> str:
+        return cls.SESSION_PREFIX + hashlib.sha1("\0".join((version, image_key, to_name, label)).encode()).hexdigest()
+
+    def get_session(self, key: str):
+        """(meta dict, working mask bits, answer bits) or None."""
+        if not self.up or not self.max_session_bytes:
+            return None
+        try:
+            got = self.client.hgetall(key)
+        except Exception as e:
+            self._failed(e)
+            return None
+        if not got or not {b"meta", b"work", b"bits"} <= set(got):
+            return None
+        try:
+            return (json.loads(got[b"meta"]), np.frombuffer(zlib.decompress(got[b"work"]), np.uint8),
+                    np.frombuffer(zlib.decompress(got[b"bits"]), np.uint8).copy())
+        except (ValueError, zlib.error):
+            return None
+
+    def put_session(self, key: str, meta: dict, work: np.ndarray, bits: np.ndarray) -> bool:
+        """Store (compressed) unless over max_session_bytes; False when not stored."""
+        if not self.up or not self.max_session_bytes:
+            return False
+        w, b = zlib.compress(work.tobytes(), 1), zlib.compress(bits.tobytes(), 1)
+        if len(w) + len(b) > self.max_session_bytes:
+            try:
+                self.client.delete(key)      # an older, smaller state would be a prefix: still exact, but stale
+            except Exception as e:
+                self._failed(e)
+            return False
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(key)
+            pipe.hset(key, mapping={"meta": json.dumps(meta), "work": w, "bits": b})
+            pipe.expire(key, self.ttl)
+            pipe.execute()
+        except Exception as e:
+            self._failed(e)
+            return False
+        return True
 
     def put(self, key: str, box) -> None:
         import json
@@ -430,23 +483,84 @@ class Segmenter:
             self.shared.put(shared_key, plan.box)
         if not plan.steps and plan.box_prompt is None:
             raise PayloadError("the smart regions give no click (an empty brush stroke?)")
+        session_key = None
+        if self.shared is not None and self.shared.max_session_bytes:
+            session_key = SharedPrompts.session_key(str(getattr(self.predictor, "version", "")), image_key,
+                                                    prompt.to_name, prompt.label)
         if cached is None or cached.identity != plan.identity:
+            cached = self._continue(session_key, plan, image) if session_key else None
+        elif session_key and len(plan.steps) - common_prefix(cached.steps, plan.steps) > 1:
+            # This replica's session is behind (the clicks in between went elsewhere): a stored
+            # state further along saves running them here.
+            cached = self._continue(session_key, plan, image, common_prefix(cached.steps, plan.steps)) or cached
+        if cached is None:
             f = plan.frame
             session = self.predictor.open(image[f.y0:f.y1, f.x0:f.x1], prior_mask=plan.prior)
             cached = Entry(session=session, identity=plan.identity, frame=f, box=plan.box,
                            box_prompt=plan.box_prompt, owner=self.id)
         with cached.lock:
+            before = len(cached.steps)
             try:
                 outcome = self._advance(cached, plan.steps, deadline)
             except PredictTimeout:
                 self._keep(key, cached)      # the steps run so far are consistent: keep them
+                self._share(session_key, cached)
                 raise
             except BaseException:
                 # A half-run step leaves the session in an unknown state: forget it.
                 self.sessions.pop(key)
                 raise
             self._keep(key, cached)          # (re)sized: the session grew by this request's steps
+            if outcome.ran or len(cached.steps) != before:   # not a repeat: the state changed
+                self._share(session_key, cached)
             return outcome
+
+    # -- sessions shared through Redis (replicas) --------------------------------------------------
+    @staticmethod
+    def _identity_json(identity: tuple) -> list:
+        frame, prior_sig, box = identity
+        return [[frame.x0, frame.y0, frame.x1, frame.y1], prior_sig, list(box) if box is not None else None]
+
+    def _share(self, session_key: str | None, e: Entry) -> None:
+        if session_key is None or e.bits is None or not getattr(e.session, "restorable", False):
+            return
+        state = e.session.state()
+        meta = {"identity": self._identity_json(e.identity), "score": e.score, "boxed": e.boxed,
+                "steps": [[[c.x, c.y, c.positive] for c in st] for st in e.steps],
+                "session": {k: v for k, v in state.items() if k != "mask"}}
+        self.shared.put_session(session_key, meta, state["mask"], e.bits)
+
+    def _continue(self, session_key: str, plan: Plan, image: np.ndarray, have: int = -1) -> Entry | None:
+        """A session restored from the state another replica stored, when the request continues
+        its steps (and they are more than the `have` steps this replica could reuse); None
+        otherwise (the caller replays, or extends its own session)."""
+        got = self.shared.get_session(session_key)
+        if got is None:
+            return None
+        meta, work, bits = got
+        if meta.get("identity") != json.loads(json.dumps(self._identity_json(plan.identity))):
+            return None
+        steps = [tuple(Click(float(x), float(y), bool(pos)) for x, y, pos in st) for st in meta["steps"]]
+        if common_prefix(steps, plan.steps) != len(steps) or len(steps) <= have:
+            return None
+        f = plan.frame
+        session = self.predictor.open(image[f.y0:f.y1, f.x0:f.x1], prior_mask=plan.prior)
+        if not getattr(session, "restorable", False):
+            return None
+        try:
+            session.restore({**meta["session"], "mask": work})
+        except (ValueError, KeyError, TypeError) as err:
+            log.info("a shared session state does not fit (%s): replaying", err)
+            return None
+        h, w = f.shape
+        if bits.size != (h * w + 7) // 8:
+            return None
+        # depth -1: the first step run here cannot be undone exactly either (the session would go
+        # back to the restored mask, where the original session goes back to its float16 history,
+        # and the score would be that of a 0/1 map): such an undo replays.
+        return Entry(session=session, identity=plan.identity, frame=f, box=plan.box, box_prompt=plan.box_prompt,
+                     steps=steps, bits=bits, score=float(meta["score"]), depth=-1, boxed=bool(meta["boxed"]),
+                     owner=self.id)
 
     def _keep(self, key, entry: Entry) -> None:
         if not self.sessions.put(key, entry, entry.nbytes()):

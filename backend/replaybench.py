@@ -6,11 +6,14 @@ With several backend replicas behind a load balancer that is not sticky, a click
 process that has not seen the earlier clicks of the image; it replays them from the request
 (Label Studio sends every keypoint so far). For each image the standard robot user places click
 after click (interactive /predict bodies as in backend.bench, over HTTP to an in-process server);
-click k is sent three times:
+click k is sent several times:
 - cached: the session holds clicks 1..k-1 (staying on one replica): one network run;
-- replay: the session dropped first (another replica that has the image decoded): k runs;
-- cold: session and image dropped (another replica that never saw the image): download, decode, k runs.
-Prints ms per click number for each, and whether the three masks are identical.
+- continued (REDIS_URL set, SHARED_SESSION_KB > 0): the session dropped, its state in Redis (another
+  replica that has the image decoded): the state restored, one network run;
+- replay: the session and its Redis state dropped: k runs;
+- cold: session, Redis state and image dropped (a replica that never saw the image): download,
+  decode, k runs.
+Prints ms per click number for each, and whether all masks are identical.
 """
 from __future__ import annotations
 
@@ -90,7 +93,10 @@ def main(argv=None) -> int:
     post(predict_body(0, f"{images_url}/{masks[0].stem}.jpg?warmup",
                       [keypoint(gt0.shape[1] // 2, gt0.shape[0] // 2, gt0.shape[1], gt0.shape[0])]))
 
-    kinds = ("cached", "replay", "cold")
+    shared = backend.shared_prompts
+    sharing = shared is not None and shared.max_session_bytes > 0
+    kinds = ("cached", "continued", "replay", "cold") if sharing else ("cached", "replay", "cold")
+    version = str(backend.models.base.predictor.version)
     ms = {k: [[] for _ in range(args.clicks)] for k in kinds}
     identical, compared = 0, 0
     for n, mpath in enumerate(masks, start=1):
@@ -101,14 +107,16 @@ def main(argv=None) -> int:
         for k in range(args.clicks):
             c = robot.next_click(pred)
             kps.append(keypoint(c.x, c.y, w, h, c.positive, k))
-            body = predict_body(n, image, kps)
             answers = {}
             for kind in kinds:
+                img = f"{image}?{kind}"          # each kind its own session (and cached image)
                 if kind != "cached":
-                    backend.sessions.discard(lambda key: True)
+                    backend.sessions.discard(lambda key: key[1] == img)
+                if kind in ("replay", "cold") and sharing:
+                    shared.client.delete(shared.session_key(version, img, "image", "Object"))
                 if kind == "cold":
-                    backend.images.discard(lambda key: True)
-                answer, t = post(body)
+                    backend.images.discard(lambda key: key == img)
+                answer, t = post(predict_body(n, img, kps))
                 ms[kind][k].append(t)
                 answers[kind] = mask_of(answer, h, w)
             pred = answers["cached"]
@@ -117,12 +125,14 @@ def main(argv=None) -> int:
     server.shutdown()
 
     report = {
+        "redis_session_state": sharing,
         "device": str(backend.models.base.predictor.device),
         "torch_threads": torch.get_num_threads(),
         "images": len(masks), "clicks": args.clicks,
         "p50_ms_by_click": {kind: [round(pct(v, 50), 1) for v in ms[kind]] for kind in kinds},
         "replay_over_cached": [round(pct(ms["replay"][k], 50) / max(1e-9, pct(ms["cached"][k], 50)), 2)
                                for k in range(args.clicks)],
+        "total_ms": {kind: round(float(sum(sum(v) for v in ms[kind])), 0) for kind in kinds},
         "identical_masks": f"{identical}/{compared}",
     }
     if args.json:
@@ -134,7 +144,8 @@ def main(argv=None) -> int:
         for kind in kinds:
             print(f"  {kind:10s} " + "".join(f"{v:9.0f}" for v in report["p50_ms_by_click"][kind]))
         print("  replay/cached " + " ".join(f"{v:.1f}x" for v in report["replay_over_cached"]))
-        print(f"  masks identical (cached = replay = cold): {report['identical_masks']} requests")
+        print("  total ms     " + "  ".join(f"{k} {v:.0f}" for k, v in report["total_ms"].items()))
+        print(f"  masks identical ({' = '.join(kinds)}): {report['identical_masks']} requests")
     return 0
 
 
