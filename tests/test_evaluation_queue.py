@@ -48,8 +48,26 @@ def run_workers(queue: str, n: int = 2):
     return logs
 
 
-def test_shards_on_two_workers_equal_a_local_run(pg_url, tiny_checkpoint, capsys):  # noqa: F811
-    queue = f"simclick-eval-test-{uuid.uuid4().hex[:8]}"
+@pytest.fixture
+def queue():
+    """A queue of its own; its jobs (kept 7 days by default) are deleted afterwards."""
+    import redis
+    from rq import Queue
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry, FinishedJobRegistry
+
+    name = f"simclick-eval-test-{uuid.uuid4().hex[:8]}"
+    yield name
+    conn = redis.Redis.from_url(REDIS)
+    q = Queue(name, connection=conn)
+    ids = set(q.job_ids) | set(FinishedJobRegistry(queue=q).get_job_ids()) | set(FailedJobRegistry(queue=q).get_job_ids())
+    for job in Job.fetch_many(list(ids), connection=conn):
+        if job is not None:
+            job.delete()
+    q.delete(delete_jobs=True)
+
+
+def test_shards_on_two_workers_equal_a_local_run(pg_url, tiny_checkpoint, capsys, queue):  # noqa: F811
     args = ["--checkpoint", str(tiny_checkpoint), "--datasets", "GrabCut,Berkeley", "--limit", "2",
             "--data-root", str(DATASETS), "--db", pg_url, "--queue", "--queue-name", queue, "--shard-size", "1",
             "--redis-url", REDIS, "--no-progress", "--tag", "sharded"]
