@@ -38,7 +38,7 @@ from werkzeug.exceptions import HTTPException
 from model.interface import ClickPredictor
 
 from .config import DEFAULT_ENQUEUE, Config
-from .engine import ByteCache, PredictTimeout, Segmenter
+from .engine import ByteCache, PredictTimeout, Segmenter, SharedPrompts
 from .fetch import FetchError, ImageFetcher, SetupInfo
 from .urls import UrlError, parse_http_url
 from .labelconfig import LabelConfigError, parse_label_config
@@ -115,6 +115,7 @@ class Backend:
         # One byte budget for the images, one for the click sessions of every model.
         self.images = ByteCache(config.image_cache_mb * MB, config.cache_ttl)
         self.sessions = ByteCache(config.session_cache_mb * MB, config.cache_ttl)
+        self.shared_prompts = make_shared_prompts(config)
         base = Served(version=str(predictor.version), predictor=predictor,
                       segmenter=self.make_segmenter(predictor))
         self.models = ModelRouter(base, config.registry_root(), config.model_reload_interval,
@@ -129,7 +130,8 @@ class Backend:
                         "sent to LABEL_STUDIO_URL, so it is not used")
 
     def make_segmenter(self, predictor: ClickPredictor) -> Segmenter:
-        return Segmenter(predictor, self.sessions, self.cfg.box_margin, self.cfg.mask_threshold)
+        return Segmenter(predictor, self.sessions, self.cfg.box_margin, self.cfg.mask_threshold,
+                         shared=self.shared_prompts)
 
     def load_predictor(self, path) -> ClickPredictor:
         from model.predictor import Predictor
@@ -292,6 +294,16 @@ class Backend:
             raise ApiError("no training queue: set REDIS_URL", 404)
         from training.jobs import connect
         return connect(self.cfg.redis_url, timeout=self.cfg.redis_timeout)
+
+
+def make_shared_prompts(config: Config) -> SharedPrompts | None:
+    """SHARED_PROMPTS: the smart rectangles of the sessions in Redis, for several replicas."""
+    if config.shared_prompts == "off" or not config.redis_url:   # "on" without REDIS_URL: refused by Config
+        return None
+    from training.jobs import connect
+
+    return SharedPrompts(connect(config.redis_url, timeout=config.redis_timeout), config.cache_ttl,
+                         max_session_bytes=max(0, config.shared_session_kb) * 1024)
 
 
 def make_enqueue(config: Config):

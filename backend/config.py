@@ -94,6 +94,12 @@ SETTINGS = [
      "Redis of the fine-tuning queue (redis://host:6379/0); the worker uses the same variable"),
     ("redis_timeout", "REDIS_TIMEOUT", "0.5", _float,
      "seconds the backend waits for Redis per command (/webhook, /jobs); Label Studio waits ~1 s"),
+    ("shared_prompts", "SHARED_PROMPTS", "auto", _choice("auto", "on", "off"),
+     "several replicas: keep each session's smart rectangle in Redis (REDIS_URL) so a click on another "
+     "replica applies it; auto = on when REDIS_URL is set"),
+    ("shared_session_kb", "SHARED_SESSION_KB", "4096", _int,
+     "with shared prompts on: also keep each session's steps and masks in Redis (compressed, up to this "
+     "many KB; 0 = off) so a click on another replica continues without replaying the earlier clicks"),
     ("training_queue", "TRAINING_QUEUE", "simclick-training", _str, "RQ queue the fine-tuning jobs go to"),
     ("train_every", "TRAIN_EVERY_N_ANNOTATIONS", "0", _int,
      "enqueue fine-tuning after this many new/updated annotations with a mask; 0 = Train button only"),
@@ -136,6 +142,8 @@ class Config:
     training_enqueue: str
     redis_url: str
     redis_timeout: float
+    shared_prompts: str
+    shared_session_kb: int
     training_queue: str
     train_every: int
     data_dir: str
@@ -201,6 +209,8 @@ class Config:
                               "python -c 'import secrets; print(secrets.token_urlsafe())'")
         if self.training_enqueue and ":" not in self.training_enqueue:
             raise ConfigError("TRAINING_ENQUEUE must look like 'package.module:function'")
+        if self.shared_prompts == "on" and not self.redis_url:
+            raise ConfigError("SHARED_PROMPTS=on needs REDIS_URL (the Redis the replicas share)")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         if self.train_every < 0:

@@ -11,6 +11,18 @@ new request is compared with the steps that session has seen:
   predictor keeps only its last `max_history` masks, so an undo deeper than that replays from
   the start instead (an undo past the history would restore an empty mask).
 
+Several replicas (a load balancer that is not sticky): a request whose session is not in this
+process replays its steps from the request (Label Studio sends every smart region of the label on
+each click), which gives the mask the cached session gives. The one thing a request does not carry
+is a smart rectangle drawn in an earlier request (Label Studio sends it once, then the keypoints
+without it): with REDIS_URL set, that box is kept in Redis (`SharedPrompts`, one small key per
+session, idle TTL = CACHE_TTL) and read on every request, so every replica applies it. With
+SHARED_SESSION_KB > 0 the state a continuation needs (the steps, the mask at the predictor's
+working resolution, the answer) is kept there too, compressed, after every request: a replica that
+misses the session but finds it restores it (`Session.restore`, no network run) and runs only the
+new clicks, which gives the mask the cached session gives. A request that is not a continuation of
+the stored steps (a click deleted or moved), or a state over the size bound, replays.
+
 Memory: the sessions of every model live in one cache bounded in bytes (SESSION_CACHE_MB), sized
 by what each session holds (its working image, coarse view, mask and undo history, plus the
 answer kept here as a packed bit mask); the least recently used go first. A request may run for
@@ -31,10 +43,12 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import math
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, cast
@@ -283,15 +297,122 @@ def brush_clicks(stroke: np.ndarray) -> tuple[list[Click], bool]:
     return [Click(float(xs[i]), float(ys[i]), True) for i in chosen], blob
 
 
+class SharedPrompts:
+    """The smart rectangle that applies to each (image, image tag, label), in Redis, for replicas.
+
+    One key per session (`simclick:prompt:<sha1>`, a JSON box, expiring after `ttl` idle seconds),
+    written only when the box changes. Redis errors are logged and the process falls back to its
+    own memory (what a single replica does) for `retry_after` seconds, so a Redis that is down
+    costs one timeout a minute, not one per click."""
+
+    PREFIX = "simclick:prompt:"
+
+    SESSION_PREFIX = "simclick:session:"
+
+    def __init__(self, client, ttl: float, retry_after: float = 60.0, max_session_bytes: int = 0):
+        self.client, self.ttl, self.retry_after = client, max(1, int(ttl)), retry_after
+        self.max_session_bytes = max_session_bytes      # 0: box prompts only, no session states
+        self._down_until = 0.0
+
+    @classmethod
+    def key(cls, image_key: str, to_name: str, label: str) -> str:
+        return cls.PREFIX + hashlib.sha1("\0".join((image_key, to_name, label)).encode()).hexdigest()
+
+    def _failed(self, e: Exception) -> None:
+        self._down_until = time.monotonic() + self.retry_after
+        log.warning("Redis (shared box prompts) failed: %s; this replica uses its own memory for %.0f s",
+                    e, self.retry_after)
+
+    @property
+    def up(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def get(self, key: str):
+        """(True, box or None) from Redis; (False, None) when Redis did not answer."""
+        import json
+
+        if not self.up:
+            return False, None
+        try:
+            raw = self.client.get(key)
+            if raw is not None:
+                self.client.expire(key, self.ttl)
+        except Exception as e:   # redis-py's errors, socket errors: the request goes on without it
+            self._failed(e)
+            return False, None
+        return True, (tuple(json.loads(raw)) if raw is not None else None)
+
+    @classmethod
+    def session_key(cls, version: str, image_key: str, to_name: str, label: str) -> str:
+        return cls.SESSION_PREFIX + hashlib.sha1("\0".join((version, image_key, to_name, label)).encode()).hexdigest()
+
+    def get_session(self, key: str):
+        """(meta dict, working mask bits, answer bits) or None."""
+        if not self.up or not self.max_session_bytes:
+            return None
+        try:
+            got = self.client.hgetall(key)
+        except Exception as e:
+            self._failed(e)
+            return None
+        if not got or not {b"meta", b"work", b"bits"} <= set(got):
+            return None
+        try:
+            return (json.loads(got[b"meta"]), np.frombuffer(zlib.decompress(got[b"work"]), np.uint8),
+                    np.frombuffer(zlib.decompress(got[b"bits"]), np.uint8).copy())
+        except (ValueError, zlib.error):
+            return None
+
+    def put_session(self, key: str, meta: dict, work: np.ndarray, bits: np.ndarray) -> bool:
+        """Store (compressed) unless over max_session_bytes; False when not stored."""
+        if not self.up or not self.max_session_bytes:
+            return False
+        w, b = zlib.compress(work.tobytes(), 1), zlib.compress(bits.tobytes(), 1)
+        if len(w) + len(b) > self.max_session_bytes:
+            try:
+                self.client.delete(key)      # an older, smaller state would be a prefix: still exact, but stale
+            except Exception as e:
+                self._failed(e)
+            return False
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(key)
+            pipe.hset(key, mapping={"meta": json.dumps(meta), "work": w, "bits": b})
+            pipe.expire(key, self.ttl)
+            pipe.execute()
+        except Exception as e:
+            self._failed(e)
+            return False
+        return True
+
+    def put(self, key: str, box) -> None:
+        import json
+
+        if not self.up:
+            return
+        try:
+            if box is None:
+                self.client.delete(key)
+            else:
+                self.client.set(key, json.dumps([float(v) for v in box]), ex=self.ttl)
+        except Exception as e:
+            self._failed(e)
+
+
+_CACHED = object()
+
+
 class Segmenter:
     """One model's click sessions. `sessions` is shared by every model's Segmenter (keys start with
     the Segmenter's id), so one byte budget covers them all."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, predictor: ClickPredictor, sessions: ByteCache, box_margin: float = 0.15, threshold: float = 0.5):
+    def __init__(self, predictor: ClickPredictor, sessions: ByteCache, box_margin: float = 0.15,
+                 threshold: float = 0.5, shared: SharedPrompts | None = None):
         self.predictor = predictor
         self.sessions = sessions
+        self.shared = shared
         self.box_margin = box_margin
         self.threshold = threshold
         self.id = next(self._ids)
@@ -314,16 +435,19 @@ class Segmenter:
     def accepts_box(self) -> bool:
         return bool(getattr(self.predictor, "accepts_box", False))
 
-    def plan(self, prompt: Prompt, width: int, height: int, cached: Entry | None) -> Plan:
+    def plan(self, prompt: Prompt, width: int, height: int, cached: Entry | None, remembered=_CACHED) -> Plan:
         """The session and the steps a prompt needs. A smart rectangle is a prompt of its own for a
         model trained with boxes (the whole image, session.set_box); otherwise the image is cropped
         to the box plus BOX_MARGIN and the box centre is the first click. Either way the box stays
         for later keypoints of the label (Label Studio sends them without it) while they fall
-        inside box + margin; a keypoint outside it means the box no longer applies."""
+        inside box + margin; a keypoint outside it means the box no longer applies. `remembered`:
+        the box that applies from earlier requests (SharedPrompts); by default the cached session's."""
         whole = Frame(0, 0, width, height)
+        if remembered is _CACHED:
+            remembered = cached.box if cached is not None else None
         box = prompt.box
-        if box is None and cached is not None and cached.box is not None and prompt.brush is None:
-            box = cached.box
+        if box is None and remembered is not None and prompt.brush is None:
+            box = remembered
         if box is not None and not all(self.box_frame(box, width, height).contains(c) for c in prompt.clicks):
             box = None
         steps: list[tuple[Click, ...]] = []
@@ -353,26 +477,95 @@ class Segmenter:
         height, width = image.shape[:2]
         key = (self.id, image_key, prompt.to_name, prompt.label)
         cached = self.sessions.get(key)
-        plan = self.plan(prompt, width, height, cached)
+        remembered, shared_key = _CACHED, None
+        if self.shared is not None:
+            shared_key = SharedPrompts.key(image_key, prompt.to_name, prompt.label)
+            ok, box = self.shared.get(shared_key)
+            if ok:
+                remembered = box
+        plan = self.plan(prompt, width, height, cached, remembered)
+        if shared_key is not None and plan.box != (remembered if remembered is not _CACHED else None):
+            self.shared.put(shared_key, plan.box)
         if not plan.steps and plan.box_prompt is None:
             raise PayloadError("the smart regions give no click (an empty brush stroke?)")
+        session_key = None
+        if self.shared is not None and self.shared.max_session_bytes:
+            session_key = SharedPrompts.session_key(str(getattr(self.predictor, "version", "")), image_key,
+                                                    prompt.to_name, prompt.label)
         if cached is None or cached.identity != plan.identity:
+            cached = self._continue(session_key, plan, image) if session_key else None
+        elif session_key and len(plan.steps) - common_prefix(cached.steps, plan.steps) > 1:
+            # This replica's session is behind (the clicks in between went elsewhere): a stored
+            # state further along saves running them here.
+            cached = self._continue(session_key, plan, image, common_prefix(cached.steps, plan.steps)) or cached
+        if cached is None:
             f = plan.frame
             session = self.predictor.open(image[f.y0:f.y1, f.x0:f.x1], prior_mask=plan.prior)
             cached = Entry(session=session, identity=plan.identity, frame=f, box=plan.box,
                            box_prompt=plan.box_prompt, owner=self.id)
         with cached.lock:
+            before = len(cached.steps)
             try:
                 outcome = self._advance(cached, plan.steps, deadline)
             except PredictTimeout:
                 self._keep(key, cached)      # the steps run so far are consistent: keep them
+                self._share(session_key, cached)
                 raise
             except BaseException:
                 # A half-run step leaves the session in an unknown state: forget it.
                 self.sessions.pop(key)
                 raise
             self._keep(key, cached)          # (re)sized: the session grew by this request's steps
+            if outcome.ran or len(cached.steps) != before:   # not a repeat: the state changed
+                self._share(session_key, cached)
             return outcome
+
+    # -- sessions shared through Redis (replicas) --------------------------------------------------
+    @staticmethod
+    def _identity_json(identity: tuple) -> list:
+        frame, prior_sig, box = identity
+        return [[frame.x0, frame.y0, frame.x1, frame.y1], prior_sig, list(box) if box is not None else None]
+
+    def _share(self, session_key: str | None, e: Entry) -> None:
+        if session_key is None or e.bits is None or not getattr(e.session, "restorable", False):
+            return
+        state = e.session.state()
+        meta = {"identity": self._identity_json(e.identity), "score": e.score, "boxed": e.boxed,
+                "steps": [[[c.x, c.y, c.positive] for c in st] for st in e.steps],
+                "session": {k: v for k, v in state.items() if k != "mask"}}
+        self.shared.put_session(session_key, meta, state["mask"], e.bits)
+
+    def _continue(self, session_key: str, plan: Plan, image: np.ndarray, have: int = -1) -> Entry | None:
+        """A session restored from the state another replica stored, when the request continues
+        its steps (and they are more than the `have` steps this replica could reuse); None
+        otherwise (the caller replays, or extends its own session)."""
+        got = self.shared.get_session(session_key)
+        if got is None:
+            return None
+        meta, work, bits = got
+        if meta.get("identity") != json.loads(json.dumps(self._identity_json(plan.identity))):
+            return None
+        steps = [tuple(Click(float(x), float(y), bool(pos)) for x, y, pos in st) for st in meta["steps"]]
+        if common_prefix(steps, plan.steps) != len(steps) or len(steps) <= have:
+            return None
+        f = plan.frame
+        session = self.predictor.open(image[f.y0:f.y1, f.x0:f.x1], prior_mask=plan.prior)
+        if not getattr(session, "restorable", False):
+            return None
+        try:
+            session.restore({**meta["session"], "mask": work})
+        except (ValueError, KeyError, TypeError) as err:
+            log.info("a shared session state does not fit (%s): replaying", err)
+            return None
+        h, w = f.shape
+        if bits.size != (h * w + 7) // 8:
+            return None
+        # depth -1: the first step run here cannot be undone exactly either (the session would go
+        # back to the restored mask, where the original session goes back to its float16 history,
+        # and the score would be that of a 0/1 map): such an undo replays.
+        return Entry(session=session, identity=plan.identity, frame=f, box=plan.box, box_prompt=plan.box_prompt,
+                     steps=steps, bits=bits, score=float(meta["score"]), depth=-1, boxed=bool(meta["boxed"]),
+                     owner=self.id)
 
     def _keep(self, key, entry: Entry) -> None:
         if not self.sessions.put(key, entry, entry.nbytes()):

@@ -195,7 +195,7 @@ class Session:
         if not new:
             raise ValueError("no clicks given")
         with self._lock:
-            self._history.append(self.prob.astype(np.float16))
+            self._history.append(self._history_copy())
             if len(self._history) > self.predictor.options.max_history:
                 self._history.pop(0)
             self._group.append(len(new))
@@ -220,7 +220,7 @@ class Session:
         with self._lock:
             if self.clicks or self.box is not None:
                 raise ValueError("set the box before any click (reset() the session to start over)")
-            self._history.append(self.prob.astype(np.float16))
+            self._history.append(self._history_copy())
             s = self.scale
             self.box = (y0 * s, x0 * s, y1 * s, x1 * s)
             self.prob = self._snap_edges(self._predict_box())
@@ -246,6 +246,55 @@ class Session:
             self.box = None
             self._history.clear()
             self.prob = self._initial_prob()
+
+    def _history_copy(self) -> np.ndarray:
+        """The current map for the undo history, in float16. float16 keeps 11 bits, so a value within
+        its rounding of the threshold could change sides: an undo would then answer another mask
+        than the one shown before (and than replaying the clicks gives). Those values are nudged
+        one float16 step back to their side."""
+        thr = self.predictor.options.threshold
+        h = self.prob.astype(np.float16)
+        above = self.prob > thr
+        wrong = (h.astype(np.float32) > thr) != above
+        if wrong.any():
+            up, down = wrong & above, wrong & ~above
+            h[up] = np.nextafter(h[up], np.float16(np.inf))
+            h[down] = np.nextafter(h[down], np.float16(-np.inf))
+        return h
+
+    # -- continuation elsewhere (the backend's replicas share this through Redis) -------------------
+    @property
+    def restorable(self) -> bool:
+        """A continuation from `state()` is exact: with the coarse pass on, a prediction reads the
+        previous answer only as a mask (prob > threshold); the refine-only ablation reads it as
+        probabilities."""
+        return bool(self.predictor.options.coarse)
+
+    def state(self) -> dict:
+        """What the next click needs: clicks (full resolution), their add_clicks groups, the box
+        (working pixels) and the current mask at working resolution (packed bits)."""
+        with self._lock:
+            return {"clicks": [[c.x, c.y, c.positive] for c in self.clicks], "groups": list(self._group),
+                    "box": list(self.box) if self.box is not None else None, "shape": [self.wh, self.ww],
+                    "mask": np.packbits(self.prob > self.predictor.options.threshold)}
+
+    def restore(self, state: dict) -> None:
+        """Continue from another session's `state()` on the same image without running the network
+        for it; the next click gives what it gives in that session (when `restorable`). The undo
+        history is empty: an undo back into the restored clicks needs a replay."""
+        shape = tuple(int(v) for v in state["shape"])
+        if shape != (self.wh, self.ww):
+            raise ValueError(f"state of a {shape} working image, this one is {(self.wh, self.ww)}")
+        groups = [int(g) for g in state["groups"]]
+        if sum(groups) != len(state["clicks"]):
+            raise ValueError("state: click groups do not add up to the clicks")
+        mask = np.unpackbits(np.asarray(state["mask"], np.uint8), count=self.wh * self.ww).reshape(self.wh, self.ww)
+        with self._lock:
+            self.clicks = [Click(float(x), float(y), bool(pos)) for x, y, pos in state["clicks"]]
+            self._group = groups
+            self.box = tuple(float(v) for v in state["box"]) if state.get("box") is not None else None
+            self._history = []
+            self.prob = mask.astype(np.float32)
 
     def full_prob(self) -> np.ndarray:
         if self.scale < 1.0:

@@ -39,7 +39,8 @@ def interpolation_default(value):
 
 def test_services_and_their_wiring(compose):
     services = compose["services"]
-    assert set(services) == {"label-studio", "redis", "backend", "worker", "worker-cuda", "rq-dashboard"}
+    assert set(services) == {"label-studio", "redis", "backend", "worker", "worker-cuda", "rq-dashboard",
+                             "backend-replica", "backend-gpu0", "backend-gpu1", "backend-lb"}
     assert services["worker-cuda"]["profiles"] == ["cuda"] and services["rq-dashboard"]["profiles"] == ["dashboard"]
     known = known_vars()
     envs = {name: {k: str(v) for k, v in services[name]["environment"].items()} for name in SIMCLICK}
@@ -152,3 +153,69 @@ def test_readme_matches_compose(compose):
         assert fixed in readme
     for line in ("docker compose up -d --build", "--profile cuda", "--profile dashboard"):
         assert line in readme and line in (DOCKER / "compose.yaml").read_text()
+
+
+REPLICAS = ("backend-replica", "backend-gpu0", "backend-gpu1")
+
+
+def test_replicas_profile(compose):
+    """N backend replicas behind the official nginx image: the same settings as `backend` (plus
+    SHARED_PROMPTS, DEVICE), one GPU each, and an nginx config that reaches them."""
+    s = compose["services"]
+    assert s["backend-replica"]["profiles"] == ["replicas"]
+    assert s["backend-gpu0"]["profiles"] == s["backend-gpu1"]["profiles"] == ["replicas-cuda"]
+    assert s["backend-lb"]["profiles"] == ["replicas", "replicas-cuda"]
+    known = known_vars()
+    backend_env = {k: str(v) for k, v in s["backend"]["environment"].items()}
+    for name in REPLICAS:
+        svc = s[name]
+        env = {k: str(v) for k, v in svc["environment"].items()}
+        assert not set(env) - known, (name, sorted(set(env) - known))
+        assert {k: v for k, v in env.items() if k not in ("SHARED_PROMPTS", "DEVICE")} == backend_env, name
+        assert env["SHARED_PROMPTS"] == "on" and env["REDIS_URL"] == "redis://redis:6379/0"
+        Config.from_env({k: v for k, v in env.items() if not v.startswith("${")})   # valid, Redis set for "on"
+        assert svc["command"] == s["backend"]["command"] and "simclick-data:/data" in svc["volumes"]
+        assert "ports" not in svc, f"{name}: replicas are reached through backend-lb only"
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert interpolation_default(s["backend-replica"]["deploy"]["replicas"]) == ("BACKEND_REPLICAS", "2")
+    gpus = [s[n]["deploy"]["resources"]["reservations"]["devices"][0] for n in ("backend-gpu0", "backend-gpu1")]
+    assert all(g["driver"] == "nvidia" and g["capabilities"] == ["gpu"] and "count" not in g for g in gpus)
+    assert [g["device_ids"] for g in gpus] == [["0"], ["1"]]                 # each its own GPU
+    assert s["backend-gpu0"]["build"]["dockerfile"] == "docker/Dockerfile.cuda"
+    assert s["backend-gpu0"]["environment"]["DEVICE"] == "cuda"
+
+    lb = s["backend-lb"]
+    image, tag = lb["image"].split(":")
+    assert image == "nginx" and tag.startswith("1.27")                      # official image, `resolve` needs 1.27.3+
+    assert set(lb["depends_on"]) == set(REPLICAS) and all(d["required"] is False for d in lb["depends_on"].values())
+    src, dst = lb["volumes"][0].rsplit(":", 1)[0].split(":")
+    assert dst.startswith("/etc/nginx/templates/") and dst.endswith(".conf.template")
+    template = (DOCKER / src).read_text()
+    listen = re.search(r"^\s*listen (\d+);", template, re.M).group(1)
+    host_port, lb_port = lb["ports"][0].split(":")
+    assert lb_port == listen and host_port not in ("8080", "9090", "9181")   # no clash with the other services
+    ref, default = interpolation_default(lb["environment"]["SIMCLICK_BACKENDS"])
+    assert ref == "SIMCLICK_BACKENDS" and "${SIMCLICK_BACKENDS}" in template
+    bind_port = s["backend"]["environment"]["GUNICORN_BIND"].split(":")[1]
+    servers = re.findall(r"server ([\w-]+):(\d+)( resolve)?;", default)
+    assert servers == [("backend-replica", bind_port, " resolve")]
+    # The GPU example in the compose header names the GPU services, on the backend's port.
+    head = (DOCKER / "compose.yaml").read_text().split("services:")[0]
+    gpu_line = re.search(r'SIMCLICK_BACKENDS="([^"]+)"', head).group(1)
+    assert {(n, p) for n, p, _ in re.findall(r"server ([\w-]+):(\d+)( resolve)?;", gpu_line)} == \
+        {("backend-gpu0", bind_port), ("backend-gpu1", bind_port)}
+
+    # The rendered config: what the image's envsubst makes of the template.
+    rendered = template.replace("${SIMCLICK_BACKENDS}", default)
+    body = "\n".join(l.split("#")[0] for l in rendered.splitlines())       # without comments
+    # Nothing left for envsubst but nginx's own variables.
+    assert "$" not in re.sub(r"\$(host|proxy_add_x_forwarded_for|scheme)\b", "", body)
+    assert body.count("{") == body.count("}")
+    assert re.search(r"upstream simclick_backends \{[^}]*zone simclick_backends", body)   # `resolve` needs a zone
+    assert "resolver 127.0.0.11" in body and "proxy_pass http://simclick_backends;" in body
+    code = {var: default for _, var, default, *_ in SETTINGS}
+    body_mb = int(re.search(r"client_max_body_size (\d+)m;", body).group(1))
+    assert body_mb * 2**20 == int(code["MAX_CONTENT_LENGTH"])
+    read_s = int(re.search(r"proxy_read_timeout (\d+)s;", body).group(1))
+    assert read_s > float(code["PREDICT_TIMEOUT"]) + float(code["FETCH_TIMEOUT"])
+    assert not re.search(r"\b(ip_hash|sticky|hash)\b", body)               # not sticky: replays are exact

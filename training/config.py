@@ -47,6 +47,7 @@ class TrainConfig:
     sim_inner_ratio: float = 0.8                       # error clicks drawn among the inner 20% of the region
     amp: bool = True                                   # bf16 autocast on CUDA (ignored on CPU)
     device: str = "auto"
+    sync_bn: bool = False                              # torchrun on several GPUs: SyncBatchNorm (CUDA only)
     seed: int = 0
     # bookkeeping
     checkpoint_every: int = 100

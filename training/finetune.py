@@ -69,6 +69,9 @@ FINETUNE_SETTINGS = [
     ("eval_coarse_size", "FINETUNE_EVAL_COARSE_SIZE", 0, "coarse view of the evaluation predictor; 0 = predictor default"),
     ("device", "FINETUNE_DEVICE", "", "cpu or cuda; empty = cuda if available"),
     ("threads", "FINETUNE_THREADS", 0, "torch CPU threads; 0 = torch default"),
+    ("gpus", "FINETUNE_GPUS", 1,
+     "training processes: > 1 trains data-parallel with torchrun, one process per GPU (FINETUNE_BATCH_SIZE "
+     "is the global batch, a multiple of it); evaluation stays on one device"),
     ("seed", "FINETUNE_SEED", 0, "seed of the split and of training"),
     ("keep_workdir", "FINETUNE_KEEP_WORKDIR", False, "keep DATA_DIR/jobs/<job> after a finished job"),
 ]
@@ -102,6 +105,7 @@ class FinetuneSettings:
     eval_coarse_size: int = 0
     device: str = ""
     threads: int = 0
+    gpus: int = 1
     seed: int = 0
     keep_workdir: bool = False
 
@@ -126,6 +130,9 @@ class FinetuneSettings:
         s = cls(**values)
         if s.steps < 1 or s.batch_size < 1 or s.crop_size < 32:
             raise ValueError("FINETUNE_STEPS, FINETUNE_BATCH_SIZE must be >= 1, FINETUNE_CROP_SIZE >= 32")
+        if s.gpus < 1 or s.batch_size % s.gpus:
+            raise ValueError(f"FINETUNE_GPUS={s.gpus}: must be >= 1 and divide FINETUNE_BATCH_SIZE={s.batch_size} "
+                             "(the global batch is split evenly over the processes)")
         return s
 
     def to_dict(self) -> dict:
@@ -555,7 +562,11 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
                                                    **eta.step(step)))
     watcher.start()
     try:
-        train_summary = train(tcfg, resume=resume, progress=False)
+        if settings.gpus > 1:       # one process per GPU (training/distributed.py); rank 0 writes log.csv
+            from training.distributed import torchrun_train
+            train_summary = torchrun_train(tcfg, settings.gpus, resume=resume, threads=settings.threads or None)
+        else:
+            train_summary = train(tcfg, resume=resume, progress=False)
     finally:
         watcher.stop()
     timings["train_s"] = round(time.perf_counter() - t0, 2)

@@ -1,6 +1,7 @@
 """Train the interactive segmentation network.
 
     python -m training.train --config training/configs/cpu-lite2.json [--resume] [--steps N]
+    torchrun --nproc_per_node N -m training.train --config ...   # data-parallel (training/distributed.py)
 
 Each step (method.md, issue 4): a batch of augmented crops with initial clicks from the gt; 0..N
 rounds of clicks placed on the model's own errors without gradient (RITM), the previous mask fed
@@ -32,6 +33,7 @@ from model.network import InteractiveSegNet
 from model.pem import PrototypeLoss
 from model.predictor import Predictor, pick_device
 
+from . import distributed
 from .config import TrainConfig
 from .losses import LOSSES
 from .state import load_state, save_state
@@ -50,9 +52,11 @@ def build_mixture(cfg: TrainConfig):
     return Mixture(sources, weights=cfg.source_weights, val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 
-def train_batches(cfg: TrainConfig, mixture, start_step: int):
+def train_batches(cfg: TrainConfig, mixture, start_step: int, rank: int = 0, world: int = 1):
     """Yields (step, epoch, batch) from start_step on. A batch depends only on (seed, epoch, index), so a
-    resumed run sees exactly the batches the killed run would have seen."""
+    resumed run sees exactly the batches the killed run would have seen. With `world` processes,
+    rank r gets samples r, r+world, ... of each global batch (the global batch does not depend on
+    the world size)."""
     from training.data import ClickSegDataset, collate, worker_init_fn
 
     per_epoch = 1000
@@ -63,7 +67,8 @@ def train_batches(cfg: TrainConfig, mixture, start_step: int):
         epoch, offset = divmod(step, per_epoch)
         ds.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=cfg.batch_size, sampler=range(offset * cfg.batch_size, len(ds)),
+            ds, batch_size=cfg.batch_size // world,
+            sampler=distributed.ShardSampler(offset * cfg.batch_size, len(ds), cfg.batch_size, rank, world),
             num_workers=cfg.num_workers, collate_fn=collate, drop_last=True,
             worker_init_fn=worker_init_fn if cfg.num_workers > 0 else None,
             persistent_workers=False, prefetch_factor=2 if cfg.num_workers > 0 else None)
@@ -149,7 +154,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 # -- one step ----------------------------------------------------------------------------------
-def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) -> dict:
+def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device,
+               dctx: distributed.Dist = distributed.Dist()) -> dict:
     """One optimiser step on a batch.
 
     The image is encoded once (with late fusion that is the backbone pass; with early fusion only
@@ -162,8 +168,11 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) 
     from training.data import (PAD_CLICK, add_next_clicks, focus_view, last_clicks, remap_boxes, sample_boxes,
                                sample_focus_boxes)
 
-    rng = np.random.default_rng([cfg.seed, step, 7])
-    torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks reproducible on resume
+    # One process: the streams as they always were. Several: per-sample draws (clicks, boxes,
+    # dropout) from a per-rank stream, so ranks do not repeat each other's noise; what decides
+    # how many forward passes run (simulation rounds, focus view) from streams every rank shares.
+    rng = np.random.default_rng([cfg.seed, step, 7] if not dctx.enabled else [cfg.seed, step, 7, dctx.rank])
+    torch.manual_seed(cfg.seed * 1_000_003 + step + 7_919 * dctx.rank)  # dropout masks reproducible on resume
     image = batch["image"].to(device)
     if device.type == "cpu":
         image = image.contiguous(memory_format=torch.channels_last)
@@ -194,7 +203,7 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) 
 
     # Iterative click simulation: the model's own errors decide the next clicks (no gradient).
     prev = torch.zeros_like(gt)
-    rounds = int(rng.integers(0, cfg.max_sim_rounds + 1))
+    rounds = int((rng if not dctx.enabled else np.random.default_rng([cfg.seed, step, 13])).integers(0, cfg.max_sim_rounds + 1))
     if rounds:
         net.eval()
         with torch.no_grad(), autocast:
@@ -247,9 +256,11 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device) 
         if not last:
             prev = (torch.sigmoid(out.logits.detach().float()) > 0.5).float() * valid
             clicks = add_next_clicks(clicks, gt > 0.5, prev > 0.5, valid > 0.5, rng, cfg.sim_inner_ratio)
+    distributed.average_gradients(dctx, net.parameters())   # several processes: the global batch's gradient
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.tensor(0.0)
     optimizer.step()
-    return {**totals, "grad_norm": float(grad_norm)}
+    distributed.average_buffers(dctx, net, pem)              # BN statistics, PEM prototype: one model state
+    return distributed.mean_stats(dctx, {**totals, "grad_norm": float(grad_norm)})
 
 
 # -- validation, export ------------------------------------------------------------------------
@@ -265,11 +276,20 @@ def validate(net, info: dict, samples: list, device) -> dict:
     from training.evaluation.runner import evaluate_dataset
 
     was_training = net.training
+    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules()):
+        net = plain_copy(net, device)   # the predictor folds plain BatchNorm2d
     predictor = Predictor(net, info, device=device)
     result = evaluate_dataset(predictor, samples, dataset="train-val", progress=False)
     net.train(was_training)
     m = result.metrics()
     return {k: m[k] for k in ("noc85", "noc90", "nof90", "spc") if k in m}
+
+
+def plain_copy(net, device) -> InteractiveSegNet:
+    """The same weights in a network with plain BatchNorm (no SyncBatchNorm), in eval mode."""
+    plain = InteractiveSegNet(net.config, pretrained=False)
+    plain.load_state_dict(net.state_dict())
+    return plain.to(device).eval()
 
 
 def git_commit() -> str | None:
@@ -330,37 +350,72 @@ def plot_losses(log_path: Path, out_png: Path) -> None:
 
 # -- main loop ---------------------------------------------------------------------------------
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    device = pick_device(None if cfg.device == "auto" else cfg.device)
+    dctx = distributed.setup(device.type)     # torchrun: one process per GPU (or CPU share); else world 1
+    ok = False
+    try:
+        summary = _train(cfg, resume, progress, device, dctx)
+        ok = True
+        return summary
+    finally:
+        distributed.teardown(dctx, wait=ok)   # no barrier after a failure: the other ranks may never get there
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distributed.Dist) -> dict:
     from tqdm import tqdm
 
-    device = pick_device(None if cfg.device == "auto" else cfg.device)
+    if dctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", dctx.local_rank)
+    distributed.check_batch(cfg.batch_size, dctx)
+    main = dctx.main                          # rank 0 alone writes logs, checkpoints, validates
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     net = build_net(cfg).to(device).train()
+    if cfg.sync_bn and dctx.enabled:
+        net = distributed.convert_sync_batchnorm(net, device)
     if device.type == "cpu":
         # oneDNN's convolutions (forward and backward) run ~1.5x faster in NHWC on this CPU (measured:
         # lite2 at 352 px, batch 8, 2 threads: 4.07 -> 2.74 s per forward+backward)
         net = net.to(memory_format=torch.channels_last)
     pem = PrototypeLoss(net.config.decoder_channels, cfg.pem_beta).to(device) if cfg.pem_weight > 0 else None
+    distributed.broadcast_model(dctx, net, pem)
     optimizer = build_optimizer(cfg, net)
     mixture = build_mixture(cfg)
     state_path = out / "state.safetensors"
     log_path = out / "log.csv"
     start, elapsed, best = 0, 0.0, None
+    # Resume: every rank reads the state (out_dir on storage all ranks see, or a copy on each
+    # machine). The state is the whole model and optimizer, not a shard, and the global batch of a
+    # step does not depend on the world size, so a resume with another number of processes works
+    # (only the per-rank click-noise streams differ from a run that kept the old number).
+    if resume and not distributed.all_equal(dctx, int(state_path.exists())):
+        raise RuntimeError(f"--resume: {state_path} exists on some ranks only; every rank needs the state "
+                           "(put out_dir on shared storage or copy it to each machine)")
     if resume and state_path.exists():
         header = load_state(state_path, net, pem, optimizer)
         start, elapsed, best = header["step"], header["elapsed"], header.get("best")
-        _truncate_log(log_path, start)
-        print(f"resumed from {state_path} at step {start}", file=sys.stderr)
-    elif not log_path.exists() or not resume:
+        if not distributed.all_equal(dctx, int(start)):
+            raise RuntimeError(f"--resume: the ranks read different steps from {state_path} (copies out of date?)")
+        if main:
+            _truncate_log(log_path, start)
+            was = int(header.get("world_size", 1))
+            note = f" (saved by {was} process(es), continued by {dctx.world})" if was != dctx.world else ""
+            print(f"resumed from {state_path} at step {start}{note}", file=sys.stderr)
+    elif main and (not log_path.exists() or not resume):
         with log_path.open("w", newline="") as f:
             csv.writer(f).writerow(LOG_FIELDS)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    val_samples = validation_samples(cfg, mixture) if cfg.val_instances > 0 else []
+    if main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    val_samples = validation_samples(cfg, mixture) if cfg.val_instances > 0 and main else []
 
     def checkpoint(step: int) -> None:
+        if not main:
+            return
         save_state(state_path, net, pem, optimizer,
-                   {"step": step, "elapsed": elapsed, "best": best, "config": cfg.to_dict()})
+                   {"step": step, "elapsed": elapsed, "best": best, "config": cfg.to_dict(),
+                    "world_size": dctx.world})
         plot_losses(log_path, out / "loss.png")
 
     def export(step: int, metrics: dict | None, name: str) -> Path:
@@ -378,16 +433,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         return metrics
 
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and main), dynamic_ncols=True)
     done = start
     t_last = time.perf_counter()
-    with log_path.open("a", newline="") as logf:
+    with (log_path.open("a", newline="") if main else open(os.devnull, "w")) as logf:
         writer = csv.writer(logf)
-        for step, epoch, batch in train_batches(cfg, mixture, start):
+        for step, epoch, batch in train_batches(cfg, mixture, start, dctx.rank, dctx.world):
             lr = lr_at(cfg, step)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_mult"]
-            stats = train_step(cfg, net, pem, optimizer, batch, step, device)
+            stats = train_step(cfg, net, pem, optimizer, batch, step, device, dctx)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             elapsed += dt
@@ -404,10 +459,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 tqdm.write(f"step {done}: train-val NoC@85 {m['noc85']:.2f} NoC@90 {m['noc90']:.2f}", file=sys.stderr)
                 t_last = time.perf_counter()  # validation time is not training time
     bar.close()
+    if not main:
+        return {"steps": done, "rank": dctx.rank, "world_size": dctx.world}
     final = run_validation(done) if val_samples else {}
     last = export(done, final or None, "last.safetensors")
     summary = {"steps": done, "hours": round(elapsed / 3600, 3), "final": final, "best": best,
                "last_checkpoint": str(last), "device": device_name(device)}
+    if dctx.enabled:
+        summary["world_size"] = dctx.world
     (out / "card.json").write_text(json.dumps(summary, indent=2))
     checkpoint(done)
     return summary
@@ -440,7 +499,8 @@ def main(argv=None) -> int:
     cfg = TrainConfig.load(args.config, steps=args.steps, out_dir=args.out_dir, device=args.device,
                            data_root=args.data_root)
     summary = train(cfg, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    if "rank" not in summary:   # rank 0 (or a single process) reports
+        print(json.dumps(summary, indent=2))
     return 0
 
 

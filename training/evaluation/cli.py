@@ -4,6 +4,8 @@
         [--limit N] [--workers N] [--json] [--max-clicks 100] [--report DIR] [--tag T] [--db URL]
     python -m training.evaluate history [--dataset X] [--version V] [--compare A B]
     python -m training.evaluate plot --versions A,B --out DIR [--datasets GrabCut,DAVIS]
+    python -m training.evaluate ... --queue [--shard-size 10] [--wait]   # shards on RQ workers
+    python -m training.evaluate merge GROUP [--json]                     # (training/evaluation/sharded.py)
 """
 from __future__ import annotations
 
@@ -65,6 +67,25 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="free label stored with the run")
     p.add_argument("--notes", default=None, help="free notes stored with the run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q = p.add_argument_group("across RQ workers (training/evaluation/sharded.py)")
+    q.add_argument("--queue", action="store_true",
+                   help="split the data sets into shards for RQ workers (`rq worker -u REDIS_URL QUEUE` on any "
+                        "machine); per-instance results go to the history database; `merge GROUP` prints the table")
+    q.add_argument("--shard-size", type=int, default=10, help="instances per shard (default %(default)s)")
+    q.add_argument("--queue-name", default=None, help="RQ queue (default simclick-eval)")
+    q.add_argument("--redis-url", default=None, help="default $REDIS_URL")
+    q.add_argument("--wait", action="store_true", help="with --queue: wait for the shards, then merge")
+    return p
+
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate merge",
+                                description="merge the shards of a --queue evaluation: table, runs in the history")
+    p.add_argument("group", help="the group id --queue printed")
+    p.add_argument("--json", action="store_true", help="one JSON object per data set on stdout")
+    p.add_argument("--no-record", action="store_true", help="do not store the merged runs")
+    p.add_argument("--status", action="store_true", help="only print how many shards are done")
+    _db_arg(p)
     return p
 
 
@@ -140,6 +161,8 @@ def _run(args: argparse.Namespace) -> int:
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
+    if args.queue:
+        return _enqueue(args, spec, protocol, names)
     sets = [(canonical_name(n.split("=", 1)[0]), load_dataset(n, args.data_root, args.limit)) for n in names]
     predictor = spec() if workers <= 1 else spec  # one predictor for all data sets
     log = sys.stderr if args.json else sys.stdout
@@ -176,6 +199,72 @@ def _run(args: argparse.Namespace) -> int:
           f"; stored as run(s) {', '.join(str(m['run_id']) for m in metrics)}"), file=log)
     if args.report:
         print(f"failure report: {write_index(args.report, sections)}", file=log)
+    return 0
+
+
+def _enqueue(args: argparse.Namespace, spec, protocol: Protocol, names: List[str]) -> int:
+    from . import sharded
+
+    if args.no_record or args.report:
+        print("error: --queue stores its results in the history (no --no-record) and makes no --report",
+              file=sys.stderr)
+        return 2
+    redis_url = args.redis_url or os.environ.get("REDIS_URL", "")
+    if not redis_url:
+        print("error: --queue needs --redis-url or $REDIS_URL", file=sys.stderr)
+        return 2
+    queue = args.queue_name or sharded.DEFAULT_QUEUE
+    info = sharded.enqueue(args.checkpoint, args.device, spec.options, names,
+                           str(args.data_root) if args.data_root else None, args.limit, protocol, args.db,
+                           redis_url, queue=queue, shard_size=args.shard_size, tag=args.tag, notes=args.notes)
+    log = sys.stderr if args.json else sys.stdout
+    sets = ", ".join(f"{d['name']} {d['instances']} in {d['shards']}" for d in info["datasets"])
+    print(f"group {info['group']}: {len(info['jobs'])} shard job(s) on queue {queue!r} ({sets}); run workers with\n"
+          f"  rq worker -u {redis_url} {queue}\nthen: python -m training.evaluate merge {info['group']}"
+          + (f" --db {args.db}" if args.db else ""), file=log, flush=True)
+    if not args.json:
+        print(info["group"])
+    if not args.wait:
+        if args.json:
+            print(json.dumps(info))
+        return 0
+    sharded.wait(info["group"], args.db, log=log, jobs=info["jobs"], redis_url=redis_url)
+    return _print_merged(sharded.merge(info["group"], args.db), args.json)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from . import sharded
+
+    try:
+        if args.status:
+            st = sharded.status(args.group, args.db)
+            print(json.dumps(st) if args.json else f"group {args.group}: {st['done']}/{st['shards']} shards done")
+            return 0
+        metrics = sharded.merge(args.group, args.db, record=not args.no_record)
+    except (KeyError, LookupError) as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 3 if isinstance(e, LookupError) and not isinstance(e, KeyError) else 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _print_merged(metrics, args.json)
+
+
+def _print_merged(metrics: List[dict], as_json: bool) -> int:
+    from .tables import detail_table, paper_table
+
+    log = sys.stderr if as_json else sys.stdout
+    if as_json:
+        for m in metrics:
+            print(json.dumps(m, default=str), flush=True)
+    version = metrics[0]["model_version"]
+    print(f"\n{version} ({metrics[0]['checkpoint']}) on {metrics[0]['device']}, {metrics[0]['workers']}, "
+          f"group {metrics[0]['group']}\n", file=log)
+    print(paper_table(version, metrics), file=log)
+    print("\n" + detail_table(metrics), file=log)
+    ids = [str(m["run_id"]) for m in metrics if "run_id" in m]
+    if ids:
+        print(f"\nstored as run(s) {', '.join(ids)}", file=log)
     return 0
 
 
@@ -227,6 +316,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return cmd_history(history_parser().parse_args(argv[1:]))
     if argv and argv[0] == "plot":
         return cmd_plot(plot_parser().parse_args(argv[1:]))
+    if argv and argv[0] == "merge":
+        return cmd_merge(merge_parser().parse_args(argv[1:]))
     if argv and argv[0] == "run":
         argv = argv[1:]
     elif "--compare" in argv and "--checkpoint" not in argv:  # `python -m training.evaluate --compare A B`
