@@ -315,8 +315,8 @@ class SharedPrompts:
         self._down_until = 0.0
 
     @classmethod
-    def key(cls, image_key: str, to_name: str, label: str) -> str:
-        return cls.PREFIX + hashlib.sha1("\0".join((image_key, to_name, label)).encode()).hexdigest()
+    def key(cls, image_key: str, to_name: str, label: str | None) -> str:
+        return cls.PREFIX + hashlib.sha1("\0".join((image_key, to_name, label or "")).encode()).hexdigest()
 
     def _failed(self, e: Exception) -> None:
         self._down_until = time.monotonic() + self.retry_after
@@ -343,8 +343,8 @@ class SharedPrompts:
         return True, (tuple(json.loads(raw)) if raw is not None else None)
 
     @classmethod
-    def session_key(cls, version: str, image_key: str, to_name: str, label: str) -> str:
-        return cls.SESSION_PREFIX + hashlib.sha1("\0".join((version, image_key, to_name, label)).encode()).hexdigest()
+    def session_key(cls, version: str, image_key: str, to_name: str, label: str | None) -> str:
+        return cls.SESSION_PREFIX + hashlib.sha1("\0".join((version, image_key, to_name, label or "")).encode()).hexdigest()
 
     def get_session(self, key: str):
         """(meta dict, working mask bits, answer bits) or None."""
@@ -484,7 +484,7 @@ class Segmenter:
             if ok:
                 remembered = box
         plan = self.plan(prompt, width, height, cached, remembered)
-        if shared_key is not None and plan.box != (remembered if remembered is not _CACHED else None):
+        if self.shared is not None and shared_key is not None and plan.box != (remembered if remembered is not _CACHED else None):
             self.shared.put(shared_key, plan.box)
         if not plan.steps and plan.box_prompt is None:
             raise PayloadError("the smart regions give no click (an empty brush stroke?)")
@@ -527,7 +527,7 @@ class Segmenter:
         return [[frame.x0, frame.y0, frame.x1, frame.y1], prior_sig, list(box) if box is not None else None]
 
     def _share(self, session_key: str | None, e: Entry) -> None:
-        if session_key is None or e.bits is None or not getattr(e.session, "restorable", False):
+        if self.shared is None or session_key is None or e.bits is None or not getattr(e.session, "restorable", False):
             return
         state = e.session.state()
         meta = {"identity": self._identity_json(e.identity), "score": e.score, "boxed": e.boxed,
@@ -539,7 +539,7 @@ class Segmenter:
         """A session restored from the state another replica stored, when the request continues
         its steps (and they are more than the `have` steps this replica could reuse); None
         otherwise (the caller replays, or extends its own session)."""
-        got = self.shared.get_session(session_key)
+        got = self.shared.get_session(session_key) if self.shared is not None else None
         if got is None:
             return None
         meta, work, bits = got

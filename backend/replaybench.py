@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     sharing = shared is not None and shared.max_session_bytes > 0
     kinds = ("cached", "continued", "replay", "cold") if sharing else ("cached", "replay", "cold")
     version = str(backend.models.base.predictor.version)
-    ms = {k: [[] for _ in range(args.clicks)] for k in kinds}
+    ms: dict[str, list[list[float]]] = {k: [[] for _ in range(args.clicks)] for k in kinds}
     identical, compared = 0, 0
     for n, mpath in enumerate(masks, start=1):
         gt = load_mask(mpath)
@@ -111,11 +111,11 @@ def main(argv=None) -> int:
             for kind in kinds:
                 img = f"{image}?{kind}"          # each kind its own session (and cached image)
                 if kind != "cached":
-                    backend.sessions.discard(lambda key: key[1] == img)
+                    backend.sessions.discard(lambda key, img=img: key[1] == img)
                 if kind in ("replay", "cold") and sharing:
                     shared.client.delete(shared.session_key(version, img, "image", "Object"))
                 if kind == "cold":
-                    backend.images.discard(lambda key: key == img)
+                    backend.images.discard(lambda key, img=img: key == img)
                 answer, t = post(predict_body(n, img, kps))
                 ms[kind][k].append(t)
                 answers[kind] = mask_of(answer, h, w)

@@ -56,7 +56,11 @@ def declarations() -> list[tuple[str, str, str, str]]:
              "evaluation"),
             (DATA_ROOT_ENV, "../shared/datasets", "the evaluation benchmarks' folder (GrabCut, Berkeley, DAVIS)",
              "evaluation"),
-            (ENV_TRAIN_ROOT, "../shared/datasets/train", "the training data's folder", "training")]
+            (ENV_TRAIN_ROOT, "../shared/datasets/train", "the training data's folder", "training"),
+            ("WORLD_SIZE", "1", "set by torchrun: the number of training processes", "training"),
+            ("LOCAL_RANK", "0", "set by torchrun: this process's GPU on its machine", "training"),
+            ("SIMCLICK_DIST_TIMEOUT_S", "3600",
+             "how long a training process waits for the others (rank 0 validates meanwhile)", "training")]
     return out
 
 

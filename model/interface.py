@@ -26,6 +26,15 @@ class ClickSession(Protocol):
 
     def reset(self) -> None: ...
 
+    # Replicas share a session through Redis: its state (clicks, undo steps, previous mask) out and
+    # back in. `restorable` is False where the state would not give the same next mask.
+    @property
+    def restorable(self) -> bool: ...
+
+    def state(self) -> dict: ...
+
+    def restore(self, state: dict) -> None: ...
+
 
 class ClickPredictor(Protocol):
     """Loaded weights that open a session per image. `accepts_box` (a model trained with box

@@ -292,7 +292,11 @@ class Session:
         with self._lock:
             self.clicks = [Click(float(x), float(y), bool(pos)) for x, y, pos in state["clicks"]]
             self._group = groups
-            self.box = tuple(float(v) for v in state["box"]) if state.get("box") is not None else None
+            if state.get("box") is not None:
+                y0, x0, y1, x1 = (float(v) for v in state["box"])
+                self.box = (y0, x0, y1, x1)
+            else:
+                self.box = None
             self._history = []
             self.prob = mask.astype(np.float32)
 

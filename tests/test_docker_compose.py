@@ -207,7 +207,7 @@ def test_replicas_profile(compose):
 
     # The rendered config: what the image's envsubst makes of the template.
     rendered = template.replace("${SIMCLICK_BACKENDS}", default)
-    body = "\n".join(l.split("#")[0] for l in rendered.splitlines())       # without comments
+    body = "\n".join(line.split("#")[0] for line in rendered.splitlines())       # without comments
     # Nothing left for envsubst but nginx's own variables.
     assert "$" not in re.sub(r"\$(host|proxy_add_x_forwarded_for|scheme)\b", "", body)
     assert body.count("{") == body.count("}")

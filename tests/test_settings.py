@@ -12,7 +12,7 @@ from backend.settings import declarations, help_text, variables
 
 REPO = Path(__file__).resolve().parents[1]
 # Read from the environment, but not settings: the user name that signs a CLI action.
-NOT_SETTINGS = {"USER"}
+NOT_SETTINGS = {"USER", "PYTHONPATH"}   # the OS's and Python's own, passed through to children
 
 READS = [
     re.compile(r"""environ\.get\(\s*["']([A-Z][A-Z0-9_]+)["']"""),          # os.environ.get("X")

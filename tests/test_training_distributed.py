@@ -3,7 +3,6 @@
 Ranks stay in sync, a resume continues exactly, a resume with another world size works, and a
 2-rank run equals a 1-rank run with the same global batch."""
 import csv
-import os
 import tempfile
 from pathlib import Path
 

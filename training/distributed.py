@@ -29,9 +29,12 @@ import datetime
 import os
 import re
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
+
+_Net = TypeVar("_Net", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -186,13 +189,14 @@ def all_equal(d: Dist, value: int) -> bool:
     return int(t[0]) == value and int(t[1]) == -value
 
 
-def convert_sync_batchnorm(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def convert_sync_batchnorm(net: _Net, device: torch.device) -> _Net:
     if device.type != "cuda":
         raise ValueError("sync_bn needs CUDA: torch's SyncBatchNorm has no CPU kernel (on CPU each rank "
                          "normalises with its own share of the batch; set sync_bn: false)")
     from timm.layers import convert_sync_batchnorm as timm_convert  # keeps timm's BatchNormAct2d activations
 
-    return timm_convert(net)
+    # the network's own BatchNorm layers are replaced inside it; the root (not a BatchNorm) comes back
+    return cast(_Net, timm_convert(net))
 
 
 def torchrun_train(cfg, nproc: int, resume: bool = False, threads: int | None = None, timeout: float | None = None) -> dict:

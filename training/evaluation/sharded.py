@@ -25,11 +25,12 @@ import json
 import socket
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
 
 import sqlalchemy as sa
 
-from .history import engine_for, metadata, resolve_url, runs
+from .history import engine_for, metadata, resolve_url
 
 DEFAULT_QUEUE = "simclick-eval"
 
@@ -86,10 +87,10 @@ def enqueue(checkpoint: str, device: Optional[str], options: tuple, datasets: Li
 
     url = resolve_url(db)                    # the workers write where this command would have
     group = uuid.uuid4().hex[:16]
-    sets = []
+    sets: List[Dict[str, Any]] = []
     for spec in datasets:
         name = canonical_name(spec.split("=", 1)[0])
-        n = len(load_dataset(spec, data_root, limit))
+        n = len(load_dataset(spec, Path(data_root) if data_root else None, limit))
         sets.append({"name": name, "spec": spec, "instances": n, "shards": split(n, shard_size)})
     with engine_for(url).begin() as conn:
         conn.execute(groups.insert().values(
@@ -148,7 +149,7 @@ def run_shard(group: str, db: str, dataset: str, shard: int, start: int, stop: i
     return {"group": group, "dataset": name, "shard": shard, "instances": len(samples)}
 
 
-def status(group: str, db: Optional[str] = None) -> Dict[str, Any]:
+def status(group: str, db: Union[None, str, sa.engine.Engine] = None) -> Dict[str, Any]:
     with engine_for(db).connect() as conn:
         g = _group(conn, group)
         done = {(r.dataset, r.shard) for r in conn.execute(
