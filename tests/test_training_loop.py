@@ -70,6 +70,12 @@ def test_a_few_iterations_write_everything(tmp_path):
     tuned = Predictor.load(tmp_path / "tuned.safetensors")
     assert (tuned.options.edge_radius, tuned.options.focus_passes) == (2.5, 1)
     assert Predictor.load(tmp_path / "tuned.safetensors", focus_passes=2).options.focus_passes == 2
+    # ...also chosen after the export: an inference checkpoint re-exported with other settings
+    assert export_main([str(out), str(tmp_path / "retagged.safetensors"), "--half", "--predictor", "edge_radius=4"]) == 0
+    retagged, config3, info3 = load_checkpoint(tmp_path / "retagged.safetensors")
+    assert info3["predictor"] == {"edge_radius": 4.0} and info3["version"] == "x-1" and config3 == config
+    assert info3["training"] == info2["training"]
+    assert all(torch.equal(retagged[k], exported[k]) for k in exported)
     with pytest.raises(SystemExit):
         export_main([str(tmp_path / "state.safetensors"), str(tmp_path / "x.safetensors"), "--predictor", "edge=2"])
 

@@ -6,6 +6,8 @@
 The inference file keeps only the network's weights (no optimizer, no PEM buffer) and a card built
 from the state's header: config, steps, training hours, data. `--predictor` stores the inference
 settings chosen for these weights (on the validation split); Predictor.load uses them as defaults.
+Given an inference checkpoint instead of a state, it writes the same weights and card with the
+version, metrics or settings given replaced.
 """
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ from training.evaluation.predictors import parse_options
 def export(state_path: Path, out: Path, half: bool = False, version: str | None = None,
            metrics: dict | None = None, predictor: dict | None = None) -> Path:
     with safe_open(str(state_path), framework="pt") as f:
-        header = json.loads((f.metadata() or {}).get("state", "{}"))
+        meta = f.metadata() or {}
+        header = json.loads(meta.get("state", "{}"))
         weights = {k[len("model."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.")}
     if "config" not in header:
+        if "state" not in meta:   # an inference checkpoint: same weights and card, new settings
+            return _retag(state_path, out, half, version, metrics, predictor)
         raise ValueError(f"{state_path}: not a SimClick training state")
     cfg = header["config"]
     model_cfg = ModelConfig.from_dict(_architecture(header))
@@ -40,6 +45,16 @@ def export(state_path: Path, out: Path, half: bool = False, version: str | None 
     }
     if predictor:
         info["predictor"] = dict(predictor)
+    return save_checkpoint(out, weights, model_cfg, info, half=half)
+
+
+def _retag(path: Path, out: Path, half: bool, version: str | None, metrics: dict | None,
+           predictor: dict | None) -> Path:
+    """An inference checkpoint again, with its card's version, metrics or inference settings
+    replaced (e.g. settings chosen on the validation split after training)."""
+    weights, model_cfg, info = load_checkpoint(path)
+    info = {k: v for k, v in info.items() if k not in ("format", "model")}
+    info.update({k: v for k, v in (("version", version), ("metrics", metrics), ("predictor", predictor)) if v})
     return save_checkpoint(out, weights, model_cfg, info, half=half)
 
 
