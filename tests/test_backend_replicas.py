@@ -5,7 +5,6 @@ import contextlib
 import functools
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -24,13 +23,10 @@ from backend.masks import rle_to_mask
 
 from .conftest import ROOT
 
+sys.path.insert(0, str(Path(__file__).parent / "e2e"))
+from ls_harness import free_port, wait_http  # noqa: E402  (the e2e harness: one way to start and wait)
+
 W, H = 160, 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def redis_up() -> bool:
@@ -54,16 +50,7 @@ def backend_process(workdir: Path, name: str, **env_extra):
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        t0 = time.monotonic()
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if requests.get(url + "/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() - t0 < 120, log_path.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_http(url + "/health", 120, proc, log_path)
         yield {"url": url, "log": log_path}
     finally:
         proc.terminate()
