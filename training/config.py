@@ -17,6 +17,9 @@ class TrainConfig:
     sources: list | None = None                        # source specs (training.data.source_from_spec); None = default
     source_weights: dict | None = None
     val_fraction: float = 0.05
+    split_seed: int | None = None                      # seed of the train/val split (None: `seed`); keep it
+                                                       # at 0 when continuing a model so `--datasets TrainVal`
+                                                       # stays held out while `seed` varies the samples
     crop_size: int = 384
     augment: dict = field(default_factory=dict)        # training.data.AugmentConfig fields (base, scale_range, ...)
     # optimisation

@@ -49,7 +49,11 @@ def build_mixture(cfg: TrainConfig):
         sources = [source_from_spec(spec, cfg.data_root) for spec in cfg.sources]
     else:
         sources = default_sources(cfg.data_root)
-    return Mixture(sources, weights=cfg.source_weights, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    return Mixture(sources, weights=cfg.source_weights, val_fraction=cfg.val_fraction, seed=split_seed(cfg))
+
+
+def split_seed(cfg: TrainConfig) -> int:
+    return cfg.seed if cfg.split_seed is None else cfg.split_seed
 
 
 def train_batches(cfg: TrainConfig, mixture, start_step: int, rank: int = 0, world: int = 1):
@@ -269,7 +273,7 @@ def validation_samples(cfg: TrainConfig, mixture) -> list:
     config on the default sources, the first instances of `--datasets TrainVal` with this seed."""
     from training.evaluation.datasets import mixture_val_samples
 
-    return list(itertools.islice(mixture_val_samples(mixture, cfg.seed), cfg.val_instances))
+    return list(itertools.islice(mixture_val_samples(mixture, split_seed(cfg)), cfg.val_instances))
 
 
 def validate(net, info: dict, samples: list, device) -> dict:
