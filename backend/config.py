@@ -75,7 +75,8 @@ SETTINGS = [
     ("cache_ttl", "CACHE_TTL", "1800", _float, "seconds an unused session or image stays cached"),
     ("mask_threshold", "MASK_THRESHOLD", "0.5", _float, "probability above which a pixel is object"),
     ("box_margin", "BOX_MARGIN", "0.15", _float,
-     "a smart rectangle is cropped with this margin (fraction of its size) on each side"),
+     "later keypoints of a label keep refining its smart rectangle while they lie within this "
+     "margin (fraction of the box size) around it"),
     ("output_format", "OUTPUT_FORMAT", "auto", _choice("auto", "brush", "polygon"),
      "auto: BrushLabels if the label config has the label, else PolygonLabels"),
     ("polygon_tolerance", "POLYGON_TOLERANCE", "1.5", _float,

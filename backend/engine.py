@@ -30,12 +30,10 @@ PREDICT_TIMEOUT seconds, checked between steps: past it, PredictTimeout is raise
 already run stay in the session, so the next request continues from them.
 
 Prompts other than keypoints:
-- a smart rectangle, with a model trained with box prompts (`predictor.accepts_box`), is given to
-  the session as a box (`session.set_box`, on the whole image); with a click-only model the image
-  is cropped to the box plus BOX_MARGIN, the first click is the box centre and the mask is pasted
-  back (zero outside the crop). Either way later keypoints of the same label (sent without the
-  box) refine it while they lie inside box + margin; a keypoint outside starts over on the whole
-  image without the box;
+- a smart rectangle is given to the session as a box (`session.set_box`, on the whole image): a
+  model trained with box prompts reads it, a click-only model gets a GrabCut seed from it
+  (model.box_seed). Later keypoints of the same label (sent without the box) refine it while
+  they lie inside box + BOX_MARGIN; a keypoint outside starts over without the box;
 - a smart brush stroke becomes positive clicks along the stroke, run as one step; a compact
   painted blob (not a thin scribble) is also given to the predictor as the prior mask to refine.
 """
@@ -200,7 +198,7 @@ class Plan:
     steps: list                       # of Step, in frame coordinates
     prior: np.ndarray | None = None   # bool, frame shape
     box: tuple | None = None          # the smart rectangle that applies (full-res), kept for later keypoints
-    box_prompt: tuple | None = None   # that box in frame coordinates, for session.set_box (box models only)
+    box_prompt: tuple | None = None   # that box in frame coordinates, for session.set_box
 
     @property
     def prior_sig(self) -> str | None:
@@ -431,17 +429,13 @@ class Segmenter:
         return Frame(max(0, int(math.floor(x0 - mx))), max(0, int(math.floor(y0 - my))),
                      min(width, int(math.ceil(x1 + mx))), min(height, int(math.ceil(y1 + my))))
 
-    @property
-    def accepts_box(self) -> bool:
-        return bool(getattr(self.predictor, "accepts_box", False))
-
     def plan(self, prompt: Prompt, width: int, height: int, cached: Entry | None, remembered=_CACHED) -> Plan:
-        """The session and the steps a prompt needs. A smart rectangle is a prompt of its own for a
-        model trained with boxes (the whole image, session.set_box); otherwise the image is cropped
-        to the box plus BOX_MARGIN and the box centre is the first click. Either way the box stays
-        for later keypoints of the label (Label Studio sends them without it) while they fall
-        inside box + margin; a keypoint outside it means the box no longer applies. `remembered`:
-        the box that applies from earlier requests (SharedPrompts); by default the cached session's."""
+        """The session and the steps a prompt needs. A smart rectangle is a prompt of its own
+        (session.set_box on the whole image: a model trained with boxes reads it, a click-only one
+        gets a GrabCut seed). The box stays for later keypoints of the label (Label Studio sends
+        them without it) while they fall inside box + margin; a keypoint outside it means the box
+        no longer applies. `remembered`: the box that applies from earlier requests
+        (SharedPrompts); by default the cached session's."""
         whole = Frame(0, 0, width, height)
         if remembered is _CACHED:
             remembered = cached.box if cached is not None else None
@@ -451,12 +445,7 @@ class Segmenter:
         if box is not None and not all(self.box_frame(box, width, height).contains(c) for c in prompt.clicks):
             box = None
         steps: list[tuple[Click, ...]] = []
-        frame, box_prompt = whole, None
-        if box is not None and self.accepts_box:
-            box_prompt = box
-        elif box is not None:
-            frame = self.box_frame(box, width, height)
-            steps.append((Click((box[0] + box[2]) / 2 - 0.5, (box[1] + box[3]) / 2 - 0.5, True),))
+        frame, box_prompt = whole, box
         prior = None
         if prompt.brush is not None:
             painted = prompt.brush[frame.y0:frame.y1, frame.x0:frame.x1]

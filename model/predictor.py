@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import focus
+from .box_seed import deepest_point, grabcut_seed
 from .checkpoint import build_model, file_sha256, resolve
 from .clicks import Click
 from .config import ModelConfig
@@ -173,6 +174,7 @@ class Session:
             self._prior = self._to_work(prior_mask.astype(np.float32))
         self.clicks: list[Click] = []
         self.box: tuple[float, float, float, float] | None = None   # (y0, x0, y1, x1), working pixels
+        self.seed: list[Click] = []   # click-only model with a box: the seed's implicit first click
         self._group: list[int] = []   # clicks added by each add_clicks call (undo removes a group)
         self.last_timing: dict = {}
         self._history: list[np.ndarray] = []
@@ -205,10 +207,10 @@ class Session:
 
     def set_box(self, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
         """Start from a box around the object (full-resolution pixels, x1/y1 exclusive) and return the
-        full-resolution probability map; later clicks refine it and keep the box as a prompt. Only
-        for models trained with boxes (`Predictor.accepts_box`), and before the first click."""
-        if not self.predictor.accepts_box:
-            raise ValueError("this model takes no box prompt; give it clicks (or crop the image to the box)")
+        full-resolution probability map; later clicks refine it. Before the first click. A model
+        trained with boxes (`Predictor.accepts_box`) reads the box itself and keeps it as a prompt;
+        for a click-only model GrabCut seeds the mask from the box (model.box_seed) and the network
+        refines that seed as its previous mask, with an implicit positive click at its deepest point."""
         vals = [float(v) for v in (x0, y0, x1, y1)]
         if not all(np.isfinite(vals)):
             raise ValueError("box coordinates must be finite numbers")
@@ -223,7 +225,16 @@ class Session:
             self._history.append(self._history_copy())
             s = self.scale
             self.box = (y0 * s, x0 * s, y1 * s, x1 * s)
-            self.prob = self._snap_edges(self._predict_box())
+            if self.predictor.accepts_box:
+                self.prob = self._snap_edges(self._predict_box())
+            else:
+                t0 = time.perf_counter()
+                seeded = grabcut_seed(self.work, self.box)
+                seed_ms = (time.perf_counter() - t0) * 1000
+                iy, ix = deepest_point(seeded)
+                self.seed = [Click((ix + 0.5) / s - 0.5, (iy + 0.5) / s - 0.5, True)]
+                self.prob = self._snap_edges(self._predict(seeded.astype(np.float32)))
+                self.last_timing["seed_ms"] = seed_ms
             return self.full_prob()
 
     def undo(self) -> np.ndarray | None:
@@ -234,6 +245,7 @@ class Session:
                 del self.clicks[len(self.clicks) - self._group.pop():]
             elif self.box is not None:
                 self.box = None
+                self.seed = []
             else:
                 return None
             self.prob = self._history.pop().astype(np.float32) if self._history else self._initial_prob()
@@ -244,6 +256,7 @@ class Session:
             self.clicks.clear()
             self._group.clear()
             self.box = None
+            self.seed = []
             self._history.clear()
             self.prob = self._initial_prob()
 
@@ -276,6 +289,7 @@ class Session:
         with self._lock:
             return {"clicks": [[c.x, c.y, c.positive] for c in self.clicks], "groups": list(self._group),
                     "box": list(self.box) if self.box is not None else None, "shape": [self.wh, self.ww],
+                    "seed": [[c.x, c.y, c.positive] for c in self.seed],
                     "mask": np.packbits(self.prob > self.predictor.options.threshold)}
 
     def restore(self, state: dict) -> None:
@@ -297,6 +311,7 @@ class Session:
                 self.box = (y0, x0, y1, x1)
             else:
                 self.box = None
+            self.seed = [Click(float(x), float(y), bool(pos)) for x, y, pos in state.get("seed", [])]
             self._history = []
             self.prob = mask.astype(np.float32)
 
@@ -322,7 +337,7 @@ class Session:
     def _work_clicks(self):
         # Full-res pixel centre -> working-res pixel centre.
         s = self.scale
-        return [((c.y + 0.5) * s - 0.5, (c.x + 0.5) * s - 0.5, c.positive) for c in self.clicks]
+        return [((c.y + 0.5) * s - 0.5, (c.x + 0.5) * s - 0.5, c.positive) for c in self.seed + self.clicks]
 
     def _predict(self, prev_prob: np.ndarray) -> np.ndarray:
         p = self.predictor
@@ -385,7 +400,7 @@ class Session:
 
     def _view_box(self, view, sy: float, sx: float):
         """The session's box in the pixels of a view (y0, x0, ...) of the working image scaled by (sy, sx)."""
-        if self.box is None:
+        if self.box is None or not self.predictor.accepts_box:   # a click-only model's box is in its seed
             return None
         y0, x0 = view[0], view[1]
         by0, bx0, by1, bx1 = self.box

@@ -316,24 +316,26 @@ def test_byte_cache_lru_budget_and_expiry():
     assert len(c) == 1
 
 
-def test_plan_box_crop_and_sticky_box():
-    seg = Segmenter(predictor=None, sessions=ByteCache(1 << 20, 60), box_margin=0.1)
+def test_plan_box_is_a_prompt_on_the_whole_image_and_sticks_for_keypoints():
+    """Every model gets a smart rectangle as session.set_box on the whole image (a click-only model
+    turns it into a GrabCut seed inside the session): no crop, no centre click."""
     from backend.engine import Entry
     from backend.payload import Prompt
-    p = Prompt(label="A", to_name="image", box=(100.0, 50.0, 200.0, 150.0), size=(400, 300))
-    plan = seg.plan(p, 400, 300, None)
-    assert plan.frame == Frame(90, 40, 210, 160)
-    assert plan.steps == [(Click(59.5, 59.5, True),)]        # box centre, in crop coordinates
-    # Keypoints later (box not resent): inside the old box they refine it...
-    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=plan.box, box_prompt=None)
-    p2 = Prompt(label="A", to_name="image", clicks=[Click(120, 60, False)], size=(400, 300))
-    plan2 = seg.plan(p2, 400, 300, cached)
-    assert plan2.identity == plan.identity
-    assert plan2.steps == [(Click(59.5, 59.5, True),), (Click(30, 20, False),)]
-    # ...outside it, the whole image is used and the box is dropped.
-    p3 = Prompt(label="A", to_name="image", clicks=[Click(10, 10, True)], size=(400, 300))
-    plan3 = seg.plan(p3, 400, 300, cached)
-    assert plan3.frame == Frame(0, 0, 400, 300) and plan3.steps == [(Click(10, 10, True),)] and plan3.box is None
+
+    seg = Segmenter(predictor=None, sessions=ByteCache(1 << 20, 60), box_margin=0.1)
+    box = (100.0, 50.0, 200.0, 150.0)
+    plan = seg.plan(Prompt(label="A", to_name="image", box=box, size=(400, 300)), 400, 300, None)
+    assert (plan.frame, plan.steps, plan.box_prompt) == (Frame(0, 0, 400, 300), [], box)
+    # Keypoints later (box not resent): inside box + margin they refine it...
+    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=box, box_prompt=box)
+    kp = Prompt(label="A", to_name="image", clicks=[Click(120, 60, False)], size=(400, 300))
+    plan2 = seg.plan(kp, 400, 300, cached)
+    assert plan2.identity == plan.identity and plan2.box_prompt == box
+    assert plan2.steps == [(Click(120, 60, False),)]
+    # ...outside it, the box is dropped.
+    far = Prompt(label="A", to_name="image", clicks=[Click(390, 290, True)], size=(400, 300))
+    plan3 = seg.plan(far, 400, 300, cached)
+    assert plan3.box_prompt is None and plan3.box is None and plan3.steps == [(Click(390, 290, True),)]
 
 
 def test_plan_keeps_a_box_whose_margin_covers_the_image():
@@ -345,31 +347,11 @@ def test_plan_keeps_a_box_whose_margin_covers_the_image():
     box = (10.0, 10.0, 390.0, 290.0)
     plan = seg.plan(Prompt(label="A", to_name="image", box=box, size=(400, 300)), 400, 300, None)
     assert plan.frame == Frame(0, 0, 400, 300) and plan.box == box
-    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=plan.box, box_prompt=None)
+    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=plan.box, box_prompt=box)
     kp = Prompt(label="A", to_name="image", clicks=[Click(50, 60, False)], size=(400, 300))
     plan2 = seg.plan(kp, 400, 300, cached)
-    assert plan2.identity == plan.identity                       # the same session goes on
-    assert plan2.steps == [(Click(199.5, 149.5, True),), (Click(50, 60, False),)]
-
-
-def test_plan_box_model_gets_the_box_as_a_prompt_on_the_whole_image():
-    from backend.engine import Entry
-    from backend.payload import Prompt
-
-    class BoxModel:
-        accepts_box = True
-
-    seg = Segmenter(predictor=BoxModel(), sessions=ByteCache(1 << 20, 60), box_margin=0.1)
-    box = (100.0, 50.0, 200.0, 150.0)
-    plan = seg.plan(Prompt(label="A", to_name="image", box=box, size=(400, 300)), 400, 300, None)
-    assert (plan.frame, plan.steps, plan.box_prompt) == (Frame(0, 0, 400, 300), [], box)
-    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=box, box_prompt=box)
-    kp = Prompt(label="A", to_name="image", clicks=[Click(120, 60, False)], size=(400, 300))
-    plan2 = seg.plan(kp, 400, 300, cached)
-    assert plan2.identity == plan.identity and plan2.box_prompt == box
-    assert plan2.steps == [(Click(120, 60, False),)]              # no centre click: the box is the prompt
-    far = Prompt(label="A", to_name="image", clicks=[Click(390, 290, True)], size=(400, 300))
-    assert seg.plan(far, 400, 300, cached).box_prompt is None     # outside box + margin: box dropped
+    assert plan2.identity == plan.identity and plan2.box_prompt == box   # the same session goes on
+    assert plan2.steps == [(Click(50, 60, False),)]
 
 
 def test_plan_brush_stroke_is_one_step():

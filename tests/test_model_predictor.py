@@ -299,8 +299,21 @@ def test_box_prompt_session(tmp_path):
     plain = Predictor.load(save_checkpoint(tmp_path / "plain.safetensors", InteractiveSegNet(
         ModelConfig(fusion="late", input_size=128, aspp_channels=32, decoder_channels=32)).state_dict(),
         ModelConfig(fusion="late", input_size=128, aspp_channels=32, decoder_channels=32), {"version": "plain"}))
-    with pytest.raises(ValueError, match="no box prompt"):
-        plain.open(image).set_box(20, 10, 90, 70)
+    # A click-only model: the box becomes a GrabCut seed, refined with an implicit click at its
+    # deepest point; undo removes the box and that click, and a state round trip keeps them.
+    s2 = plain.open(image)
+    seeded = s2.set_box(20, 10, 90, 70)
+    assert seeded.shape == (120, 200) and s2.box is not None and len(s2.seed) == 1 and not s2.clicks
+    assert 20 <= s2.seed[0].x < 90 and 10 <= s2.seed[0].y < 70 and "seed_ms" in s2.last_timing
+    after = s2.add_click(50, 40, True)
+    s3 = plain.open(image)
+    s3.set_box(20, 10, 90, 70)
+    moved = s3.state()
+    s4 = plain.open(image)
+    s4.restore(moved)
+    assert s4.seed == s3.seed and np.array_equal(s4.add_click(50, 40, True) > 0.5, after > 0.5)
+    s2.undo()
+    assert s2.undo() is not None and s2.box is None and not s2.seed and not s2.mask().any()
 
 
 def test_add_clicks_is_one_prediction_and_one_undo_step(tiny_checkpoint):
@@ -318,3 +331,21 @@ def test_add_clicks_is_one_prediction_and_one_undo_step(tiny_checkpoint):
     with pytest.raises(ValueError, match="outside"):
         session.add_clicks([(10, 10, True), (500, 10, True)])
     assert len(session.clicks) == 1                          # a bad click adds none of them
+
+
+def test_grabcut_seed_finds_a_distinct_object_in_its_box_and_repeats_itself():
+    from model.box_seed import deepest_point, grabcut_seed
+
+    rng = np.random.default_rng(0)
+    image = (rng.normal(60, 20, (300, 500, 3))).clip(0, 255).astype(np.uint8)   # noisy dark background
+    yy, xx = np.mgrid[:300, :500]
+    obj = (yy - 150) ** 2 / 80 ** 2 + (xx - 230) ** 2 / 120 ** 2 < 1            # a bright ellipse
+    image[obj] = (rng.normal(200, 20, (int(obj.sum()), 3))).clip(0, 255).astype(np.uint8)
+    box = (60.0, 100.0, 240.0, 360.0)                                            # (y0, x0, y1, x1), loose
+    seed = grabcut_seed(image, box)
+    assert np.count_nonzero(seed & obj) / np.count_nonzero(seed | obj) > 0.9
+    assert np.array_equal(seed, grabcut_seed(image, box))                        # deterministic
+    y, x = deepest_point(seed)
+    assert abs(y - 150) < 15 and abs(x - 230) < 15
+    # No background outside the box to learn from: the box itself is the seed.
+    assert grabcut_seed(image, (0.0, 0.0, 300.0, 500.0)).all()
