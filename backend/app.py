@@ -39,10 +39,10 @@ from model.interface import ClickPredictor
 
 from .config import DEFAULT_ENQUEUE, Config
 from .engine import ByteCache, PredictTimeout, Segmenter, SharedPrompts
-from .fetch import FetchError, ImageFetcher, SetupInfo
-from .urls import UrlError, parse_http_url
-from .labelconfig import LabelConfigError, parse_label_config
-from .masks import mask_to_polygons, mask_to_rle
+from .labelstudio.fetch import FetchError, ImageFetcher, SetupInfo
+from .labelstudio.urls import UrlError, parse_http_url
+from .labelstudio.labelconfig import LabelConfigError, parse_label_config
+from .labelstudio.masks import mask_to_polygons, mask_to_rle
 from .models import ModelRouter, Served
 from .payload import PayloadError, parse_predict, parse_prompts, scale_prompt
 from .webhook import WebhookError, WebhookHandler, load_enqueue
@@ -252,7 +252,7 @@ class Backend:
 
     # -- registry and jobs -------------------------------------------------------------------------
     def registry(self, project):
-        from training.registry import ProjectRegistry, RegistryError
+        from model.registry import ProjectRegistry, RegistryError
 
         root = self.cfg.registry_root()
         if root is None:
@@ -263,7 +263,7 @@ class Backend:
             raise ApiError(str(e)) from None
 
     def versions(self, project=None) -> dict:
-        from training.registry import projects
+        from model.registry import projects
 
         root = self.cfg.registry_root()
         out: dict[str, Any] = {"model_version": self.version, "versions": [self.version]}
@@ -292,7 +292,7 @@ class Backend:
     def redis(self):
         if not self.cfg.redis_url:
             raise ApiError("no training queue: set REDIS_URL", 404)
-        from training.jobs import connect
+        from training.redisconn import connect
         return connect(self.cfg.redis_url, timeout=self.cfg.redis_timeout)
 
 
@@ -300,7 +300,7 @@ def make_shared_prompts(config: Config) -> SharedPrompts | None:
     """SHARED_PROMPTS: the smart rectangles of the sessions in Redis, for several replicas."""
     if config.shared_prompts == "off" or not config.redis_url:   # "on" without REDIS_URL: refused by Config
         return None
-    from training.jobs import connect
+    from training.redisconn import connect
 
     return SharedPrompts(connect(config.redis_url, timeout=config.redis_timeout), config.cache_ttl,
                          max_session_bytes=max(0, config.shared_session_kb) * 1024)
@@ -382,7 +382,7 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
 
     @app.get("/jobs")
     def jobs():
-        from training.jobs import list_jobs
+        from backend.jobs import list_jobs
         try:
             limit = int(request.args.get("limit", "20"))
         except ValueError:
@@ -399,7 +399,7 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
 
     @app.get("/jobs/<job_id>")
     def job(job_id):
-        from training.jobs import job_info
+        from backend.jobs import job_info
         try:
             info = job_info(backend.redis(), job_id)
         except ApiError:
@@ -412,7 +412,7 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
 
     @app.post("/admin/jobs/<job_id>/cancel")
     def cancel_job(job_id):
-        from training.jobs import cancel_job
+        from backend.jobs import cancel_job
         try:
             out = cancel_job(backend.redis(), job_id, f"http {request.remote_addr}")
         except ApiError:
@@ -426,7 +426,7 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
 
     @app.post("/admin/rollback")
     def rollback():
-        from training.registry import RegistryError
+        from model.registry import RegistryError
         data = body()
         usage = "the body must be {\"project\": N} (and optionally \"to\": a version name)"
         if not isinstance(data, dict) or isinstance(data.get("project"), bool) \

@@ -83,7 +83,7 @@ def rectangle(box: tuple, w: int, h: int, label: str = "Object") -> dict:
 
 def brush_region(stroke: np.ndarray, label: str = "Object") -> dict:
     """A smart brush region as Label Studio sends it (RLE of the painted pixels)."""
-    from .masks import mask_to_rle
+    from .labelstudio.masks import mask_to_rle
 
     h, w = stroke.shape
     return {"original_width": w, "original_height": h, "image_rotation": 0,
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
 
     from .app import create_app
     from .config import Config
-    from .masks import rle_to_mask
+    from .labelstudio.masks import rle_to_mask
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

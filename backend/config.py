@@ -1,7 +1,7 @@
 """Every setting of the backend (the serving side), read from environment variables in one place.
 
 The job queue's and fine-tuning's settings (WEBHOOK_DEDUP_SECONDS, FINETUNE_*..., and again
-REDIS_URL, TRAINING_QUEUE) are in training/jobs.py and training/finetune.py; backend/settings.py
+REDIS_URL, TRAINING_QUEUE) are in backend/jobs.py and backend/finetune.py; backend/settings.py
 gathers every table into one, which `python -m backend --help-env` prints. Names
 shared with Label Studio's own ML backends (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY,
 BASIC_AUTH_USER/PASS, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) keep Label Studio's spelling.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 
-DEFAULT_ENQUEUE = "training.jobs:enqueue_webhook"
+DEFAULT_ENQUEUE = "backend.jobs:enqueue_webhook"
 # Variables of earlier versions that are not read any more, and what replaced them.
 REPLACED = {"SESSION_CACHE_SIZE": "the session cache is sized by memory, see SESSION_CACHE_MB",
             "IMAGE_CACHE_SIZE": "the image cache is sized by memory, see IMAGE_CACHE_MB"}
@@ -199,7 +199,7 @@ class Config:
             if not self.label_studio_url.startswith(("http://", "https://")):
                 raise ConfigError(f"LABEL_STUDIO_URL must start with http:// or https://, "
                                   f"got {self.label_studio_url!r}")
-            from .urls import UrlError, parse_http_url
+            from .labelstudio.urls import UrlError, parse_http_url
             try:
                 parse_http_url(self.label_studio_url)
             except UrlError as e:

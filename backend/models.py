@@ -1,7 +1,7 @@
 """Which model answers a project: its promoted registry version, hot-reloaded without a restart.
 
 Each project (Label Studio sends "3.1795584533" as the project of /setup and /predict) is served
-by the version its registry pointer names (training/registry.py: <registry>/<project>/promoted.json),
+by the version its registry pointer names (model/registry.py: <registry>/<project>/promoted.json),
 or by the base checkpoint (MODEL_CHECKPOINT) while it has none. A watcher thread stats every
 project's pointer file every MODEL_RELOAD_INTERVAL seconds; when its (inode, mtime, size)
 changed, the pointer is read and, if it names another version, that version is loaded in the
@@ -91,7 +91,7 @@ class ModelRouter:
 
     # ------------------------------------------------------------------------------------------
     def project_of(self, project) -> Optional[str]:
-        from training.registry import RegistryError, project_key
+        from model.registry import RegistryError, project_key
 
         if project in (None, ""):
             return None
@@ -155,7 +155,7 @@ class ModelRouter:
     def scan(self) -> None:
         """One look at every project's pointer: load what was promoted or rolled back since the last
         look (the first look: the most recently promoted projects, at most PROJECT_MODELS)."""
-        from training.registry import ProjectRegistry, projects
+        from model.registry import ProjectRegistry, projects
 
         root = cast(Path, self.root)     # the watcher runs only with a registry
         changed = []
@@ -174,7 +174,7 @@ class ModelRouter:
             self._refresh(pid, slot)
 
     def _refresh(self, pid: str, slot: _Slot) -> None:
-        from training.registry import ProjectRegistry
+        from model.registry import ProjectRegistry
 
         reg = ProjectRegistry(cast(Path, self.root), pid)
         stamp = reg.pointer_stamp()
@@ -242,7 +242,7 @@ class ModelRouter:
                 f"{served.version}, the newest loadable version")
 
     def _load_version(self, reg, name, pointer_sha: Optional[str]) -> Served:
-        from training.registry import RegistryError
+        from model.registry import RegistryError
 
         if not isinstance(name, str):
             raise RegistryError(f"{reg.pointer_path.name} names no version")

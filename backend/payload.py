@@ -16,8 +16,8 @@ import numpy as np
 
 from model.clicks import Click
 
-from .labelconfig import LabelConfig, parse_label_config
-from .masks import MaskFormatError, rle_to_mask
+from .labelstudio.labelconfig import LabelConfig, parse_label_config
+from .labelstudio.masks import MaskFormatError, rle_to_mask
 
 
 class PayloadError(ValueError):

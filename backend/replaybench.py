@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     from .app import create_app
     from .config import Config
-    from .masks import rle_to_mask
+    from .labelstudio.masks import rle_to_mask
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

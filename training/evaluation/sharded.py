@@ -81,7 +81,7 @@ def enqueue(checkpoint: str, device: Optional[str], options: tuple, datasets: Li
     """Write the group and enqueue its shards; returns {"group", "jobs", "datasets"}."""
     from rq import Queue
 
-    from training.jobs import connect
+    from training.redisconn import connect
 
     from .datasets import canonical_name, load_dataset
 
@@ -228,7 +228,7 @@ def wait(group: str, db: Optional[str] = None, poll: float = 5.0, timeout: Optio
         if jobs and redis_url:
             from rq.job import Job
 
-            from training.jobs import connect
+            from training.redisconn import connect
 
             for job in Job.fetch_many(jobs, connection=connect(redis_url)):
                 if job is not None and job.is_failed:

@@ -3,7 +3,7 @@
     result = run_finetune(project=3, job_id="train-p3-7", settings=FinetuneSettings.from_env())
 
 Stages (reported through `progress(stage, percent, **extra)`; the RQ job puts them in job.meta):
-  pull      the project's finished annotations from Label Studio (training.labelstudio_pull),
+  pull      the project's finished annotations from Label Studio (backend.labelstudio.pull),
             images downloaded as the backend does, bad regions skipped with their reason, a
             deterministic train/holdout split by task;
   train     training.train.train() from the project's promoted version (or the base checkpoint)
@@ -24,7 +24,7 @@ A project with too few usable annotations gets a job with status "skipped" and t
 (`too_few`), without training.
 
 Settings come from FINETUNE_* environment variables (table: FINETUNE_SETTINGS, printed by
-`python -m training.jobs --help-env`); a job's own overrides win.
+`python -m backend.jobs --help-env`); a job's own overrides win.
 """
 from __future__ import annotations
 
@@ -454,10 +454,10 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     import torch
 
     from backend.config import Config
-    from backend.fetch import ImageFetcher
+    from backend.labelstudio.fetch import ImageFetcher
     from model.checkpoint import atomic_write_bytes, file_sha256, resolve
-    from training import labelstudio_pull as pull
-    from training.registry import ProjectRegistry, data_dir, default_root, project_key
+    from backend.labelstudio import pull
+    from model.registry import ProjectRegistry, data_dir, default_root, project_key
 
     settings = settings or FinetuneSettings.from_env()
     progress = progress or (lambda stage, percent, **kw: None)

@@ -2,10 +2,10 @@
 
 1. Tasks: through label-studio-sdk (`LabelStudio(base_url, api_key)`: a legacy token or a personal
    access token, which the SDK exchanges and refreshes itself), or from a Label Studio JSON export
-   file (offline fine-tuning: `python -m training.jobs enqueue --export FILE`).
+   file (offline fine-tuning: `python -m backend.jobs enqueue --export FILE`).
 2. Regions: every non-cancelled annotation's brush region (RLE decoded with the SDK's converter,
    training.data.decode_ls_brush) or polygon region (rasterised) is one object mask.
-3. Images: downloaded exactly as the backend downloads them (backend.fetch.ImageFetcher with the
+3. Images: downloaded exactly as the backend downloads them (backend.labelstudio.fetch.ImageFetcher with the
    backend's settings: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, LOCAL_FILES_ROOT, size limits).
 4. Checks: a region is skipped, with its reason logged and kept in the report, when its mask is
    empty or smaller than `min_area`, its RLE does not match its declared size, the image it was
@@ -139,7 +139,7 @@ def _image_url(task: dict, data_key: Optional[str]) -> Optional[str]:
 def decode_region(res: dict, max_pixels: Optional[int] = None) -> Tuple[np.ndarray, str]:
     """A brush or polygon result -> (H x W bool mask, label); ValueError with the reason if unusable
     (a declared size over `max_pixels` is refused before anything of that size is made)."""
-    from backend.masks import polygon_to_mask
+    from backend.labelstudio.masks import polygon_to_mask
     from training.data.sources import decode_ls_brush
 
     kind = str(res.get("type", "")).lower()
@@ -174,7 +174,7 @@ def decode_region(res: dict, max_pixels: Optional[int] = None) -> Tuple[np.ndarr
 def task_regions(task: dict, report: PullReport, labels: Optional[set] = None,
                  min_area: int = 400, max_pixels: Optional[int] = None) -> List[Region]:
     """The usable regions of one task (every non-cancelled annotation); skips are reported."""
-    from backend.masks import mask_to_rle
+    from backend.labelstudio.masks import mask_to_rle
 
     out = []
     for ann in task.get("annotations") or []:
@@ -257,7 +257,7 @@ def build_dataset(tasks: List[dict], fetcher, out_dir: os.PathLike | str, *, hol
                   progress: Optional[Callable[[int, int], None]] = None) -> PullReport:
     """Check every region, download the images, split, write out_dir/{images/, train.json,
     holdout.json, report.json}. Returns the report (kept/skipped regions, split)."""
-    from backend.fetch import FetchError
+    from backend.labelstudio.fetch import FetchError
 
     out = Path(out_dir)
     img_dir = out / "images"

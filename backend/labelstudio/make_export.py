@@ -1,8 +1,8 @@
 """Write a Label Studio JSON export (brush RLE annotations) from the SOD training masks.
 
-    python -m training.make_ls_export --count 20 --out /tmp/ls20 [--skip 0] [--url-style local-files]
+    python -m backend.labelstudio.make_export --count 20 --out /tmp/ls20 [--skip 0] [--url-style local-files]
 
-For trying the fine-tuning job without annotating by hand (`python -m training.jobs enqueue
+For trying the fine-tuning job without annotating by hand (`python -m backend.jobs enqueue
 --project 1 --export /tmp/ls20/export.json`) and for tests. Each task is one BSDS500 training image
 (never a benchmark image) with its SOD salient-object mask as one brush region, in the format a
 real export has (task id, data.image, annotations[].result[] with original_width/height and
@@ -30,7 +30,7 @@ def sod_pairs(train_root: Path, count: int, skip: int = 0):
 
 
 def brush_result(mask: np.ndarray, label: str = "Object", rid: str = "r1") -> dict:
-    from backend.masks import mask_to_rle
+    from backend.labelstudio.masks import mask_to_rle
 
     h, w = mask.shape
     return {"id": rid, "from_name": "tag", "to_name": "image", "type": "brushlabels",
@@ -62,7 +62,7 @@ def make_export(out: Path, count: int, skip: int = 0, url_style: str = "local-fi
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.make_ls_export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m backend.labelstudio.make_export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--skip", type=int, default=0, help="start at the N-th SOD mask")

@@ -1,13 +1,13 @@
 """Fine-tuning jobs on an RQ queue (Redis): enqueueing from webhooks, the job function, the CLI.
 
-    python -m training.jobs worker [--burst]             # = make worker; or: rq worker -u $REDIS_URL simclick-training
-    python -m training.jobs status [JOB] [--project P] [--json]
-    python -m training.jobs enqueue --project P [--export FILE] [--steps N] [--bench-limit N] ...
-    python -m training.jobs versions --project P [--json]
-    python -m training.jobs rollback --project P [--to VERSION]
-    python -m training.jobs retry JOB                    # failed, stopped, canceled or abandoned: resumes
-    python -m training.jobs cancel JOB [--wait 30]       # queued: never runs; running: ended (resumable)
-    python -m training.jobs resync --project P           # re-derive the annotation counter from Label Studio
+    python -m backend.jobs worker [--burst]             # = make worker; or: rq worker -u $REDIS_URL simclick-training
+    python -m backend.jobs status [JOB] [--project P] [--json]
+    python -m backend.jobs enqueue --project P [--export FILE] [--steps N] [--bench-limit N] ...
+    python -m backend.jobs versions --project P [--json]
+    python -m backend.jobs rollback --project P [--to VERSION]
+    python -m backend.jobs retry JOB                    # failed, stopped, canceled or abandoned: resumes
+    python -m backend.jobs cancel JOB [--wait 30]       # queued: never runs; running: ended (resumable)
+    python -m backend.jobs resync --project P           # re-derive the annotation counter from Label Studio
 
 Enqueueing (the backend's /webhook calls `enqueue_webhook`; it only talks to Redis, a few ms):
 - START_TRAINING enqueues a job for the project; ANNOTATION_CREATED/UPDATED with a mask region
@@ -39,7 +39,7 @@ Stopping and crashing: each job runs a guard thread (`JobGuard`) that renews a h
 forked it died; and the worker's stop (SIGTERM/SIGINT) ends its running job the same way instead
 of waiting for it. A job with too few annotations finishes at once as "skipped", with the reason.
 Progress is in job.meta: stage (queued, waiting, pull, train, evaluate, register, promote, done,
-skipped, interrupted), percent, detail, eta_s (training.finetune.Eta); `status` and /jobs show
+skipped, interrupted), percent, detail, eta_s (backend.finetune.Eta); `status` and /jobs show
 the time left (eta_s, eta_at).
 """
 from __future__ import annotations
@@ -58,6 +58,8 @@ import time
 import uuid
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, cast
+
+from training.redisconn import connect
 
 log = logging.getLogger(__name__)
 
@@ -105,32 +107,6 @@ class JobSettings:
         known = {f.name for f in fields(cls)}
         values.update({k: v for k, v in overrides.items() if v is not None and k in known})
         return cls(**values)
-
-
-# -- Redis -----------------------------------------------------------------------------------------
-_CONNECTIONS: Dict[tuple, Any] = {}
-_CONN_LOCK = threading.Lock()
-
-
-def connect(url: str, timeout: Optional[float] = None):
-    """A Redis client for `url` (cached). `timeout`: the backend's REDIS_TIMEOUT, per command and
-    without retries (Label Studio waits ~1 s for /webhook); None: the worker's and the CLI's 5 s,
-    with redis-py's retries."""
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    if not url:
-        raise RuntimeError("REDIS_URL is not set: no training queue")
-    options: Dict[str, Any]
-    if timeout is None:
-        options = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
-    else:
-        options = {"socket_connect_timeout": timeout, "socket_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
-    with _CONN_LOCK:
-        if (url, timeout) not in _CONNECTIONS:
-            _CONNECTIONS[url, timeout] = redis.Redis.from_url(url, health_check_interval=30, **options)
-        return _CONNECTIONS[url, timeout]
 
 
 def _key(*parts: Any) -> str:
@@ -247,7 +223,7 @@ def enqueue_training(conn, project: Any, *, settings: Optional[JobSettings] = No
     Returns (job id, created)."""
     from rq import Queue
 
-    from training.registry import project_key
+    from model.registry import project_key
 
     s = settings or JobSettings.from_env()
     pid = project_key(project)
@@ -432,7 +408,7 @@ def interruptible(guard: JobGuard):
             return
         fired.append(signum)
         raise JobInterrupted(f"interrupted: {guard.reason or 'the worker was stopped (SIGTERM)'}; "
-                             f"`python -m training.jobs retry {guard.job_id}` resumes it from its last saved state")
+                             f"`python -m backend.jobs retry {guard.job_id}` resumes it from its last saved state")
 
     signal.signal(signal.SIGTERM, handler)
     guard.armed = True
@@ -445,7 +421,7 @@ def interruptible(guard: JobGuard):
 
 
 def run_training_job(project: Any, overrides: Optional[dict] = None, export: Optional[str] = None) -> dict:
-    """The RQ job: take the project's training lock, fine-tune, release. See training.finetune."""
+    """The RQ job: take the project's training lock, fine-tune, release. See backend.finetune."""
     from rq import get_current_job
     from rq.job import Job
 
@@ -470,8 +446,8 @@ def run_training_job(project: Any, overrides: Optional[dict] = None, export: Opt
 
 
 def _train_locked(job, conn, project, overrides, export, s: JobSettings, meta: "_Meta") -> dict:
-    from training.finetune import FinetuneSettings, run_finetune
-    from training.registry import project_key
+    from backend.finetune import FinetuneSettings, run_finetune
+    from model.registry import project_key
 
     pid = project_key(project)
     meta.update(stage="waiting", percent=0, pid=os.getpid(), host=socket.gethostname(), worker=job.worker_name,
@@ -554,7 +530,7 @@ def job_info(conn, job_id: str) -> Optional[dict]:
 
 
 def _eta(meta: dict) -> dict:
-    """{"eta_s", "eta_at"}: the job's last estimate of its time left (training.finetune.Eta), less
+    """{"eta_s", "eta_at"}: the job's last estimate of its time left (backend.finetune.Eta), less
     the time since it was made; {} when it has none yet."""
     import datetime as dt
 
@@ -693,15 +669,15 @@ def preload() -> None:
     import torchvision  # noqa: F401
     from label_studio_sdk.client import LabelStudio  # noqa: F401
 
-    import backend.fetch  # noqa: F401
-    import backend.masks  # noqa: F401
+    import backend.labelstudio.fetch  # noqa: F401
+    import backend.labelstudio.masks  # noqa: F401
     import model.predictor  # noqa: F401
     import training.data  # noqa: F401
     import training.evaluation.datasets  # noqa: F401
     import training.evaluation.history  # noqa: F401
     import training.evaluation.runner  # noqa: F401
-    import training.finetune  # noqa: F401
-    import training.labelstudio_pull  # noqa: F401
+    import backend.finetune  # noqa: F401
+    import backend.labelstudio.pull  # noqa: F401
     import training.train  # noqa: F401
 
 
@@ -802,7 +778,7 @@ def cmd_enqueue(args) -> int:
 
 
 def _registry(args):
-    from training.registry import ProjectRegistry, default_root
+    from model.registry import ProjectRegistry, default_root
 
     return ProjectRegistry(args.registry or default_root(), args.project)
 
@@ -850,8 +826,8 @@ def resync_counter(conn, project: Any, settings: Optional[JobSettings] = None, r
     """Re-derive the annotation counter from Label Studio: annotations updated after the newest one
     the project's latest version was trained on; enqueue if that reaches TRAIN_EVERY_N_ANNOTATIONS."""
     from backend.config import Config
-    from training import labelstudio_pull as pull
-    from training.registry import ProjectRegistry, default_root, project_key
+    from backend.labelstudio import pull
+    from model.registry import ProjectRegistry, default_root, project_key
 
     s = settings or JobSettings.from_env()
     pid = project_key(project)
@@ -877,7 +853,7 @@ def cmd_resync(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m training.jobs", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m backend.jobs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--help-env", action="store_true",
                     help="print every environment variable SimClick reads (backend, worker, paths) and exit")
@@ -963,7 +939,7 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except Exception as e:
-        from training.registry import RegistryError
+        from model.registry import RegistryError
         if isinstance(e, (RegistryError, RuntimeError)) or type(e).__module__.startswith(("redis", "rq")):
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
