@@ -11,7 +11,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit
+
+from .labelstudio.urls import UrlError, parse_http_url
 
 
 DEFAULT_ENQUEUE = "backend.jobs:enqueue_webhook"
@@ -199,7 +203,6 @@ class Config:
             if not self.label_studio_url.startswith(("http://", "https://")):
                 raise ConfigError(f"LABEL_STUDIO_URL must start with http:// or https://, "
                                   f"got {self.label_studio_url!r}")
-            from .labelstudio.urls import UrlError, parse_http_url
             try:
                 parse_http_url(self.label_studio_url)
             except UrlError as e:
@@ -220,8 +223,6 @@ class Config:
 
     def registry_root(self):
         """The model registry folder, or None when MODEL_REGISTRY=off."""
-        from pathlib import Path
-
         value = self.model_registry.strip()
         if value.lower() in ("off", "none", "no", "false", "0"):
             return None
@@ -233,8 +234,6 @@ class Config:
         return p if p.is_absolute() else repo / p
 
     def secrets(self) -> list[str]:
-        from urllib.parse import urlsplit
-
         redis_pass = urlsplit(self.redis_url).password if self.redis_url else None
         return [s for s in (self.label_studio_api_key, self.basic_auth_pass, self.admin_token, redis_pass) if s]
 

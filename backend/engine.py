@@ -329,8 +329,6 @@ class SharedPrompts:
 
     def get(self, key: str):
         """(True, box or None) from Redis; (False, None) when Redis did not answer."""
-        import json
-
         if not self.up:
             return False, None
         try:
@@ -386,8 +384,6 @@ class SharedPrompts:
         return True
 
     def put(self, key: str, box) -> None:
-        import json
-
         if not self.up:
             return
         try:

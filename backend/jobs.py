@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -59,7 +60,19 @@ import uuid
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, cast
 
+import redis
+from rq import Queue, SimpleWorker, Worker, get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.job_lifecycle import record_job_failure
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
+from rq.utils import now as rq_now
+
+from model.registry import ProjectRegistry, RegistryError, default_root, project_key
 from training.redisconn import connect
+
+from .config import Config
+from .finetune import FinetuneSettings, run_finetune
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +221,6 @@ def _waiting_for(holder: str, job_id: str, pid: str) -> str:
 
 # -- enqueueing ------------------------------------------------------------------------------------
 def _job_status(conn, job_id: str) -> Optional[str]:
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
-
     try:
         return str(Job.fetch(job_id, connection=conn).get_status().value)
     except NoSuchJobError:
@@ -221,10 +231,6 @@ def enqueue_training(conn, project: Any, *, settings: Optional[JobSettings] = No
                      overrides: Optional[dict] = None, export: Optional[str] = None) -> tuple[str, bool]:
     """Enqueue a fine-tuning job for the project, or fold into its pending one.
     Returns (job id, created)."""
-    from rq import Queue
-
-    from model.registry import project_key
-
     s = settings or JobSettings.from_env()
     pid = project_key(project)
     pending = _key("pending", pid)
@@ -262,8 +268,6 @@ def enqueue_webhook(event, *, redis_url: Optional[str] = None, queue: Optional[s
     """TRAINING_ENQUEUE target for backend/webhook.py: called with a WebhookEvent, only talks to
     Redis (each command waits at most `timeout` s), returns {"job": id or None, "training": what
     happened}. Raises if Redis is unreachable (the backend answers 503 with the reason)."""
-    import redis
-
     s = JobSettings.from_env(redis_url=redis_url or None, queue=queue or None, train_every=train_every,
                              dedup_seconds=dedup_seconds)
     conn = connect(s.redis_url, timeout=timeout)
@@ -379,8 +383,6 @@ class JobGuard(threading.Thread):
 def _forking_worker_pid(conn, job) -> Optional[int]:
     """The pid of the RQ worker that forked this process (a work-horse), else None (a SimpleWorker
     or a direct Job.perform(): no parent to outlive)."""
-    from rq import Worker
-
     if not job.worker_name:
         return None
     try:
@@ -422,9 +424,6 @@ def interruptible(guard: JobGuard):
 
 def run_training_job(project: Any, overrides: Optional[dict] = None, export: Optional[str] = None) -> dict:
     """The RQ job: take the project's training lock, fine-tune, release. See backend.finetune."""
-    from rq import get_current_job
-    from rq.job import Job
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = cast(Job, get_current_job())        # run by an RQ worker: there is a current job
     conn = job.connection
@@ -446,9 +445,6 @@ def run_training_job(project: Any, overrides: Optional[dict] = None, export: Opt
 
 
 def _train_locked(job, conn, project, overrides, export, s: JobSettings, meta: "_Meta") -> dict:
-    from backend.finetune import FinetuneSettings, run_finetune
-    from model.registry import project_key
-
     pid = project_key(project)
     meta.update(stage="waiting", percent=0, pid=os.getpid(), host=socket.gethostname(), worker=job.worker_name,
                 attempt=int(job.meta.get("attempt", 0)) + 1, started=time.time(), canceled=None)
@@ -492,9 +488,6 @@ def _existing_job_info(conn, job_id: str) -> dict:
 
 
 def job_info(conn, job_id: str) -> Optional[dict]:
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
-
     try:
         job = Job.fetch(job_id, connection=conn)
     except NoSuchJobError:
@@ -532,8 +525,6 @@ def job_info(conn, job_id: str) -> Optional[dict]:
 def _eta(meta: dict) -> dict:
     """{"eta_s", "eta_at"}: the job's last estimate of its time left (backend.finetune.Eta), less
     the time since it was made; {} when it has none yet."""
-    import datetime as dt
-
     eta, at = meta.get("eta_s"), meta.get("at")
     if not isinstance(eta, (int, float)) or not isinstance(at, (int, float)):
         return {}
@@ -554,16 +545,13 @@ def _abandoned(conn, job) -> bool:
     started = job.started_at
     if started is None:
         return False
-    from rq.utils import now
 
     ttl = job.meta.get("heartbeat_ttl") or _heartbeat_ttl()
-    return (now() - started).total_seconds() > float(ttl)
+    return (rq_now() - started).total_seconds() > float(ttl)
 
 
 def _fail_abandoned(conn, job, why: str) -> None:
     """Move an abandoned job to failed now (what RQ's own cleanup does minutes later)."""
-    from rq.job_lifecycle import record_job_failure
-
     with conn.pipeline() as pipe:
         for execution in job.get_executions():
             execution.delete(job=job, pipeline=pipe)
@@ -572,9 +560,6 @@ def _fail_abandoned(conn, job, why: str) -> None:
 
 
 def list_jobs(conn, queue: str, project: Optional[str] = None, limit: int = 20) -> List[dict]:
-    from rq import Queue
-    from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
-
     q = Queue(queue, connection=conn)
     ids = list(q.job_ids)
     for reg in (StartedJobRegistry, FinishedJobRegistry, FailedJobRegistry):
@@ -591,8 +576,6 @@ def list_jobs(conn, queue: str, project: Optional[str] = None, limit: int = 20) 
 def retry_job(conn, job_id: str) -> str:
     """Requeue a failed (or stopped) job with the same id, on the queue it came from: it resumes
     from its saved state."""
-    from rq.job import Job
-
     job = Job.fetch(job_id, connection=conn)
     status = _existing_job_info(conn, job_id)["status"]
     if status == "abandoned":
@@ -618,9 +601,6 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
     TRAINING_HEARTBEAT_TTL/4 s; its lock released, its saved state kept: `retry` resumes it); an
     abandoned one is failed now. Waits up to `wait` s for a running job to end. Returns
     {"job", "status", "detail"}; RuntimeError (with the reason) when there is nothing to cancel."""
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
-
     try:
         job = Job.fetch(job_id, connection=conn)
     except NoSuchJobError:
@@ -653,7 +633,7 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
 # -- CLI -------------------------------------------------------------------------------------------
 def help_env() -> str:
     """Every variable SimClick reads, the worker's among them (backend/settings.py)."""
-    from backend.settings import help_text
+    from .settings import help_text  # a cycle at module level: backend.settings imports JOB_SETTINGS from here
 
     return help_text()
 
@@ -661,6 +641,7 @@ def help_env() -> str:
 def preload() -> None:
     """Import what a job needs once, in the worker process: every job's forked work-horse then starts
     warm (about 10 s less per job on a small CPU). Imports only: no torch op runs before the fork."""
+    # inside the function on purpose: the worker loads these, the enqueue and status commands do not
     import matplotlib
 
     matplotlib.use("Agg")
@@ -669,15 +650,12 @@ def preload() -> None:
     import torchvision  # noqa: F401
     from label_studio_sdk.client import LabelStudio  # noqa: F401
 
-    import backend.labelstudio.fetch  # noqa: F401
     import backend.labelstudio.masks  # noqa: F401
+    import backend.labelstudio.pull  # noqa: F401
     import model.predictor  # noqa: F401
     import training.data  # noqa: F401
-    import training.evaluation.datasets  # noqa: F401
     import training.evaluation.history  # noqa: F401
     import training.evaluation.runner  # noqa: F401
-    import backend.finetune  # noqa: F401
-    import backend.labelstudio.pull  # noqa: F401
     import training.train  # noqa: F401
 
 
@@ -709,8 +687,6 @@ def _stopping(cls):
 
 
 def cmd_worker(args) -> int:
-    from rq import Queue, SimpleWorker, Worker
-
     conn, s = _conn(args)
     conn.ping()
     if not args.no_preload:
@@ -744,9 +720,6 @@ def _print(obj, as_json: bool) -> None:
 
 
 def cmd_status(args) -> int:
-    from rq import Queue
-    from rq.registry import clean_registries
-
     conn, s = _conn(args)
     clean_registries(Queue(s.queue, connection=conn))    # abandoned jobs -> failed
     if args.job:
@@ -778,8 +751,6 @@ def cmd_enqueue(args) -> int:
 
 
 def _registry(args):
-    from model.registry import ProjectRegistry, default_root
-
     return ProjectRegistry(args.registry or default_root(), args.project)
 
 
@@ -825,9 +796,7 @@ def cmd_cancel(args) -> int:
 def resync_counter(conn, project: Any, settings: Optional[JobSettings] = None, registry_root=None) -> dict:
     """Re-derive the annotation counter from Label Studio: annotations updated after the newest one
     the project's latest version was trained on; enqueue if that reaches TRAIN_EVERY_N_ANNOTATIONS."""
-    from backend.config import Config
-    from backend.labelstudio import pull
-    from model.registry import ProjectRegistry, default_root, project_key
+    from .labelstudio import pull  # imports torch (model.checkpoint): enqueue and status stay light
 
     s = settings or JobSettings.from_env()
     pid = project_key(project)
@@ -939,7 +908,6 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except Exception as e:
-        from model.registry import RegistryError
         if isinstance(e, (RegistryError, RuntimeError)) or type(e).__module__.startswith(("redis", "rq")):
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             return 1

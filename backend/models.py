@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, cast
 
 from model.interface import ClickPredictor
+from model.registry import ProjectRegistry, RegistryError, project_key, projects
 
 if TYPE_CHECKING:
     from .engine import Segmenter
@@ -91,8 +92,6 @@ class ModelRouter:
 
     # ------------------------------------------------------------------------------------------
     def project_of(self, project) -> Optional[str]:
-        from model.registry import RegistryError, project_key
-
         if project in (None, ""):
             return None
         try:
@@ -155,8 +154,6 @@ class ModelRouter:
     def scan(self) -> None:
         """One look at every project's pointer: load what was promoted or rolled back since the last
         look (the first look: the most recently promoted projects, at most PROJECT_MODELS)."""
-        from model.registry import ProjectRegistry, projects
-
         root = cast(Path, self.root)     # the watcher runs only with a registry
         changed = []
         for pid in projects(root):
@@ -174,8 +171,6 @@ class ModelRouter:
             self._refresh(pid, slot)
 
     def _refresh(self, pid: str, slot: _Slot) -> None:
-        from model.registry import ProjectRegistry
-
         reg = ProjectRegistry(cast(Path, self.root), pid)
         stamp = reg.pointer_stamp()
         if stamp == slot.stamp and slot.ready:
@@ -242,8 +237,6 @@ class ModelRouter:
                 f"{served.version}, the newest loadable version")
 
     def _load_version(self, reg, name, pointer_sha: Optional[str]) -> Served:
-        from model.registry import RegistryError
-
         if not isinstance(name, str):
             raise RegistryError(f"{reg.pointer_path.name} names no version")
         path, sha = reg.verified_checkpoint(name)

@@ -13,6 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.registry import DATA_DIR_ENV, REGISTRY_ENV
+from training.evaluation.datasets import DATA_ROOT_ENV
+
+from .config import GUNICORN_SETTINGS, SETTINGS
+from .finetune import FINETUNE_SETTINGS
+from .jobs import JOB_SETTINGS
+
 
 @dataclass(frozen=True)
 class Variable:
@@ -29,14 +36,9 @@ def _text(default) -> str:
 def declarations() -> list[tuple[str, str, str, str]]:
     """(variable, default as text, meaning, reader) of each place that declares a variable, in the
     order: backend, gunicorn, job queue, fine-tuning, paths. A variable may come more than once."""
+    # these two modules import torch (seconds): `--help-env` stays fast without them
     from training.data.sources import ENV_TRAIN_ROOT
-    from training.evaluation.datasets import DATA_ROOT_ENV
     from training.evaluation.history import DB_ENV
-    from backend.finetune import FINETUNE_SETTINGS
-    from backend.jobs import JOB_SETTINGS
-    from model.registry import DATA_DIR_ENV, REGISTRY_ENV
-
-    from .config import GUNICORN_SETTINGS, SETTINGS
 
     out = [(var, _text(default), text, "backend") for _, var, default, _, text in SETTINGS]
     out += [("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "",

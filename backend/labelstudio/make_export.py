@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from training.data.sources import SODSource, assert_not_benchmark, default_data_root
+
+from .masks import mask_to_rle
+
 
 def sod_pairs(train_root: Path, count: int, skip: int = 0):
-    from training.data.sources import SODSource, assert_not_benchmark
-
     src = SODSource(train_root / "SOD", train_root / "BSDS500" / "images")
     for item in src.items[skip:skip + count]:
         img_path, mask_path = item.payload
@@ -30,8 +32,6 @@ def sod_pairs(train_root: Path, count: int, skip: int = 0):
 
 
 def brush_result(mask: np.ndarray, label: str = "Object", rid: str = "r1") -> dict:
-    from backend.labelstudio.masks import mask_to_rle
-
     h, w = mask.shape
     return {"id": rid, "from_name": "tag", "to_name": "image", "type": "brushlabels",
             "original_width": w, "original_height": h, "image_rotation": 0,
@@ -40,8 +40,6 @@ def brush_result(mask: np.ndarray, label: str = "Object", rid: str = "r1") -> di
 
 def make_export(out: Path, count: int, skip: int = 0, url_style: str = "local-files",
                 train_root: Path | None = None, first_id: int = 1) -> Path:
-    from training.data.sources import default_data_root
-
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     tasks = []
