@@ -33,10 +33,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 worker: $(VENV)/.installed
-	$(PY) -m training.jobs worker
+	$(PY) -m backend.jobs worker
 
 bench: $(VENV)/.installed
-	$(PY) -m model.bench
+	$(PY) -m training.bench
 
 demo: $(VENV)/.installed
 	$(PY) -m model.demo --help

@@ -8,6 +8,8 @@ import argparse
 import logging
 import sys
 
+from werkzeug.serving import run_simple
+
 from .config import Config, ConfigError
 from .settings import help_text
 
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
-    from .app import create_app
+    from .app import create_app  # the model stack (torch, seconds): --help-env and config errors answer without it
     try:
         app = create_app(config)
     except (FileNotFoundError, ValueError) as e:
@@ -42,7 +44,6 @@ def main(argv=None) -> int:
     backend = app.extensions["simclick"]
     logging.getLogger("backend").info("serving %s on http://%s:%d (device %s)", backend.version,
                                       args.host, args.port, getattr(backend.predictor, "device", "?"))
-    from werkzeug.serving import run_simple
     run_simple(args.host, args.port, app, threaded=True, use_reloader=False)
     return 0
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import logging
 import time
@@ -36,13 +37,17 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from model.interface import ClickPredictor
+from model.predictor import Predictor
+from model.registry import ProjectRegistry, RegistryError, projects
+from training.redisconn import connect
 
 from .config import DEFAULT_ENQUEUE, Config
 from .engine import ByteCache, PredictTimeout, Segmenter, SharedPrompts
-from .fetch import FetchError, ImageFetcher, SetupInfo
-from .urls import UrlError, parse_http_url
-from .labelconfig import LabelConfigError, parse_label_config
-from .masks import mask_to_polygons, mask_to_rle
+from .jobs import cancel_job as cancel_training_job, job_info, list_jobs
+from .labelstudio.fetch import FetchError, ImageFetcher, SetupInfo
+from .labelstudio.labelconfig import LabelConfigError, parse_label_config
+from .labelstudio.masks import mask_to_polygons, mask_to_rle
+from .labelstudio.urls import UrlError, parse_http_url
 from .models import ModelRouter, Served
 from .payload import PayloadError, parse_predict, parse_prompts, scale_prompt
 from .webhook import WebhookError, WebhookHandler, load_enqueue
@@ -134,7 +139,6 @@ class Backend:
                          shared=self.shared_prompts)
 
     def load_predictor(self, path) -> ClickPredictor:
-        from model.predictor import Predictor
         return Predictor.load(str(path), device=self.cfg.device or None)
 
     # The base model (MODEL_CHECKPOINT): what projects without a promoted version get.
@@ -252,8 +256,6 @@ class Backend:
 
     # -- registry and jobs -------------------------------------------------------------------------
     def registry(self, project):
-        from training.registry import ProjectRegistry, RegistryError
-
         root = self.cfg.registry_root()
         if root is None:
             raise ApiError("the model registry is off (MODEL_REGISTRY=off)", 404)
@@ -263,8 +265,6 @@ class Backend:
             raise ApiError(str(e)) from None
 
     def versions(self, project=None) -> dict:
-        from training.registry import projects
-
         root = self.cfg.registry_root()
         out: dict[str, Any] = {"model_version": self.version, "versions": [self.version]}
         if root is None:
@@ -292,7 +292,6 @@ class Backend:
     def redis(self):
         if not self.cfg.redis_url:
             raise ApiError("no training queue: set REDIS_URL", 404)
-        from training.jobs import connect
         return connect(self.cfg.redis_url, timeout=self.cfg.redis_timeout)
 
 
@@ -300,7 +299,6 @@ def make_shared_prompts(config: Config) -> SharedPrompts | None:
     """SHARED_PROMPTS: the smart rectangles of the sessions in Redis, for several replicas."""
     if config.shared_prompts == "off" or not config.redis_url:   # "on" without REDIS_URL: refused by Config
         return None
-    from training.jobs import connect
 
     return SharedPrompts(connect(config.redis_url, timeout=config.redis_timeout), config.cache_ttl,
                          max_session_bytes=max(0, config.shared_session_kb) * 1024)
@@ -310,7 +308,6 @@ def make_enqueue(config: Config):
     """TRAINING_ENQUEUE -> the function; the default RQ enqueue gets this backend's settings."""
     fn = load_enqueue(config.training_enqueue)
     if fn is not None and config.training_enqueue == DEFAULT_ENQUEUE:
-        import functools
         fn = functools.partial(fn, redis_url=config.redis_url, queue=config.training_queue,
                                train_every=config.train_every, timeout=config.redis_timeout)
     return fn
@@ -336,7 +333,6 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
     gunicorn must not --preload, CUDA does not survive fork)."""
     config = config or Config.from_env()
     if predictor is None:
-        from model.predictor import Predictor
         predictor = Predictor.load(config.checkpoint, device=config.device or None)
     backend = Backend(config, predictor)
     app = Flask(__name__)
@@ -382,7 +378,6 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
 
     @app.get("/jobs")
     def jobs():
-        from training.jobs import list_jobs
         try:
             limit = int(request.args.get("limit", "20"))
         except ValueError:
@@ -399,7 +394,6 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
 
     @app.get("/jobs/<job_id>")
     def job(job_id):
-        from training.jobs import job_info
         try:
             info = job_info(backend.redis(), job_id)
         except ApiError:
@@ -412,9 +406,8 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
 
     @app.post("/admin/jobs/<job_id>/cancel")
     def cancel_job(job_id):
-        from training.jobs import cancel_job
         try:
-            out = cancel_job(backend.redis(), job_id, f"http {request.remote_addr}")
+            out = cancel_training_job(backend.redis(), job_id, f"http {request.remote_addr}")
         except ApiError:
             raise
         except RuntimeError as e:
@@ -426,7 +419,6 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
 
     @app.post("/admin/rollback")
     def rollback():
-        from training.registry import RegistryError
         data = body()
         usage = "the body must be {\"project\": N} (and optionally \"to\": a version name)"
         if not isinstance(data, dict) or isinstance(data.get("project"), bool) \

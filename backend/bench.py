@@ -31,8 +31,18 @@ import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import cv2
 import numpy as np
 import requests
+from werkzeug.serving import make_server
+
+from model.images import load_mask
+from training.evaluation.clicker import RobotClicker
+from training.evaluation.datasets import default_data_root
+
+from .app import create_app
+from .config import Config
+from .labelstudio.masks import mask_to_rle, rle_to_mask
 
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
@@ -83,8 +93,6 @@ def rectangle(box: tuple, w: int, h: int, label: str = "Object") -> dict:
 
 def brush_region(stroke: np.ndarray, label: str = "Object") -> dict:
     """A smart brush region as Label Studio sends it (RLE of the painted pixels)."""
-    from .masks import mask_to_rle
-
     h, w = stroke.shape
     return {"original_width": w, "original_height": h, "image_rotation": 0,
             "value": {"format": "rle", "rle": mask_to_rle(stroke), "brushlabels": [label]},
@@ -100,8 +108,6 @@ def gt_box(gt: np.ndarray) -> tuple:
 def scribbles(gt: np.ndarray, width: int = 8) -> list:
     """Two strokes an annotator might paint: the longest horizontal run of the eroded object, then
     the longest vertical one (each `width` px wide, kept inside the object)."""
-    import cv2
-
     inner = cv2.erode(gt.astype(np.uint8), np.ones((width + 1, width + 1), np.uint8)) > 0
     if not inner.any():
         inner = gt
@@ -143,8 +149,6 @@ def _serve(httpd) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m backend.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    from training.evaluation.datasets import default_data_root
-
     ap.add_argument("--data", default=str(default_data_root() / "Berkeley"),
                     help="Berkeley folder (images/, masks/); default $SIMCLICK_DATA_ROOT/Berkeley or ../shared/datasets")
     ap.add_argument("--images", type=int, default=5)
@@ -156,14 +160,6 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = ap.parse_args(argv)
-
-    from model.images import load_mask
-    from training.evaluation.clicker import RobotClicker
-    from werkzeug.serving import make_server
-
-    from .app import create_app
-    from .config import Config
-    from .masks import rle_to_mask
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

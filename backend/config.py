@@ -1,7 +1,7 @@
 """Every setting of the backend (the serving side), read from environment variables in one place.
 
 The job queue's and fine-tuning's settings (WEBHOOK_DEDUP_SECONDS, FINETUNE_*..., and again
-REDIS_URL, TRAINING_QUEUE) are in training/jobs.py and training/finetune.py; backend/settings.py
+REDIS_URL, TRAINING_QUEUE) are in backend/jobs.py and backend/finetune.py; backend/settings.py
 gathers every table into one, which `python -m backend --help-env` prints. Names
 shared with Label Studio's own ML backends (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY,
 BASIC_AUTH_USER/PASS, LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) keep Label Studio's spelling.
@@ -11,10 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit
+
+from .labelstudio.urls import UrlError, parse_http_url
 
 
-DEFAULT_ENQUEUE = "training.jobs:enqueue_webhook"
+DEFAULT_ENQUEUE = "backend.jobs:enqueue_webhook"
 # Variables of earlier versions that are not read any more, and what replaced them.
 REPLACED = {"SESSION_CACHE_SIZE": "the session cache is sized by memory, see SESSION_CACHE_MB",
             "IMAGE_CACHE_SIZE": "the image cache is sized by memory, see IMAGE_CACHE_MB"}
@@ -200,7 +204,6 @@ class Config:
             if not self.label_studio_url.startswith(("http://", "https://")):
                 raise ConfigError(f"LABEL_STUDIO_URL must start with http:// or https://, "
                                   f"got {self.label_studio_url!r}")
-            from .urls import UrlError, parse_http_url
             try:
                 parse_http_url(self.label_studio_url)
             except UrlError as e:
@@ -221,8 +224,6 @@ class Config:
 
     def registry_root(self):
         """The model registry folder, or None when MODEL_REGISTRY=off."""
-        from pathlib import Path
-
         value = self.model_registry.strip()
         if value.lower() in ("off", "none", "no", "false", "0"):
             return None
@@ -234,8 +235,6 @@ class Config:
         return p if p.is_absolute() else repo / p
 
     def secrets(self) -> list[str]:
-        from urllib.parse import urlsplit
-
         redis_pass = urlsplit(self.redis_url).password if self.redis_url else None
         return [s for s in (self.label_studio_api_key, self.basic_auth_pass, self.admin_token, redis_pass) if s]
 

@@ -327,8 +327,6 @@ class SharedPrompts:
 
     def get(self, key: str):
         """(True, box or None) from Redis; (False, None) when Redis did not answer."""
-        import json
-
         if not self.up:
             return False, None
         try:
@@ -384,8 +382,6 @@ class SharedPrompts:
         return True
 
     def put(self, key: str, box) -> None:
-        import json
-
         if not self.up:
             return
         try:

@@ -20,6 +20,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
+
+from model.predictor import Predictor
+
+from .app import create_app
+from .bench import keypoint, predict_body
+from .config import Config
 
 
 def rss_mb() -> float:
@@ -35,8 +42,6 @@ def peak_mb() -> float:
 
 def photo(width: int, height: int, seed: int) -> bytes:
     """A smooth synthetic photo with one object (JPEG): distinct per seed, cheap to make."""
-    from PIL import Image, ImageDraw
-
     rng = np.random.default_rng(seed)
     small = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((width, height),
                                                                                        Image.Resampling.BILINEAR)
@@ -57,11 +62,6 @@ def main(argv=None) -> int:
     ap.add_argument("--env", action="append", default=[], help="VAR=VALUE backend setting (repeatable)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-
-    from backend.app import create_app
-    from backend.bench import keypoint, predict_body
-    from backend.config import Config
-    from model.predictor import Predictor
 
     options = {}
     for item in filter(None, args.predictor_options.split(",")):

@@ -1,7 +1,7 @@
 """Which model answers a project: its promoted registry version, hot-reloaded without a restart.
 
 Each project (Label Studio sends "3.1795584533" as the project of /setup and /predict) is served
-by the version its registry pointer names (training/registry.py: <registry>/<project>/promoted.json),
+by the version its registry pointer names (model/registry.py: <registry>/<project>/promoted.json),
 or by the base checkpoint (MODEL_CHECKPOINT) while it has none. A watcher thread stats every
 project's pointer file every MODEL_RELOAD_INTERVAL seconds; when its (inode, mtime, size)
 changed, the pointer is read and, if it names another version, that version is loaded in the
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, cast
 
 from model.interface import ClickPredictor
+from model.registry import ProjectRegistry, RegistryError, project_key, projects
 
 if TYPE_CHECKING:
     from .engine import Segmenter
@@ -91,8 +92,6 @@ class ModelRouter:
 
     # ------------------------------------------------------------------------------------------
     def project_of(self, project) -> Optional[str]:
-        from training.registry import RegistryError, project_key
-
         if project in (None, ""):
             return None
         try:
@@ -155,8 +154,6 @@ class ModelRouter:
     def scan(self) -> None:
         """One look at every project's pointer: load what was promoted or rolled back since the last
         look (the first look: the most recently promoted projects, at most PROJECT_MODELS)."""
-        from training.registry import ProjectRegistry, projects
-
         root = cast(Path, self.root)     # the watcher runs only with a registry
         changed = []
         for pid in projects(root):
@@ -174,8 +171,6 @@ class ModelRouter:
             self._refresh(pid, slot)
 
     def _refresh(self, pid: str, slot: _Slot) -> None:
-        from training.registry import ProjectRegistry
-
         reg = ProjectRegistry(cast(Path, self.root), pid)
         stamp = reg.pointer_stamp()
         if stamp == slot.stamp and slot.ready:
@@ -242,8 +237,6 @@ class ModelRouter:
                 f"{served.version}, the newest loadable version")
 
     def _load_version(self, reg, name, pointer_sha: Optional[str]) -> Served:
-        from training.registry import RegistryError
-
         if not isinstance(name, str):
             raise RegistryError(f"{reg.pointer_path.name} names no version")
         path, sha = reg.verified_checkpoint(name)

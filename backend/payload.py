@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from model.clicks import Click
 
-from .labelconfig import LabelConfig, parse_label_config
-from .masks import MaskFormatError, rle_to_mask
+from .labelstudio.labelconfig import LabelConfig, parse_label_config
+from .labelstudio.masks import MaskFormatError, rle_to_mask
 
 
 class PayloadError(ValueError):
@@ -222,7 +223,6 @@ def scale_prompt(p: Prompt, width: int, height: int) -> Prompt:
     box = None if p.box is None else (p.box[0] * fx, p.box[1] * fy, p.box[2] * fx, p.box[3] * fy)
     brush = None
     if p.brush is not None:
-        import cv2
         brush = cv2.resize(p.brush.astype(np.uint8), (width, height),
                            interpolation=cv2.INTER_NEAREST).astype(bool)
     return Prompt(label=p.label, to_name=p.to_name, clicks=clicks, box=box, brush=brush,

@@ -29,15 +29,22 @@ from pathlib import Path
 
 import numpy as np
 import requests
+import torch
+from werkzeug.serving import make_server
 
+from model.images import load_mask
+from training.evaluation.clicker import RobotClicker
+from training.evaluation.datasets import default_data_root
+
+from .app import create_app
 from .bench import _serve, keypoint, pct, predict_body
+from .config import Config
+from .labelstudio.masks import rle_to_mask
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m backend.replaybench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    from training.evaluation.datasets import default_data_root
-
     ap.add_argument("--data", default=str(default_data_root() / "Berkeley"))
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--clicks", type=int, default=5)
@@ -45,15 +52,6 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-
-    import torch
-    from model.images import load_mask
-    from training.evaluation.clicker import RobotClicker
-    from werkzeug.serving import make_server
-
-    from .app import create_app
-    from .config import Config
-    from .masks import rle_to_mask
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

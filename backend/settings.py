@@ -1,9 +1,9 @@
 """Every environment variable SimClick reads, in one table: `python -m backend --help-env` and
-`python -m training.jobs --help-env` print it.
+`python -m backend.jobs --help-env` print it.
 
 The variables are still parsed where they are used: the backend's in backend/config.py (Config),
-the job queue's in training/jobs.py (JobSettings), fine-tuning's in training/finetune.py
-(FinetuneSettings), the registry's folders in training/registry.py, gunicorn's in
+the job queue's in backend/jobs.py (JobSettings), fine-tuning's in backend/finetune.py
+(FinetuneSettings), the registry's folders in model/registry.py, gunicorn's in
 backend/gunicorn.conf.py, and a few paths in the modules that need them. This module gathers those
 declarations; a variable read in two places (REDIS_URL by the backend and the worker, say) is one
 row that names both readers. tests/test_settings.py checks that every variable the code reads is
@@ -12,6 +12,13 @@ here, and that two declarations of one variable agree on its default.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from model.registry import DATA_DIR_ENV, REGISTRY_ENV
+from training.evaluation.datasets import DATA_ROOT_ENV
+
+from .config import GUNICORN_SETTINGS, SETTINGS
+from .finetune import FINETUNE_SETTINGS
+from .jobs import JOB_SETTINGS
 
 
 @dataclass(frozen=True)
@@ -29,14 +36,9 @@ def _text(default) -> str:
 def declarations() -> list[tuple[str, str, str, str]]:
     """(variable, default as text, meaning, reader) of each place that declares a variable, in the
     order: backend, gunicorn, job queue, fine-tuning, paths. A variable may come more than once."""
+    # these two modules import torch (seconds): `--help-env` stays fast without them
     from training.data.sources import ENV_TRAIN_ROOT
-    from training.evaluation.datasets import DATA_ROOT_ENV
     from training.evaluation.history import DB_ENV
-    from training.finetune import FINETUNE_SETTINGS
-    from training.jobs import JOB_SETTINGS
-    from training.registry import DATA_DIR_ENV, REGISTRY_ENV
-
-    from .config import GUNICORN_SETTINGS, SETTINGS
 
     out = [(var, _text(default), text, "backend") for _, var, default, _, text in SETTINGS]
     out += [("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "",

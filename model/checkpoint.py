@@ -10,6 +10,7 @@ with a clear error before any byte of it is interpreted.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from .config import ModelConfig
+from .network import InteractiveSegNet
 
 FORMAT = "simclick-checkpoint/1"
 META_KEY = "simclick"
@@ -134,8 +136,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, ModelConfig, dict]:
 
 def build_model(path: str | os.PathLike):
     """Load a checkpoint into a fresh InteractiveSegNet (strict: every tensor must match)."""
-    from .network import InteractiveSegNet
-
     state, config, info = load_checkpoint(path)
     net = InteractiveSegNet(config, pretrained=False)
     missing, unexpected = net.load_state_dict(state, strict=False)
@@ -154,8 +154,6 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m model.checkpoint", description="Inspect a SimClick checkpoint.")
     ap.add_argument("command", choices=["info"])
     ap.add_argument("path", nargs="?", default="default")

@@ -17,7 +17,7 @@ import pytest
 from backend.app import create_app
 from backend.bench import keypoint
 from backend.config import Config
-from backend.masks import rle_to_mask
+from backend.labelstudio.masks import rle_to_mask
 from model.images import load_image, load_mask
 from training.evaluation.clicker import RobotClicker
 
@@ -312,7 +312,7 @@ def test_brush_stroke_and_polygon_output(predictor, sample, server, caplog):
     caplog.set_level(logging.INFO, logger="backend")
     _, image, gt = sample
     h, w = gt.shape
-    from backend.masks import mask_to_polygons, mask_to_rle
+    from backend.labelstudio.masks import mask_to_polygons, mask_to_rle
     x, y = interior_point(gt)
     stroke = np.zeros(gt.shape, bool)
     stroke[max(0, y - 4):y + 5, max(0, x - 4):x + 5] = True       # a dab of the brush: a blob
@@ -372,7 +372,7 @@ def test_bad_requests_get_400_with_a_message(predictor, server):
     assert r.status_code == 400 and "tasks" in r.get_json()["error"]
     r = c.post("/predict", json=interactive_body("/data/upload/1/img.jpg", [keypoint(5, 5, 321, 481, label="Dog")]))
     assert r.status_code == 400 and 'add <Label value="Dog"/>' in r.get_json()["error"]
-    from backend.masks import mask_to_rle
+    from backend.labelstudio.masks import mask_to_rle
     empty = {"original_width": 321, "original_height": 481, "image_rotation": 0, "type": "brushlabels",
              "value": {"format": "rle", "rle": mask_to_rle(np.zeros((481, 321), bool)), "brushlabels": ["Object"]},
              "from_name": "tag", "to_name": "image"}

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from backend.bench import keypoint, predict_body, rectangle
-from backend.masks import rle_to_mask
+from backend.labelstudio.masks import rle_to_mask
 
 from .conftest import ROOT
 

@@ -13,9 +13,9 @@ from label_studio_sdk.converter.brush import decode_rle, encode_rle
 
 from backend.config import Config, ConfigError
 from backend.engine import ByteCache, Frame, Segmenter, brush_clicks, common_prefix
-from backend.fetch import FetchError, ImageFetcher, LabelStudioAuth, SetupInfo, _jwt_payload, origin
-from backend.labelconfig import LabelConfigError, parse_label_config
-from backend.masks import mask_to_polygons, mask_to_rle, polygon_to_mask, rle_to_mask
+from backend.labelstudio.fetch import FetchError, ImageFetcher, LabelStudioAuth, SetupInfo, _jwt_payload, origin
+from backend.labelstudio.labelconfig import LabelConfigError, parse_label_config
+from backend.labelstudio.masks import mask_to_polygons, mask_to_rle, polygon_to_mask, rle_to_mask
 from backend.payload import Click, PayloadError, parse_predict, parse_prompts, scale_prompt
 from backend.webhook import WebhookError, WebhookHandler, parse_event
 
@@ -56,7 +56,7 @@ def test_config_defaults_and_parsing(caplog):
     ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_PASS"),
     ({"LABEL_STUDIO_URL": "localhost:8080"}, "LABEL_STUDIO_URL"),
     ({"MASK_THRESHOLD": "1.5"}, "MASK_THRESHOLD"),
-    ({"TRAINING_ENQUEUE": "training.jobs"}, "TRAINING_ENQUEUE"),
+    ({"TRAINING_ENQUEUE": "backend.jobs"}, "TRAINING_ENQUEUE"),
 ])
 def test_config_rejects_bad_values(env, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -425,7 +425,7 @@ def test_origin():
 
 
 def test_urls_are_parsed_once_and_strictly():
-    from backend.urls import UrlError, ls_file_path, parse_http_url
+    from backend.labelstudio.urls import UrlError, ls_file_path, parse_http_url
     t = parse_http_url("http://LS:8080/data/upload/1/my photo.png?x=1")
     assert t.origin == ("http", "ls", 8080) and t.path == "/data/upload/1/my photo.png"
     assert t.url == "http://ls:8080/data/upload/1/my%20photo.png?x=1"       # what requests sends
@@ -474,7 +474,7 @@ def test_setup_hostname_is_a_fallback_server():
     target = f._ls_target("/data/upload/1/a.png", setup)
     assert target.url == "http://env:1/data/upload/1/a.png" and f._credential(target, setup).api_key == "envkey"
     # Keys never go to another server's plain URL, nor to a path of the server that is not a file.
-    from backend.urls import parse_http_url
+    from backend.labelstudio.urls import parse_http_url
     assert f._credential(parse_http_url("http://elsewhere.com/a.png"), setup) is None
     assert f._credential(parse_http_url("http://env:1/api/projects/"), None) is None
     assert f._credential(parse_http_url("http://env:1/data/upload/x.png"), None).api_key == "envkey"
@@ -487,7 +487,7 @@ def test_setup_hostname_is_a_fallback_server():
 
 def test_refusal_messages_name_the_fix():
     """403 with a key (not reachable through the test image server)."""
-    from backend.urls import parse_http_url
+    from backend.labelstudio.urls import parse_http_url
     f = ImageFetcher(Config.from_env({"LABEL_STUDIO_URL": "http://env:1", "LABEL_STUDIO_API_KEY": "envkey"}))
     target = parse_http_url("http://env:1/data/upload/x.png")
     auth = f._credential(target, None)

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from backend.config import GUNICORN_SETTINGS, SETTINGS, Config
-from training.finetune import FINETUNE_SETTINGS, FinetuneSettings
-from training.jobs import JOB_SETTINGS, parser
+from backend.finetune import FINETUNE_SETTINGS, FinetuneSettings
+from backend.jobs import JOB_SETTINGS, parser
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -84,14 +84,14 @@ def test_commands_exist(compose):
     s = compose["services"]
     for name in ("worker", "worker-cuda"):
         cmd = s[name]["command"]
-        assert cmd[:3] == ["python", "-m", "training.jobs"]
+        assert cmd[:3] == ["python", "-m", "backend.jobs"]
         assert parser().parse_args(cmd[3:]).command == "worker"
     assert s["backend"]["command"] == ["gunicorn", "-c", "backend/gunicorn.conf.py"]
     conf = (REPO / "backend" / "gunicorn.conf.py").read_text()
     assert 'wsgi_app = "backend.wsgi:app"' in conf and (REPO / "backend" / "wsgi.py").exists()
     assert "GUNICORN_BIND" in conf
     makefile = (REPO / "Makefile").read_text()
-    assert "$(PY) -m training.jobs worker" in makefile
+    assert "$(PY) -m backend.jobs worker" in makefile
 
 
 def pins(name):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.masks import rle_to_mask
+from backend.labelstudio.masks import rle_to_mask
 from model.images import load_image, load_mask
 from training.evaluation.clicker import RobotClicker
 

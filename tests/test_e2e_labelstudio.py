@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from backend.bench import LABEL_CONFIG, keypoint
-from backend.masks import mask_to_rle, rle_to_mask
+from backend.labelstudio.masks import mask_to_rle, rle_to_mask
 from model.images import load_mask
 from training.evaluation.clicker import RobotClicker
 
@@ -234,7 +234,7 @@ def test_basic_auth_backend_connects_and_gets_webhooks(label_studio, tmp_path_fa
 def test_image_download_errors_against_the_real_server(label_studio, project):
     """The fetcher's auth paths against Label Studio itself: legacy token, no token, bad token."""
     from backend.config import Config
-    from backend.fetch import FetchError, ImageFetcher
+    from backend.labelstudio.fetch import FetchError, ImageFetcher
     ls = label_studio
     ok = ImageFetcher(Config.from_env({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.token}))
     assert ok.fetch(project["image_url"]).shape == load_mask(BERKELEY / "masks" / f"{STEM}.png").shape + (3,)

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from backend.config import Config
-from backend.fetch import ImageFetcher
-from backend.masks import mask_to_rle, rle_to_mask
-from training import labelstudio_pull as pull
-from training.finetune import FinetuneSettings, Paired, decide
-from training.make_ls_export import brush_result
+from backend.labelstudio.fetch import ImageFetcher
+from backend.labelstudio.masks import mask_to_rle, rle_to_mask
+from backend.labelstudio import pull
+from backend.finetune import FinetuneSettings, Paired, decide
+from backend.labelstudio.make_export import brush_result
 
 
 # -- the promotion rule ----------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def test_benchmark_instances_whose_image_is_in_the_project_are_left_out(tmp_path
     """Issue 14: the first N Berkeley instances included the project's own annotated images. Here
     the project holds two Berkeley images (one re-encoded as PNG, under other names)."""
     from training.evaluation.datasets import load_dataset
-    from training.finetune import benchmark_samples, image_digest
+    from backend.finetune import benchmark_samples, image_digest
 
     first = load_dataset("Berkeley", limit=4)
     Image.open(first[0].image).save(tmp_path / "task-1.png")
@@ -80,7 +80,7 @@ def test_benchmark_instances_whose_image_is_in_the_project_are_left_out(tmp_path
 
 
 def test_too_few_annotations_name_the_settings():
-    from training.finetune import too_few
+    from backend.finetune import too_few
     s = FinetuneSettings.from_env({})
     report = {"train_regions": 3, "train_tasks": [1, 2, 3], "holdout_tasks": [4, 5], "skipped": []}
     msg = too_few(report, s)
@@ -153,7 +153,7 @@ def test_bad_annotations_are_skipped_with_a_logged_reason(tmp_path, caplog):
                                                    brush_result(_disk(h, w, 3))]),           # polygon + tiny
     ]
     fetcher = ImageFetcher(Config.from_env({"LOCAL_FILES_ROOT": str(imgs)}))
-    caplog.set_level(logging.WARNING, logger="training.labelstudio_pull")
+    caplog.set_level(logging.WARNING, logger="backend.labelstudio.pull")
     report = pull.build_dataset(tasks, fetcher, tmp_path / "out", holdout_fraction=0.0, min_holdout=1,
                                 min_area=100)
     reasons = {(s["task"], s["reason"].split(":")[0].split(" (")[0]) for s in report.skipped}

@@ -24,8 +24,8 @@ import pytest
 import redis
 from PIL import Image
 
-from training import jobs
-from training.make_ls_export import brush_result
+from backend import jobs
+from backend.labelstudio.make_export import brush_result
 
 pytestmark = pytest.mark.e2e          # real Redis and fine-tuning job processes
 

@@ -4,7 +4,7 @@ real RQ worker in burst mode:
 
 annotate tasks through the Label Studio API (good masks, an empty mask, a mask of the wrong size, a
 task whose image is gone) -> press Train (POST /api/ml/{id}/train) -> Label Studio's START_TRAINING
-webhook -> the backend enqueues -> `python -m training.jobs worker --burst` pulls the annotations
+webhook -> the backend enqueues -> `python -m backend.jobs worker --burst` pulls the annotations
 with label-studio-sdk (personal access token), downloads the images from Label Studio, skips the
 bad ones with their reasons, fine-tunes a small model, evaluates holdout + GrabCut + Berkeley
 (first instance each), and registers a version that is promoted or refused with its numbers; the
@@ -24,7 +24,7 @@ import redis
 import requests
 
 from backend.bench import LABEL_CONFIG
-from training.make_ls_export import brush_result, sod_pairs
+from backend.labelstudio.make_export import brush_result, sod_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 DB = 13
@@ -124,7 +124,7 @@ def test_train_button_to_a_registered_version(label_studio_server, label_studio_
                     FINETUNE_MIN_HOLDOUT="1", FINETUNE_BENCH_DATASETS="GrabCut,Berkeley", FINETUNE_BENCH_LIMIT="1",
                     FINETUNE_EVAL_COARSE_SIZE="128", FINETUNE_THREADS="1",
                     SIMCLICK_EVAL_DB=str(tmp_path / "eval.sqlite"))
-        w = subprocess.run([sys.executable, "-m", "training.jobs", "worker", "--burst", "--name", "e2e"],
+        w = subprocess.run([sys.executable, "-m", "backend.jobs", "worker", "--burst", "--name", "e2e"],
                            cwd=REPO, env=wenv, stdout=open(wlog, "wb"), stderr=subprocess.STDOUT, timeout=400)
         assert w.returncode == 0, wlog.read_text(errors="replace")[-3000:]
         status = requests.get(f"{burl}/jobs/{job_id}", timeout=10).json()
@@ -147,7 +147,7 @@ def test_train_button_to_a_registered_version(label_studio_server, label_studio_
               + ", ".join(f"{d} {b['parent']:.2f} -> {b['candidate']:.2f}" for d, b in bench.items())
               + f"; timings {res['timings']}")
         assert res["version"] == f"p{pid}-v001" and res["status"] in ("promoted", "kept") and res["reason"]
-        from training.finetune import Paired, decide
+        from backend.finetune import Paired, decide
 
         def paired(name, d):
             return Paired(name, {i: v[0] for i, v in d["per_instance"].items()},
@@ -163,7 +163,7 @@ def test_train_button_to_a_registered_version(label_studio_server, label_studio_
 
         # Triggers lost while Redis was down are re-derived from Label Studio: annotations newer
         # than the newest one the version was trained on.
-        from training import jobs
+        from backend import jobs
         monkeypatch.setenv("LABEL_STUDIO_URL", ls.url)
         monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio_pat)
         s = jobs.JobSettings.from_env({"REDIS_URL": url, "TRAINING_QUEUE": QUEUE})

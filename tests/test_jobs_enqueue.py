@@ -19,7 +19,7 @@ from PIL import Image
 from backend.app import create_app
 from backend.bench import keypoint, predict_body
 from backend.config import Config
-from training import jobs
+from backend import jobs
 
 FIX = Path(__file__).parent / "fixtures" / "labelstudio"
 QUEUE = "simclick-test-enqueue"
@@ -71,7 +71,7 @@ def queued_ids(conn):
 
 
 def test_default_enqueue_follows_redis_url():
-    assert Config.from_env({"REDIS_URL": "redis://h:6379/0"}).training_enqueue == "training.jobs:enqueue_webhook"
+    assert Config.from_env({"REDIS_URL": "redis://h:6379/0"}).training_enqueue == "backend.jobs:enqueue_webhook"
     assert Config.from_env({"REDIS_URL": "redis://h:6379/0", "TRAINING_ENQUEUE": "off"}).training_enqueue == ""
     assert Config.from_env({}).training_enqueue == ""
 

@@ -1,6 +1,6 @@
 """Stopping, crashing and cancelling fine-tuning jobs, and their ETA (issue 14, items 7 and 8).
 
-Real worker processes (`python -m training.jobs worker`) on the real Redis (db 12, flushed before
+Real worker processes (`python -m backend.jobs worker`) on the real Redis (db 12, flushed before
 and after) run the real job function. Most jobs are held in their pull by an image server that
 answers only when told to, so a job is "started" for as long as a test needs without training;
 the killed-worker test lets its job train. Before issue 14: a SIGKILLed worker left its work-horse
@@ -23,8 +23,8 @@ import pytest
 import redis
 from PIL import Image
 
-from training import jobs
-from training.make_ls_export import brush_result
+from backend import jobs
+from backend.labelstudio.make_export import brush_result
 
 from .test_jobs_attempts import HeldImageServer
 from .test_jobs_worker import cli, start_worker, wait_for, worker_env, workers_listening
@@ -63,7 +63,7 @@ def held(tmp_path):
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    from training.make_ls_export import make_export
+    from backend.labelstudio.make_export import make_export
     return make_export(tmp_path_factory.mktemp("ls-export"), count=5)
 
 
@@ -174,7 +174,7 @@ def test_cancel_a_running_job(conn, tmp_path, export, tiny_checkpoint, held):
         assert "cancelled by cli" in jobs.job_info(conn, job_id)["error"]
         assert conn.get("simclick:train-lock:23") is None
         # The worker goes on with the next job; nothing left to cancel on this one.
-        r = subprocess.run([sys.executable, "-m", "training.jobs", "cancel", job_id], cwd=REPO, env=env,
+        r = subprocess.run([sys.executable, "-m", "backend.jobs", "cancel", job_id], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and "nothing to cancel" in r.stderr
         assert w.poll() is None
@@ -232,7 +232,7 @@ def test_cancel_route_and_queued_jobs(conn, tmp_path, export, tiny_checkpoint):
 
 
 def test_eta_from_measured_speeds_or_the_previous_jobs():
-    from training.finetune import Eta
+    from backend.finetune import Eta
 
     now = [0.0]
     eta = Eta(steps=100, rates={}, clock=lambda: now[0])

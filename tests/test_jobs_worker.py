@@ -1,4 +1,4 @@
-"""Real worker processes (`python -m training.jobs worker --burst`) on the real Redis (db 11, 12),
+"""Real worker processes (`python -m backend.jobs worker --burst`) on the real Redis (db 11, 12),
 fine-tuning a small real model on Label Studio-format exports of training images (SOD masks on
 BSDS500 images; never a benchmark image):
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from training import jobs
-from training.make_ls_export import make_export
-from training.registry import ProjectRegistry
+from backend import jobs
+from backend.labelstudio.make_export import make_export
+from model.registry import ProjectRegistry
 
 pytestmark = pytest.mark.e2e          # real Redis and worker processes that fine-tune
 
@@ -52,7 +52,7 @@ def worker_env(url, tmp_path, export, tiny_checkpoint, **extra):
 def start_worker(env, log_path, name):
     """A real RQ worker process (not burst: it outlives a killed work-horse, as in production)."""
     log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "training.jobs", "worker", "--name", name],
+    return subprocess.Popen([sys.executable, "-m", "backend.jobs", "worker", "--name", name],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -73,7 +73,7 @@ def workers_listening(conn, n):
 
 
 def cli(env, *args):
-    r = subprocess.run([sys.executable, "-m", "training.jobs", *args], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-m", "backend.jobs", *args], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout

@@ -16,7 +16,7 @@ from backend.app import create_app
 from backend.bench import keypoint, predict_body
 from backend.config import Config
 from tests.conftest import make_tiny_checkpoint
-from training.registry import ProjectRegistry
+from model.registry import ProjectRegistry
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from PIL import Image
 from backend.app import create_app
 from backend.bench import keypoint, predict_body
 from backend.config import Config
-from backend.masks import mask_to_rle
+from backend.labelstudio.masks import mask_to_rle
 
 FIX = Path(__file__).parent / "fixtures" / "labelstudio"
 REDIS_DB = 14

@@ -27,7 +27,7 @@ from PIL import Image
 from backend.app import create_app
 from backend.bench import keypoint, predict_body
 from backend.config import Config
-from backend.masks import mask_to_rle
+from backend.labelstudio.masks import mask_to_rle
 from model.images import load_image, load_mask
 
 from .conftest import DATASETS
@@ -196,7 +196,7 @@ def test_predict_has_a_time_budget_and_keeps_its_progress(predictor):
 # -- 10, 11: caches sized by memory ------------------------------------------------------------------------
 def test_sessions_of_all_models_share_one_byte_budget(predictor, tmp_path, tiny_checkpoint):
     from tests.conftest import make_tiny_checkpoint
-    from training.registry import ProjectRegistry
+    from model.registry import ProjectRegistry
 
     reg = ProjectRegistry(tmp_path / "registry", 5)
     base = reg.ensure_base(tiny_checkpoint)
@@ -265,7 +265,7 @@ def test_undo_deeper_than_the_history_replays(tmp_path):
     r = predict(c, uri, kps[:1])                        # undo 5 clicks, the history holds 4
     assert r.status_code == 200
     items = r.get_json()["results"][0]["result"]
-    from backend.masks import rle_to_mask
+    from backend.labelstudio.masks import rle_to_mask
     got = rle_to_mask(items[0]["value"]["rle"], h, w) if items else np.zeros((h, w), bool)
     expected = predictor.open(image).add_click(*clicks[0], True) > 0.5
     assert expected.sum() > 1000 and np.array_equal(got, expected)

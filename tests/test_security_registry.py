@@ -14,7 +14,7 @@ from backend.bench import keypoint, predict_body
 from backend.config import Config
 from model.checkpoint import file_sha256
 from tests.conftest import make_tiny_checkpoint
-from training.registry import ProjectRegistry
+from model.registry import ProjectRegistry
 
 def _uri() -> str:
     import base64

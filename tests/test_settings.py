@@ -52,7 +52,7 @@ def test_declarations_of_one_variable_agree_on_the_default():
 
 def test_help_env_of_both_commands_prints_every_variable(capsys):
     from backend.__main__ import main as backend_main
-    from training.jobs import main as jobs_main
+    from backend.jobs import main as jobs_main
 
     assert backend_main(["--help-env"]) == 0
     backend_text = capsys.readouterr().out

@@ -154,7 +154,7 @@ def test_torchrun_launch(tmp_path):
 
 
 def test_finetune_gpus_setting():
-    from training.finetune import FinetuneSettings
+    from backend.finetune import FinetuneSettings
 
     assert FinetuneSettings.from_env({}).gpus == 1
     assert FinetuneSettings.from_env({"FINETUNE_GPUS": "2", "FINETUNE_BATCH_SIZE": "8"}).gpus == 2

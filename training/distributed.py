@@ -25,13 +25,20 @@ Design (training/train.py uses these helpers):
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
+import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar, cast
 
 import torch
+from timm.layers import convert_sync_batchnorm as timm_convert  # keeps timm's BatchNormAct2d activations
 import torch.distributed as dist
 
 _Net = TypeVar("_Net", bound=torch.nn.Module)
@@ -193,8 +200,6 @@ def convert_sync_batchnorm(net: _Net, device: torch.device) -> _Net:
     if device.type != "cuda":
         raise ValueError("sync_bn needs CUDA: torch's SyncBatchNorm has no CPU kernel (on CPU each rank "
                          "normalises with its own share of the batch; set sync_bn: false)")
-    from timm.layers import convert_sync_batchnorm as timm_convert  # keeps timm's BatchNormAct2d activations
-
     # the network's own BatchNorm layers are replaced inside it; the root (not a BatchNorm) comes back
     return cast(_Net, timm_convert(net))
 
@@ -205,12 +210,6 @@ def torchrun_train(cfg, nproc: int, resume: bool = False, threads: int | None = 
     process otherwise (the fine-tuning worker, FINETUNE_GPUS): the config goes to
     out_dir/torchrun-config.json, the output to out_dir/torchrun.log. The child gets SIGTERM when
     this process dies (a stopped RQ work-horse leaves no training behind)."""
-    import json
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "torchrun-config.json"
@@ -229,7 +228,6 @@ def torchrun_train(cfg, nproc: int, resume: bool = False, threads: int | None = 
 
     def die_with_parent() -> None:   # Linux: PR_SET_PDEATHSIG
         try:
-            import ctypes
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
         except OSError:
             pass

@@ -26,12 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model.checkpoint import build_model, save_checkpoint
 from model.config import ModelConfig
 from model.network import InteractiveSegNet
 from model.pem import PrototypeLoss
 from model.predictor import Predictor, pick_device
+from training.data import (PAD_CLICK, AugmentConfig, ClickSegDataset, Mixture, add_next_clicks, collate,
+                           default_sources, focus_view, last_clicks, remap_boxes, sample_boxes, sample_focus_boxes,
+                           source_from_spec, worker_init_fn)
+from training.evaluation.datasets import mixture_val_samples
+from training.evaluation.runner import evaluate_dataset
 
 from . import distributed
 from .config import TrainConfig
@@ -43,8 +49,6 @@ LOG_FIELDS = ["step", "epoch", "loss", "seg", "focus", "pem", "iou", "lr", "grad
 
 # -- data --------------------------------------------------------------------------------------
 def build_mixture(cfg: TrainConfig):
-    from training.data import Mixture, default_sources, source_from_spec
-
     if cfg.sources:
         sources = [source_from_spec(spec, cfg.data_root) for spec in cfg.sources]
     else:
@@ -61,8 +65,6 @@ def train_batches(cfg: TrainConfig, mixture, start_step: int, rank: int = 0, wor
     resumed run sees exactly the batches the killed run would have seen. With `world` processes,
     rank r gets samples r, r+world, ... of each global batch (the global batch does not depend on
     the world size)."""
-    from training.data import ClickSegDataset, collate, worker_init_fn
-
     per_epoch = 1000
     ds = ClickSegDataset(mixture, "train", length=per_epoch * cfg.batch_size,
                          augment_cfg=augment_config(cfg), seed=cfg.seed)
@@ -84,8 +86,6 @@ def train_batches(cfg: TrainConfig, mixture, start_step: int, rank: int = 0, wor
 
 
 def augment_config(cfg: TrainConfig):
-    from training.data import AugmentConfig
-
     extra = dict(cfg.augment)
     if "scale_range" in extra:
         extra["scale_range"] = tuple(extra["scale_range"])
@@ -169,9 +169,6 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device,
     prediction fed back as the previous mask. With late fusion the points share the backbone pass,
     which is what makes more than one per crop cheap.
     """
-    from training.data import (PAD_CLICK, add_next_clicks, focus_view, last_clicks, remap_boxes, sample_boxes,
-                               sample_focus_boxes)
-
     # One process: the streams as they always were. Several: per-sample draws (clicks, boxes,
     # dropout) from a per-rank stream, so ranks do not repeat each other's noise; what decides
     # how many forward passes run (simulation rounds, focus view) from streams every rank shares.
@@ -271,14 +268,10 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device,
 def validation_samples(cfg: TrainConfig, mixture) -> list:
     """The first `val_instances` held-out instances at full resolution, sources interleaved: for a
     config on the default sources, the first instances of `--datasets TrainVal` with this seed."""
-    from training.evaluation.datasets import mixture_val_samples
-
     return list(itertools.islice(mixture_val_samples(mixture, split_seed(cfg)), cfg.val_instances))
 
 
 def validate(net, info: dict, samples: list, device) -> dict:
-    from training.evaluation.runner import evaluate_dataset
-
     was_training = net.training
     if any(isinstance(m, torch.nn.SyncBatchNorm) for m in net.modules()):
         net = plain_copy(net, device)   # the predictor folds plain BatchNorm2d
@@ -323,6 +316,7 @@ def device_name(device) -> str:
 
 
 def plot_losses(log_path: Path, out_png: Path) -> None:
+    # matplotlib takes ~0.8 s to import and must get its Agg backend before pyplot: only the plot needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -366,8 +360,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 
 def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distributed.Dist) -> dict:
-    from tqdm import tqdm
-
     if dctx.enabled and device.type == "cuda":
         device = torch.device("cuda", dctx.local_rank)
     distributed.check_batch(cfg.batch_size, dctx)

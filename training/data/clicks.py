@@ -28,6 +28,8 @@ least ``inner_ratio`` times the maximum, as RITM's training sampler does.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -74,9 +76,6 @@ _POOLS: Dict[Tuple[int, int], Any] = {}
 
 def _pool(n: int):
     """A thread pool per size, re-created in a forked child (whose copy has no threads)."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
     key = (os.getpid(), n)
     if key not in _POOLS:
         _POOLS[key] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="clicks")

@@ -38,7 +38,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from model.images import load_image
+from model.images import load_image, to_rgb8
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,6 @@ def _load_image_matching(path: Path, hw: Tuple[int, int]) -> Optional[np.ndarray
         return img
     with Image.open(path) as pil:
         if (pil.height, pil.width) == tuple(hw):
-            from model.images import to_rgb8
             return to_rgb8(np.asarray(pil.convert("RGB")))
     return None
 
@@ -279,6 +278,7 @@ class SODSource(InstanceSource):
 
 def decode_coco_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
     """Polygons, uncompressed RLE or compressed RLE (COCO json ``segmentation``) -> H x W bool."""
+    # pycocotools is a training requirement, not a serving one: only the training sources need it
     from pycocotools import mask as mask_utils
 
     if isinstance(seg, list):  # polygons
@@ -298,6 +298,7 @@ def decode_coco_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
 
 
 def _rle_decode(rle: Any) -> np.ndarray:
+    # pycocotools is a training requirement, not a serving one: only the training sources need it
     from pycocotools import mask as mask_utils
 
     with warnings.catch_warnings():  # pycocotools' __array__ predates numpy 2's copy keyword
@@ -487,6 +488,7 @@ def ls_url_basename(url: str) -> str:
 
 def decode_ls_brush(result: Mapping[str, Any]) -> np.ndarray:
     """A Label Studio brush result (export ``value.rle`` or backend ``rle``) -> H x W bool."""
+    # label_studio_sdk takes ~1.7 s to import: only Label Studio brush annotations need it
     from label_studio_sdk.converter.brush import decode_rle
 
     value = result.get("value") or {}
@@ -511,6 +513,7 @@ class LabelStudioSource(InstanceSource):
                  image_dir: Optional[PathLike] = None, resolver: Optional[Callable[[str], Optional[PathLike]]] = None,
                  data_key: Optional[str] = None, labels: Optional[Iterable[str]] = None,
                  name: str = "ls", namespace: str = "ls", min_area: int = 400):
+        # pycocotools is a training requirement, not a serving one: only the training sources need it
         from pycocotools import mask as mask_utils
 
         if isinstance(export, (str, os.PathLike)):

@@ -17,7 +17,19 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+
+from model.checkpoint import resolve
+
+from . import sharded
+from .datasets import canonical_name, load_dataset
+from .history import compare, list_runs, record_run
+from .plots import plot_versions
+from .predictors import PredictorSpec, checkpoint_hash, parse_options
 from .protocol import CURVE_CLICKS, THRESHOLD, Protocol
+from .report import write_index, write_report
+from .runner import evaluate_dataset
+from .tables import compare_table, detail_table, history_table, paper_table
 
 DEFAULT_DATASETS = "GrabCut,Berkeley,DAVIS"
 
@@ -114,13 +126,8 @@ def plot_parser() -> argparse.ArgumentParser:
 def _default_workers(spec) -> int:
     if not spec.is_reference and (spec.device or "").startswith("cuda"):
         return 1
-    if not spec.is_reference and spec.device is None:
-        try:
-            import torch
-            if torch.cuda.is_available():
-                return 1
-        except ImportError:
-            pass
+    if not spec.is_reference and spec.device is None and torch.cuda.is_available():
+        return 1
     return max(1, os.cpu_count() or 1)
 
 
@@ -135,15 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .datasets import canonical_name, load_dataset
-    from .history import record_run
-    from .predictors import PredictorSpec, checkpoint_hash
-    from .report import write_index, write_report
-    from .runner import evaluate_dataset
-    from .tables import detail_table, paper_table
-
     protocol = Protocol(max_clicks=args.max_clicks, threshold=args.threshold, box=args.box)
-    from .predictors import parse_options
 
     try:
         spec = PredictorSpec(args.checkpoint, args.device, parse_options(args.predictor_options))
@@ -151,8 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not spec.is_reference:
-        from model.checkpoint import resolve  # fail before any work: 'default' -> $SIMCLICK_CHECKPOINT or shipped file
-        resolve(args.checkpoint)
+        resolve(args.checkpoint)  # fail before any work: 'default' -> $SIMCLICK_CHECKPOINT or shipped file
     workers = args.workers if args.workers is not None else _default_workers(spec)
     names = _csv(args.datasets)
     try:
@@ -203,8 +201,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _enqueue(args: argparse.Namespace, spec, protocol: Protocol, names: List[str]) -> int:
-    from . import sharded
-
     if args.no_record or args.report:
         print("error: --queue stores its results in the history (no --no-record) and makes no --report",
               file=sys.stderr)
@@ -233,8 +229,6 @@ def _enqueue(args: argparse.Namespace, spec, protocol: Protocol, names: List[str
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from . import sharded
-
     try:
         if args.status:
             st = sharded.status(args.group, args.db)
@@ -251,8 +245,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _print_merged(metrics: List[dict], as_json: bool) -> int:
-    from .tables import detail_table, paper_table
-
     log = sys.stderr if as_json else sys.stdout
     if as_json:
         for m in metrics:
@@ -270,14 +262,10 @@ def _print_merged(metrics: List[dict], as_json: bool) -> int:
 
 def _full_size(name: str, args: argparse.Namespace) -> int:
     """Instances in the whole data set (only called with --limit)."""
-    from .datasets import load_dataset
     return len(load_dataset(name, args.data_root, args.limit + 1))
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from .history import compare, list_runs
-    from .tables import compare_table, history_table
-
     if args.compare:
         a, b = args.compare
         try:
@@ -298,8 +286,6 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .plots import plot_versions
-
     try:
         paths = plot_versions(_csv(args.versions), args.out, args.db, _csv(args.datasets) if args.datasets else None)
     except (KeyError, ValueError) as e:

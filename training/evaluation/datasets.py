@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
+from scipy.io import loadmat
 
 from .samples import Sample, Target
 
@@ -65,8 +66,6 @@ def read_instance(path: str, instance_id: int, void: Optional[int]) -> Target:
 
 def read_instance_map(path: str) -> np.ndarray:
     if path.endswith(".mat"):
-        from scipy.io import loadmat
-
         gtinst = loadmat(path)["GTinst"]
         return np.asarray(gtinst[0, 0]["Segmentation"]).astype(np.int32)
     with Image.open(path) as im:
@@ -151,6 +150,8 @@ def train_val(folder: Path, seed: int = 0, val_fraction: float = 0.05) -> Iterat
     """The held-out split of the default training mixture (training.data; the split a training
     run with this seed never trains on): where model choices are made, never on the benchmarks.
     `folder` is the training data root."""
+    # training.data imports torch and cv2 (seconds): the benchmarks' loaders, which backend.settings and
+    # backend.finetune import at their top, stay light
     from training.data import Mixture, default_sources
 
     return mixture_val_samples(Mixture(default_sources(folder), val_fraction=val_fraction, seed=seed), seed)

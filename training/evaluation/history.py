@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from .datasets import DATASETS
+from .metrics import noc
 from .runner import DatasetResult
 
 DB_ENV = "SIMCLICK_EVAL_DB"
@@ -191,8 +192,6 @@ def compare(a: str, b: str, db: Union[None, str, Engine] = None) -> List[Dict[st
 
 def _paired(pa: Iterable[Dict[str, Any]], pb: Iterable[Dict[str, Any]]) -> Dict[str, int]:
     """Instances (matched by id) whose NoC@90 got better / worse from A to B."""
-    from .metrics import noc
-
     na = {p["id"]: noc(p["ious"], 0.90) for p in pa}
     nb = {p["id"]: noc(p["ious"], 0.90) for p in pb}
     common = na.keys() & nb.keys()

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .history import select_runs  # noqa: E402
 from .protocol import CURVE_CLICKS  # noqa: E402
 
 # version label -> dataset -> metrics dict (needs "miou", "noc90", "instances")
@@ -121,8 +122,6 @@ def _wrap(label: str, width: int = 22) -> str:
 def plot_versions(refs: Sequence[str], out_dir: Path, db=None,
                   datasets: Optional[Sequence[str]] = None) -> List[Path]:
     """Both figures for run ids / model versions from the history."""
-    from .history import select_runs
-
     series: Series = {}
     for ref in refs:
         runs = select_runs(ref, db, datasets)

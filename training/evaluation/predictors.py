@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
+
+from model.predictor import Predictor, PredictorOptions
+
+from .reference import GrabCutPredictor, OraclePredictor
 
 REFERENCE = ("oracle", "grabcut")
 
@@ -20,12 +24,9 @@ class PredictorSpec:
 
     def __call__(self) -> Any:
         if self.checkpoint == "oracle":
-            from .reference import OraclePredictor
             return OraclePredictor()
         if self.checkpoint == "grabcut":
-            from .reference import GrabCutPredictor
             return GrabCutPredictor()
-        from model.predictor import Predictor  # the network (model/predictor.py)
         predictor = Predictor.load(self.checkpoint, device=self.device, **dict(self.options))
         if self.options:  # an ablation is another "version" in the history and the plots
             predictor.version += "[" + ",".join(f"{k}={v}" for k, v in self.options) + "]"
@@ -41,9 +42,6 @@ def parse_options(text: Optional[str]) -> tuple:
     model.predictor.PredictorOptions so a typo is an error, not a silently ignored option."""
     if not text:
         return ()
-    from dataclasses import fields
-
-    from model.predictor import PredictorOptions
 
     types = {f.name: type(getattr(PredictorOptions(), f.name)) for f in fields(PredictorOptions)}
     out = []

@@ -21,7 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
+import cv2
 import numpy as np
+from tqdm import tqdm
 
 from .clicker import RobotClicker
 from .metrics import iou, noc, summarize
@@ -140,11 +142,7 @@ def _predictor_info(predictor: Any) -> Dict[str, Optional[str]]:
 def _single_thread() -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
-    try:
-        import cv2
-        cv2.setNumThreads(1)
-    except ImportError:  # pragma: no cover
-        pass
+    cv2.setNumThreads(1)
 
 
 def _init_worker(factory: Callable[[], Any], protocol: Protocol, keep_masks: bool) -> None:
@@ -190,8 +188,6 @@ def evaluate_dataset(predictor_or_factory: Any, samples: Sequence[Sample], datas
                      protocol: Protocol = Protocol(), workers: int = 1, progress: bool = True,
                      report_k: int = 0) -> DatasetResult:
     """Evaluate one data set. `report_k` > 0 keeps predictions of the worst K for a failure report."""
-    from tqdm import tqdm
-
     keep = report_k > 0
     worst = _WorstK(report_k)
     results: List[InstanceResult] = []

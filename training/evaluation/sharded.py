@@ -29,8 +29,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import sqlalchemy as sa
+from rq import Queue
+from rq.job import Job
 
-from .history import engine_for, metadata, resolve_url
+from training.redisconn import connect
+
+from .datasets import canonical_name, load_dataset
+from .history import engine_for, metadata, record_run, resolve_url
+from .predictors import PredictorSpec, checkpoint_hash
+from .protocol import Protocol
+from .runner import DatasetResult, InstanceResult, evaluate_dataset
 
 DEFAULT_QUEUE = "simclick-eval"
 
@@ -79,12 +87,6 @@ def enqueue(checkpoint: str, device: Optional[str], options: tuple, datasets: Li
             shard_size: int = 10, tag: Optional[str] = None, notes: Optional[str] = None,
             job_timeout: int = 6 * 3600) -> Dict[str, Any]:
     """Write the group and enqueue its shards; returns {"group", "jobs", "datasets"}."""
-    from rq import Queue
-
-    from training.jobs import connect
-
-    from .datasets import canonical_name, load_dataset
-
     url = resolve_url(db)                    # the workers write where this command would have
     group = uuid.uuid4().hex[:16]
     sets: List[Dict[str, Any]] = []
@@ -118,11 +120,6 @@ def _group(conn, group: str) -> Dict[str, Any]:
 
 def run_shard(group: str, db: str, dataset: str, shard: int, start: int, stop: int) -> Dict[str, Any]:
     """The RQ job: instances [start, stop) of `dataset`, results into evaluation_shards."""
-    from .datasets import canonical_name, load_dataset
-    from .predictors import PredictorSpec
-    from .protocol import Protocol
-    from .runner import evaluate_dataset
-
     eng = engine_for(db)
     with eng.connect() as conn:
         g = _group(conn, group)
@@ -162,12 +159,6 @@ def status(group: str, db: Union[None, str, sa.engine.Engine] = None) -> Dict[st
 def merge(group: str, db: Optional[str] = None, record: bool = True) -> List[Dict[str, Any]]:
     """One metrics dict per data set (as `--json` prints them), recorded as runs once.
     Raises LookupError while shards are missing, ValueError when shards disagree on the model."""
-    from .predictors import PredictorSpec, checkpoint_hash
-    from .protocol import Protocol
-    from .runner import DatasetResult, InstanceResult
-
-    from .history import record_run
-
     eng = engine_for(db)
     st = status(group, eng)
     if st["missing"]:
@@ -226,10 +217,6 @@ def wait(group: str, db: Optional[str] = None, poll: float = 5.0, timeout: Optio
         if not st["missing"]:
             return
         if jobs and redis_url:
-            from rq.job import Job
-
-            from training.jobs import connect
-
             for job in Job.fetch_many(jobs, connection=connect(redis_url)):
                 if job is not None and job.is_failed:
                     raise RuntimeError(f"group {group}: shard job {job.id} failed ({job.description}); "

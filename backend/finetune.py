@@ -3,7 +3,7 @@
     result = run_finetune(project=3, job_id="train-p3-7", settings=FinetuneSettings.from_env())
 
 Stages (reported through `progress(stage, percent, **extra)`; the RQ job puts them in job.meta):
-  pull      the project's finished annotations from Label Studio (training.labelstudio_pull),
+  pull      the project's finished annotations from Label Studio (backend.labelstudio.pull),
             images downloaded as the backend does, bad regions skipped with their reason, a
             deterministic train/holdout split by task;
   train     training.train.train() from the project's promoted version (or the base checkpoint)
@@ -24,11 +24,12 @@ A project with too few usable annotations gets a job with status "skipped" and t
 (`too_few`), without training.
 
 Settings come from FINETUNE_* environment variables (table: FINETUNE_SETTINGS, printed by
-`python -m training.jobs --help-env`); a job's own overrides win.
+`python -m backend.jobs --help-env`); a job's own overrides win.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -39,7 +40,18 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from training.evaluation.protocol import CURVE_CLICKS     # clicks every evaluated instance runs
+import numpy as np
+
+from model.images import load_image
+from model.registry import ProjectRegistry, data_dir, default_root, project_key
+from training.config import TrainConfig
+from training.evaluation.datasets import load_dataset
+from training.evaluation.metrics import noc
+from training.evaluation.protocol import CURVE_CLICKS, THRESHOLD
+from training.evaluation.samples import samples_from_arrays
+
+from .config import Config
+from .labelstudio.fetch import ImageFetcher
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +231,6 @@ def decide(holdout: Paired, bench: List[Paired], margin: float, min_gain: float 
 def image_digest(image) -> str:
     """Content hash of a decoded image (shape + RGB bytes): the same picture under another file
     name, URL or container (a Label Studio upload of a benchmark JPEG) has the same digest."""
-    import hashlib
-
-    import numpy as np
-
-    from model.images import load_image
-
     arr = np.ascontiguousarray(load_image(image) if not hasattr(image, "shape") else image)
     return hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
 
@@ -233,8 +239,6 @@ def benchmark_samples(dataset: str, limit: Optional[int], exclude: set) -> tuple
     """(the first `limit` samples of a benchmark whose image is not in `exclude` (digests),
     ids of the excluded ones). Evaluating a candidate on images it was fine-tuned on would
     flatter it."""
-    from training.evaluation.datasets import load_dataset
-
     kept: List[Any] = []
     excluded: List[Any] = []
     for sample in load_dataset(dataset):
@@ -279,7 +283,7 @@ class _TrainProgress(threading.Thread):
 
 def _predictor(path: Path, settings: FinetuneSettings, version: str):
     """The evaluation predictor, named by its registry version (the name the history records)."""
-    from model.predictor import Predictor
+    from model.predictor import Predictor  # imports torch: not on the enqueue path
 
     opts = {"coarse_size": settings.eval_coarse_size} if settings.eval_coarse_size else {}
     p = Predictor.load(str(path), device=settings.device or None, **opts)
@@ -288,13 +292,13 @@ def _predictor(path: Path, settings: FinetuneSettings, version: str):
 
 
 def _evaluate(predictor, samples, dataset: str):
-    from training.evaluation.runner import evaluate_dataset
+    from training.evaluation.runner import evaluate_dataset  # imports torch: not on the enqueue path
 
     return evaluate_dataset(predictor, samples, dataset=dataset, progress=False)
 
 
 def _record(result, checkpoint: Path, sha: str, complete: bool, job_id: str, extra: dict) -> Optional[int]:
-    from training.evaluation.history import record_run
+    from training.evaluation.history import record_run  # imports torch: not on the enqueue path
 
     try:
         return record_run(result, checkpoint=str(checkpoint), checkpoint_hash=sha, complete=complete,
@@ -309,9 +313,7 @@ def _cached_bench(sha: str, dataset: str, ids: List[str], coarse_size: int) -> O
     """Per-instance NoC@90 (id -> clicks) of an earlier run of the same checkpoint file on exactly
     the same instances with the same protocol and predictor options, if the history has one (the
     parent is evaluated once)."""
-    from training.evaluation.history import list_runs
-    from training.evaluation.metrics import noc
-    from training.evaluation.protocol import THRESHOLD
+    from training.evaluation.history import list_runs  # imports torch: not on the enqueue path
 
     try:
         rows = list_runs(dataset=dataset, full=True)
@@ -415,8 +417,6 @@ class Eta:
 def click_seconds(predictor, sample, clicks: int = 3) -> float:
     """Seconds per click of `predictor` on one holdout instance (image encoding included, as in the
     evaluation): the ETA's measure of the evaluation speed before the evaluation has started."""
-    import numpy as np
-
     loaded = sample.load()
     ys, xs = np.nonzero(loaded.gt)
     k = len(ys) // 2
@@ -451,13 +451,11 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     `before_register` is called right before the registry is changed (the job's lock check).
     `rates`: the speeds a previous job measured on this host (the summary's "rates"), the ETA's
     guess until this job has measured its own."""
+    # torch and what imports it: loaded by the job, not by backend.jobs and backend.settings (enqueue, --help-env)
     import torch
 
-    from backend.config import Config
-    from backend.fetch import ImageFetcher
+    from .labelstudio import pull
     from model.checkpoint import atomic_write_bytes, file_sha256, resolve
-    from training import labelstudio_pull as pull
-    from training.registry import ProjectRegistry, data_dir, default_root, project_key
 
     settings = settings or FinetuneSettings.from_env()
     progress = progress or (lambda stage, percent, **kw: None)
@@ -525,7 +523,6 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     # -- benchmarks: chosen before training (a missing data set fails early; the ETA knows the work)
     parent_sha = parent.info.get("sha256") or file_sha256(parent.checkpoint)
     checks = plan_benchmarks(settings, data / "images", parent_sha, job_id, pid)
-    from training.evaluation.samples import samples_from_arrays
 
     holdout = samples_from_arrays(pull.holdout_pairs(data), prefix=f"p{pid}-holdout-")
     parent_pred = _predictor(parent.checkpoint, settings, parent.name)
@@ -536,8 +533,7 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
         eta.click_s = click_seconds(parent_pred, holdout[0])
 
     # -- train ---------------------------------------------------------------------------------------
-    from training.config import TrainConfig
-    from training.train import train
+    from training.train import train  # imports torch: not on the enqueue path
 
     t0 = time.perf_counter()
     out = work / "train"
@@ -563,7 +559,7 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     watcher.start()
     try:
         if settings.gpus > 1:       # one process per GPU (training/distributed.py); rank 0 writes log.csv
-            from training.distributed import torchrun_train
+            from training.distributed import torchrun_train  # imports torch: not on the enqueue path
             train_summary = torchrun_train(tcfg, settings.gpus, resume=resume, threads=settings.threads or None)
         else:
             train_summary = train(tcfg, resume=resume, progress=False)

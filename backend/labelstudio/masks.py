@@ -67,7 +67,7 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float, min_area: float = 4.0) 
 
 def polygon_to_mask(points, height: int, width: int) -> np.ndarray:
     """[[x%, y%], ...] -> bool H x W (a PolygonLabels annotation as a mask: fine-tuning pulls them,
-    training/labelstudio_pull.py)."""
+    backend/labelstudio/pull.py)."""
     pts = np.array([[x / 100.0 * width - 0.5, y / 100.0 * height - 0.5] for x, y in points])
     out = np.zeros((height, width), np.uint8)
     cv2.fillPoly(out, [np.round(pts).astype(np.int32)], 1)

@@ -1,13 +1,13 @@
 """Fine-tuning jobs on an RQ queue (Redis): enqueueing from webhooks, the job function, the CLI.
 
-    python -m training.jobs worker [--burst]             # = make worker; or: rq worker -u $REDIS_URL simclick-training
-    python -m training.jobs status [JOB] [--project P] [--json]
-    python -m training.jobs enqueue --project P [--export FILE] [--steps N] [--bench-limit N] ...
-    python -m training.jobs versions --project P [--json]
-    python -m training.jobs rollback --project P [--to VERSION]
-    python -m training.jobs retry JOB                    # failed, stopped, canceled or abandoned: resumes
-    python -m training.jobs cancel JOB [--wait 30]       # queued: never runs; running: ended (resumable)
-    python -m training.jobs resync --project P           # re-derive the annotation counter from Label Studio
+    python -m backend.jobs worker [--burst]             # = make worker; or: rq worker -u $REDIS_URL simclick-training
+    python -m backend.jobs status [JOB] [--project P] [--json]
+    python -m backend.jobs enqueue --project P [--export FILE] [--steps N] [--bench-limit N] ...
+    python -m backend.jobs versions --project P [--json]
+    python -m backend.jobs rollback --project P [--to VERSION]
+    python -m backend.jobs retry JOB                    # failed, stopped, canceled or abandoned: resumes
+    python -m backend.jobs cancel JOB [--wait 30]       # queued: never runs; running: ended (resumable)
+    python -m backend.jobs resync --project P           # re-derive the annotation counter from Label Studio
 
 Enqueueing (the backend's /webhook calls `enqueue_webhook`; it only talks to Redis, a few ms):
 - START_TRAINING enqueues a job for the project; ANNOTATION_CREATED/UPDATED with a mask region
@@ -39,13 +39,14 @@ Stopping and crashing: each job runs a guard thread (`JobGuard`) that renews a h
 forked it died; and the worker's stop (SIGTERM/SIGINT) ends its running job the same way instead
 of waiting for it. A job with too few annotations finishes at once as "skipped", with the reason.
 Progress is in job.meta: stage (queued, waiting, pull, train, evaluate, register, promote, done,
-skipped, interrupted), percent, detail, eta_s (training.finetune.Eta); `status` and /jobs show
+skipped, interrupted), percent, detail, eta_s (backend.finetune.Eta); `status` and /jobs show
 the time left (eta_s, eta_at).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -58,6 +59,20 @@ import time
 import uuid
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, cast
+
+import redis
+from rq import Queue, SimpleWorker, Worker, get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.job_lifecycle import record_job_failure
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry, clean_registries
+from rq.utils import now as rq_now
+
+from model.registry import ProjectRegistry, RegistryError, default_root, project_key
+from training.redisconn import connect
+
+from .config import Config
+from .finetune import FinetuneSettings, run_finetune
 
 log = logging.getLogger(__name__)
 
@@ -105,32 +120,6 @@ class JobSettings:
         known = {f.name for f in fields(cls)}
         values.update({k: v for k, v in overrides.items() if v is not None and k in known})
         return cls(**values)
-
-
-# -- Redis -----------------------------------------------------------------------------------------
-_CONNECTIONS: Dict[tuple, Any] = {}
-_CONN_LOCK = threading.Lock()
-
-
-def connect(url: str, timeout: Optional[float] = None):
-    """A Redis client for `url` (cached). `timeout`: the backend's REDIS_TIMEOUT, per command and
-    without retries (Label Studio waits ~1 s for /webhook); None: the worker's and the CLI's 5 s,
-    with redis-py's retries."""
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    if not url:
-        raise RuntimeError("REDIS_URL is not set: no training queue")
-    options: Dict[str, Any]
-    if timeout is None:
-        options = {"socket_connect_timeout": 1.0, "socket_timeout": 5.0}
-    else:
-        options = {"socket_connect_timeout": timeout, "socket_timeout": timeout, "retry": Retry(NoBackoff(), 0)}
-    with _CONN_LOCK:
-        if (url, timeout) not in _CONNECTIONS:
-            _CONNECTIONS[url, timeout] = redis.Redis.from_url(url, health_check_interval=30, **options)
-        return _CONNECTIONS[url, timeout]
 
 
 def _key(*parts: Any) -> str:
@@ -232,9 +221,6 @@ def _waiting_for(holder: str, job_id: str, pid: str) -> str:
 
 # -- enqueueing ------------------------------------------------------------------------------------
 def _job_status(conn, job_id: str) -> Optional[str]:
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
-
     try:
         return str(Job.fetch(job_id, connection=conn).get_status().value)
     except NoSuchJobError:
@@ -245,10 +231,6 @@ def enqueue_training(conn, project: Any, *, settings: Optional[JobSettings] = No
                      overrides: Optional[dict] = None, export: Optional[str] = None) -> tuple[str, bool]:
     """Enqueue a fine-tuning job for the project, or fold into its pending one.
     Returns (job id, created)."""
-    from rq import Queue
-
-    from training.registry import project_key
-
     s = settings or JobSettings.from_env()
     pid = project_key(project)
     pending = _key("pending", pid)
@@ -286,8 +268,6 @@ def enqueue_webhook(event, *, redis_url: Optional[str] = None, queue: Optional[s
     """TRAINING_ENQUEUE target for backend/webhook.py: called with a WebhookEvent, only talks to
     Redis (each command waits at most `timeout` s), returns {"job": id or None, "training": what
     happened}. Raises if Redis is unreachable (the backend answers 503 with the reason)."""
-    import redis
-
     s = JobSettings.from_env(redis_url=redis_url or None, queue=queue or None, train_every=train_every,
                              dedup_seconds=dedup_seconds)
     conn = connect(s.redis_url, timeout=timeout)
@@ -403,8 +383,6 @@ class JobGuard(threading.Thread):
 def _forking_worker_pid(conn, job) -> Optional[int]:
     """The pid of the RQ worker that forked this process (a work-horse), else None (a SimpleWorker
     or a direct Job.perform(): no parent to outlive)."""
-    from rq import Worker
-
     if not job.worker_name:
         return None
     try:
@@ -432,7 +410,7 @@ def interruptible(guard: JobGuard):
             return
         fired.append(signum)
         raise JobInterrupted(f"interrupted: {guard.reason or 'the worker was stopped (SIGTERM)'}; "
-                             f"`python -m training.jobs retry {guard.job_id}` resumes it from its last saved state")
+                             f"`python -m backend.jobs retry {guard.job_id}` resumes it from its last saved state")
 
     signal.signal(signal.SIGTERM, handler)
     guard.armed = True
@@ -445,10 +423,7 @@ def interruptible(guard: JobGuard):
 
 
 def run_training_job(project: Any, overrides: Optional[dict] = None, export: Optional[str] = None) -> dict:
-    """The RQ job: take the project's training lock, fine-tune, release. See training.finetune."""
-    from rq import get_current_job
-    from rq.job import Job
-
+    """The RQ job: take the project's training lock, fine-tune, release. See backend.finetune."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     job = cast(Job, get_current_job())        # run by an RQ worker: there is a current job
     conn = job.connection
@@ -470,9 +445,6 @@ def run_training_job(project: Any, overrides: Optional[dict] = None, export: Opt
 
 
 def _train_locked(job, conn, project, overrides, export, s: JobSettings, meta: "_Meta") -> dict:
-    from training.finetune import FinetuneSettings, run_finetune
-    from training.registry import project_key
-
     pid = project_key(project)
     meta.update(stage="waiting", percent=0, pid=os.getpid(), host=socket.gethostname(), worker=job.worker_name,
                 attempt=int(job.meta.get("attempt", 0)) + 1, started=time.time(), canceled=None)
@@ -516,9 +488,6 @@ def _existing_job_info(conn, job_id: str) -> dict:
 
 
 def job_info(conn, job_id: str) -> Optional[dict]:
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
-
     try:
         job = Job.fetch(job_id, connection=conn)
     except NoSuchJobError:
@@ -554,10 +523,8 @@ def job_info(conn, job_id: str) -> Optional[dict]:
 
 
 def _eta(meta: dict) -> dict:
-    """{"eta_s", "eta_at"}: the job's last estimate of its time left (training.finetune.Eta), less
+    """{"eta_s", "eta_at"}: the job's last estimate of its time left (backend.finetune.Eta), less
     the time since it was made; {} when it has none yet."""
-    import datetime as dt
-
     eta, at = meta.get("eta_s"), meta.get("at")
     if not isinstance(eta, (int, float)) or not isinstance(at, (int, float)):
         return {}
@@ -578,16 +545,13 @@ def _abandoned(conn, job) -> bool:
     started = job.started_at
     if started is None:
         return False
-    from rq.utils import now
 
     ttl = job.meta.get("heartbeat_ttl") or _heartbeat_ttl()
-    return (now() - started).total_seconds() > float(ttl)
+    return (rq_now() - started).total_seconds() > float(ttl)
 
 
 def _fail_abandoned(conn, job, why: str) -> None:
     """Move an abandoned job to failed now (what RQ's own cleanup does minutes later)."""
-    from rq.job_lifecycle import record_job_failure
-
     with conn.pipeline() as pipe:
         for execution in job.get_executions():
             execution.delete(job=job, pipeline=pipe)
@@ -596,9 +560,6 @@ def _fail_abandoned(conn, job, why: str) -> None:
 
 
 def list_jobs(conn, queue: str, project: Optional[str] = None, limit: int = 20) -> List[dict]:
-    from rq import Queue
-    from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
-
     q = Queue(queue, connection=conn)
     ids = list(q.job_ids)
     for reg in (StartedJobRegistry, FinishedJobRegistry, FailedJobRegistry):
@@ -615,8 +576,6 @@ def list_jobs(conn, queue: str, project: Optional[str] = None, limit: int = 20) 
 def retry_job(conn, job_id: str) -> str:
     """Requeue a failed (or stopped) job with the same id, on the queue it came from: it resumes
     from its saved state."""
-    from rq.job import Job
-
     job = Job.fetch(job_id, connection=conn)
     status = _existing_job_info(conn, job_id)["status"]
     if status == "abandoned":
@@ -642,9 +601,6 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
     TRAINING_HEARTBEAT_TTL/4 s; its lock released, its saved state kept: `retry` resumes it); an
     abandoned one is failed now. Waits up to `wait` s for a running job to end. Returns
     {"job", "status", "detail"}; RuntimeError (with the reason) when there is nothing to cancel."""
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
-
     try:
         job = Job.fetch(job_id, connection=conn)
     except NoSuchJobError:
@@ -677,7 +633,7 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
 # -- CLI -------------------------------------------------------------------------------------------
 def help_env() -> str:
     """Every variable SimClick reads, the worker's among them (backend/settings.py)."""
-    from backend.settings import help_text
+    from .settings import help_text  # a cycle at module level: backend.settings imports JOB_SETTINGS from here
 
     return help_text()
 
@@ -685,6 +641,7 @@ def help_env() -> str:
 def preload() -> None:
     """Import what a job needs once, in the worker process: every job's forked work-horse then starts
     warm (about 10 s less per job on a small CPU). Imports only: no torch op runs before the fork."""
+    # inside the function on purpose: the worker loads these, the enqueue and status commands do not
     import matplotlib
 
     matplotlib.use("Agg")
@@ -693,15 +650,12 @@ def preload() -> None:
     import torchvision  # noqa: F401
     from label_studio_sdk.client import LabelStudio  # noqa: F401
 
-    import backend.fetch  # noqa: F401
-    import backend.masks  # noqa: F401
+    import backend.labelstudio.masks  # noqa: F401
+    import backend.labelstudio.pull  # noqa: F401
     import model.predictor  # noqa: F401
     import training.data  # noqa: F401
-    import training.evaluation.datasets  # noqa: F401
     import training.evaluation.history  # noqa: F401
     import training.evaluation.runner  # noqa: F401
-    import training.finetune  # noqa: F401
-    import training.labelstudio_pull  # noqa: F401
     import training.train  # noqa: F401
 
 
@@ -733,8 +687,6 @@ def _stopping(cls):
 
 
 def cmd_worker(args) -> int:
-    from rq import Queue, SimpleWorker, Worker
-
     conn, s = _conn(args)
     conn.ping()
     if not args.no_preload:
@@ -768,9 +720,6 @@ def _print(obj, as_json: bool) -> None:
 
 
 def cmd_status(args) -> int:
-    from rq import Queue
-    from rq.registry import clean_registries
-
     conn, s = _conn(args)
     clean_registries(Queue(s.queue, connection=conn))    # abandoned jobs -> failed
     if args.job:
@@ -802,8 +751,6 @@ def cmd_enqueue(args) -> int:
 
 
 def _registry(args):
-    from training.registry import ProjectRegistry, default_root
-
     return ProjectRegistry(args.registry or default_root(), args.project)
 
 
@@ -849,9 +796,7 @@ def cmd_cancel(args) -> int:
 def resync_counter(conn, project: Any, settings: Optional[JobSettings] = None, registry_root=None) -> dict:
     """Re-derive the annotation counter from Label Studio: annotations updated after the newest one
     the project's latest version was trained on; enqueue if that reaches TRAIN_EVERY_N_ANNOTATIONS."""
-    from backend.config import Config
-    from training import labelstudio_pull as pull
-    from training.registry import ProjectRegistry, default_root, project_key
+    from .labelstudio import pull  # imports torch (model.checkpoint): enqueue and status stay light
 
     s = settings or JobSettings.from_env()
     pid = project_key(project)
@@ -877,7 +822,7 @@ def cmd_resync(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m training.jobs", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m backend.jobs", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--help-env", action="store_true",
                     help="print every environment variable SimClick reads (backend, worker, paths) and exit")
@@ -963,7 +908,6 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except Exception as e:
-        from training.registry import RegistryError
         if isinstance(e, (RegistryError, RuntimeError)) or type(e).__module__.startswith(("redis", "rq")):
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             return 1

@@ -12,7 +12,7 @@ Where a key goes (README, Security):
   with /data/upload/ and /data/local-files/ paths (percent-decoded, no '.' or '..' segment); the
   token a /setup call brought goes only to the hostname that came with it (or, when
   LABEL_STUDIO_URL is set and LABEL_STUDIO_API_KEY is not, to LABEL_STUDIO_URL).
-- Every URL is parsed once, by urllib3, the parser requests sends with (backend/urls.py).
+- Every URL is parsed once, by urllib3, the parser requests sends with (backend/labelstudio/urls.py).
 - Redirects are followed here, at most MAX_REDIRECTS, and every hop is checked like the first.
 - FETCH_TIMEOUT bounds a whole download: a timer shuts the download's sockets when it is up.
 Keys are never logged. Every failure is a FetchError whose message names the cause and the fix.
@@ -45,7 +45,7 @@ from .urls import Target, UrlError, ls_file_path, parse_http_url, short
 log = logging.getLogger(__name__)
 
 # Task paths that mean "a file on the Label Studio server" (anything else without a scheme is a
-# local path). Of these, only LS_FILE_PREFIXES (backend/urls.py) are ever fetched.
+# local path). Of these, only LS_FILE_PREFIXES (backend/labelstudio/urls.py) are ever fetched.
 LS_PATH_PREFIXES = ("/data/", "/storage-data/", "/tasks/")
 MAX_REDIRECTS = 5
 KEY_FROM_SETUP = "the /setup access_token"

@@ -94,7 +94,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 # model.checkpoint imports torch: imported where needed, so that enqueueing (the backend's webhook,
-# `python -m training.jobs enqueue`) and reading the registry stay light.
+# `python -m backend.jobs enqueue`) and reading the registry stay light.
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     from model.checkpoint import atomic_write_bytes as write
     write(path, data)

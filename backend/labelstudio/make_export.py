@@ -1,8 +1,8 @@
 """Write a Label Studio JSON export (brush RLE annotations) from the SOD training masks.
 
-    python -m training.make_ls_export --count 20 --out /tmp/ls20 [--skip 0] [--url-style local-files]
+    python -m backend.labelstudio.make_export --count 20 --out /tmp/ls20 [--skip 0] [--url-style local-files]
 
-For trying the fine-tuning job without annotating by hand (`python -m training.jobs enqueue
+For trying the fine-tuning job without annotating by hand (`python -m backend.jobs enqueue
 --project 1 --export /tmp/ls20/export.json`) and for tests. Each task is one BSDS500 training image
 (never a benchmark image) with its SOD salient-object mask as one brush region, in the format a
 real export has (task id, data.image, annotations[].result[] with original_width/height and
@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from training.data.sources import SODSource, assert_not_benchmark, default_data_root
+
+from .masks import mask_to_rle
+
 
 def sod_pairs(train_root: Path, count: int, skip: int = 0):
-    from training.data.sources import SODSource, assert_not_benchmark
-
     src = SODSource(train_root / "SOD", train_root / "BSDS500" / "images")
     for item in src.items[skip:skip + count]:
         img_path, mask_path = item.payload
@@ -30,8 +32,6 @@ def sod_pairs(train_root: Path, count: int, skip: int = 0):
 
 
 def brush_result(mask: np.ndarray, label: str = "Object", rid: str = "r1") -> dict:
-    from backend.masks import mask_to_rle
-
     h, w = mask.shape
     return {"id": rid, "from_name": "tag", "to_name": "image", "type": "brushlabels",
             "original_width": w, "original_height": h, "image_rotation": 0,
@@ -40,8 +40,6 @@ def brush_result(mask: np.ndarray, label: str = "Object", rid: str = "r1") -> di
 
 def make_export(out: Path, count: int, skip: int = 0, url_style: str = "local-files",
                 train_root: Path | None = None, first_id: int = 1) -> Path:
-    from training.data.sources import default_data_root
-
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     tasks = []
@@ -62,7 +60,7 @@ def make_export(out: Path, count: int, skip: int = 0, url_style: str = "local-fi
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.make_ls_export", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m backend.labelstudio.make_export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--skip", type=int, default=0, help="start at the N-th SOD mask")

@@ -2,10 +2,10 @@
 
 1. Tasks: through label-studio-sdk (`LabelStudio(base_url, api_key)`: a legacy token or a personal
    access token, which the SDK exchanges and refreshes itself), or from a Label Studio JSON export
-   file (offline fine-tuning: `python -m training.jobs enqueue --export FILE`).
+   file (offline fine-tuning: `python -m backend.jobs enqueue --export FILE`).
 2. Regions: every non-cancelled annotation's brush region (RLE decoded with the SDK's converter,
    training.data.decode_ls_brush) or polygon region (rasterised) is one object mask.
-3. Images: downloaded exactly as the backend downloads them (backend.fetch.ImageFetcher with the
+3. Images: downloaded exactly as the backend downloads them (backend.labelstudio.fetch.ImageFetcher with the
    backend's settings: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, LOCAL_FILES_ROOT, size limits).
 4. Checks: a region is skipped, with its reason logged and kept in the report, when its mask is
    empty or smaller than `min_area`, its RLE does not match its declared size, the image it was
@@ -28,8 +28,17 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
+from label_studio_sdk.client import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
+from PIL import Image
 
 from model.checkpoint import atomic_write_bytes
+from model.images import load_image, to_rgb8
+from training.data.mixture import key_hash
+from training.data.sources import IMAGE_EXTS, decode_ls_brush, ls_url_basename
+
+from .fetch import FetchError
+from .masks import mask_to_rle, polygon_to_mask
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +51,6 @@ class PullError(RuntimeError):
 
 # -- reading tasks ---------------------------------------------------------------------------------
 def ls_client(url: str, api_key: str, timeout: float = 60.0):
-    from label_studio_sdk.client import LabelStudio
-
     if not url:
         raise PullError("LABEL_STUDIO_URL is not set: the worker cannot read the project's annotations")
     if not api_key:
@@ -60,8 +67,6 @@ def _plain(obj: Any) -> Any:
 
 def fetch_tasks(client, project_id: int) -> Tuple[dict, List[dict]]:
     """(project info, annotated tasks with their annotations as plain dicts) through the SDK."""
-    from label_studio_sdk.core.api_error import ApiError
-
     try:
         project = client.projects.get(id=int(project_id))
         info = {"id": int(project_id), "title": getattr(project, "title", None),
@@ -123,8 +128,6 @@ class PullReport:
 def _image_url(task: dict, data_key: Optional[str]) -> Optional[str]:
     """The task's image URL: data[data_key], else data["image"], else the first value that names
     an image file (the rule training.data.LabelStudioSource uses)."""
-    from training.data.sources import IMAGE_EXTS, ls_url_basename
-
     data = task.get("data") or {}
     if data_key:
         return data.get(data_key)
@@ -139,9 +142,6 @@ def _image_url(task: dict, data_key: Optional[str]) -> Optional[str]:
 def decode_region(res: dict, max_pixels: Optional[int] = None) -> Tuple[np.ndarray, str]:
     """A brush or polygon result -> (H x W bool mask, label); ValueError with the reason if unusable
     (a declared size over `max_pixels` is refused before anything of that size is made)."""
-    from backend.masks import polygon_to_mask
-    from training.data.sources import decode_ls_brush
-
     kind = str(res.get("type", "")).lower()
     value = res.get("value") or {}
     try:
@@ -174,8 +174,6 @@ def decode_region(res: dict, max_pixels: Optional[int] = None) -> Tuple[np.ndarr
 def task_regions(task: dict, report: PullReport, labels: Optional[set] = None,
                  min_area: int = 400, max_pixels: Optional[int] = None) -> List[Region]:
     """The usable regions of one task (every non-cancelled annotation); skips are reported."""
-    from backend.masks import mask_to_rle
-
     out = []
     for ann in task.get("annotations") or []:
         if ann.get("was_cancelled"):
@@ -218,8 +216,6 @@ def task_regions(task: dict, report: PullReport, labels: Optional[set] = None,
 def split_tasks(task_ids: Iterable[Any], holdout_fraction: float, min_holdout: int, seed: int = 0
                 ) -> Tuple[List[Any], List[Any]]:
     """(train ids, holdout ids): hash threshold, topped up to min_holdout; never all of them."""
-    from training.data.mixture import key_hash
-
     ids = sorted(set(task_ids), key=lambda t: (key_hash(f"ls:{t}", seed), str(t)))
     hold = [t for t in ids if key_hash(f"ls:{t}", seed) < holdout_fraction]
     want = min(min_holdout, max(0, len(ids) - 1))
@@ -236,7 +232,6 @@ def split_tasks(task_ids: Iterable[Any], holdout_fraction: float, min_holdout: i
 
 # -- the whole pull --------------------------------------------------------------------------------
 def _ext(data: bytes) -> str:
-    from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt = (im.format or "").lower()
@@ -246,7 +241,6 @@ def _ext(data: bytes) -> str:
 
 
 def _raw_size(data: bytes) -> Tuple[int, int]:
-    from PIL import Image
     with Image.open(io.BytesIO(data)) as im:
         return im.height, im.width
 
@@ -257,8 +251,6 @@ def build_dataset(tasks: List[dict], fetcher, out_dir: os.PathLike | str, *, hol
                   progress: Optional[Callable[[int, int], None]] = None) -> PullReport:
     """Check every region, download the images, split, write out_dir/{images/, train.json,
     holdout.json, report.json}. Returns the report (kept/skipped regions, split)."""
-    from backend.fetch import FetchError
-
     out = Path(out_dir)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -315,11 +307,6 @@ def build_dataset(tasks: List[dict], fetcher, out_dir: os.PathLike | str, *, hol
 
 def holdout_pairs(out_dir: os.PathLike | str) -> List[Tuple[np.ndarray, np.ndarray]]:
     """(image, mask) of every holdout region, for training.evaluation.samples_from_arrays."""
-    from PIL import Image
-
-    from model.images import load_image, to_rgb8
-    from training.data.sources import decode_ls_brush
-
     out = Path(out_dir)
     pairs = []
     for task in json.loads((out / "holdout.json").read_text()):

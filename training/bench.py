@@ -1,6 +1,6 @@
 """Speed and memory of the predictor: ms per click (coarse, refine, total), peak memory, parameters.
 
-    python -m model.bench [--backbones efficientnet-lite2,resnet50] [--sizes 0.5,1,12] [--clicks 20] [--json]
+    python -m training.bench [--backbones efficientnet-lite2,resnet50] [--sizes 0.5,1,12] [--clicks 20] [--json]
 
 For each backbone and each device present (CPU; CUDA when available), an image of each size in
 megapixels gets a warm-up of 3 clicks and then `--clicks` timed clicks; the median is reported.
@@ -20,16 +20,19 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
+import torch
+
+from model.checkpoint import DEFAULT_CHECKPOINT, build_model
+from model.config import ModelConfig
+from model.images import load_image
+from model.network import InteractiveSegNet
+from model.predictor import Predictor
+from training.evaluation.datasets import default_data_root
 
 
 def _test_image(megapixels: float) -> np.ndarray:
-    import cv2
-
-    from training.evaluation.datasets import default_data_root
-
-    from .images import load_image
-
     src = sorted((default_data_root() / "Berkeley" / "images").glob("*.jpg"))
     base = load_image(src[0]) if src else np.random.default_rng(0).integers(0, 255, (480, 640, 3), np.uint8)
     h, w = base.shape[:2]
@@ -51,15 +54,8 @@ def _click_sequence(h: int, w: int, n: int) -> list:
 
 def _run_one(args: tuple) -> dict:
     backbone, device, mp_size, clicks, checkpoint, threads = args
-    import torch
-
     if threads:
         torch.set_num_threads(threads)
-    from .checkpoint import build_model
-    from .config import ModelConfig
-    from .network import InteractiveSegNet
-    from .predictor import Predictor
-
     if checkpoint and backbone == "efficientnet-lite2" and Path(checkpoint).exists():
         net, info = build_model(checkpoint)
     else:  # timing does not depend on the weights' values
@@ -104,11 +100,7 @@ def _run_one(args: tuple) -> dict:
 
 
 def main(argv=None) -> int:
-    import torch
-
-    from .checkpoint import DEFAULT_CHECKPOINT
-
-    ap = argparse.ArgumentParser(prog="python -m model.bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", default="efficientnet-lite2,resnet50,resnet101")
     ap.add_argument("--sizes", default="0.5,1,12", help="image sizes in megapixels")
