@@ -18,13 +18,13 @@ MODEL_RELOAD_INTERVAL seconds of a promotion or rollback, without a restart.
 Access (README, Security): with BASIC_AUTH_USER/PASS every route but GET /health needs them.
 /admin/* change the served model: they need ADMIN_TOKEN as a Bearer token, or basic auth when no
 ADMIN_TOKEN is set, and are off (403) with neither.
+
+The routes are a Blueprint (backend/routes.py) over the service object, `Backend` here;
+`create_app` builds both. Error statuses: backend/errors.py.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
-import hmac
 import logging
 import time
 import uuid
@@ -33,8 +33,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask
 
 from model.interface import ClickPredictor
 from model.predictor import Predictor
@@ -43,42 +42,24 @@ from training.redisconn import connect
 
 from .config import DEFAULT_ENQUEUE, Config
 from .engine import ByteCache, PredictTimeout, Segmenter, SharedPrompts
+from .errors import ApiError, api_error, error_response
 from .jobs import cancel_job as cancel_training_job, job_info, list_jobs
-from .labelstudio.fetch import FetchError, ImageFetcher, SetupInfo
+from .labelstudio.fetch import ImageFetcher, SetupInfo
 from .labelstudio.labelconfig import LabelConfigError, parse_label_config
 from .labelstudio.masks import mask_to_polygons, mask_to_rle
 from .labelstudio.urls import UrlError, parse_http_url
 from .models import ModelRouter, Served
 from .payload import PayloadError, parse_predict, parse_prompts, scale_prompt
-from .webhook import WebhookError, WebhookHandler, load_enqueue
+from .routes import bp
+from .webhook import WebhookHandler, load_enqueue
 
 log = logging.getLogger("backend")
 
 MODEL_CLASS = "SimClick"
 MB = 2 ** 20
-# Label Studio's bodies are a few levels deep; a body nested deeper is refused before anything
-# walks it (Python's recursion limit is about 1000).
-MAX_JSON_DEPTH = 100
 MAX_JOBS_LIMIT = 1000
-
-
-class ApiError(Exception):
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-def _reason(message: str) -> str:
-    """A one-line ASCII form of the message for the HTTP reason phrase: Label Studio shows only
-    `str(requests.HTTPError)`, which holds the status line, never the body."""
-    text = " ".join(str(message).split()).encode("ascii", "replace").decode("ascii")
-    return text[:300]
-
-
-def error_response(message: str, status: int):
-    resp = jsonify({"error": message, "status": status})
-    resp.status = f"{status} {_reason(message)}"
-    return resp
+__all__ = ["ApiError", "Backend", "create_app", "error_response", "make_enqueue", "make_shared_prompts",
+           "result_items"]
 
 
 class RedactingFilter(logging.Filter):
@@ -112,7 +93,8 @@ REDACTOR = RedactingFilter()
 
 
 class Backend:
-    """Everything one worker holds: models per project, caches, image fetcher, setups, webhooks."""
+    """The service behind the routes (backend/routes.py): everything one worker holds, i.e. the
+    settings, models per project, caches, image fetcher, setups, webhooks and the training queue."""
 
     def __init__(self, config: Config, predictor: ClickPredictor):
         self.cfg = config
@@ -153,6 +135,12 @@ class Backend:
     @property
     def version(self) -> str:
         return self.models.base.version
+
+    def health(self) -> dict:
+        return {"status": "UP", "model_class": MODEL_CLASS, "model_version": self.version,
+                "device": str(getattr(self.predictor, "device", "")), "sessions": len(self.sessions),
+                "projects": self.models.overview(),
+                "caches": {"sessions": self.sessions.stats(), "images": self.images.stats()}}
 
     def secrets(self) -> list[str]:
         return (self.cfg.secrets() + self.fetcher.secrets()
@@ -261,8 +249,8 @@ class Backend:
             raise ApiError("the model registry is off (MODEL_REGISTRY=off)", 404)
         try:
             return ProjectRegistry(root, project)
-        except RegistryError as e:
-            raise ApiError(str(e)) from None
+        except RegistryError as e:   # not a project id: 400
+            raise api_error(e, 400) from None
 
     def versions(self, project=None) -> dict:
         root = self.cfg.registry_root()
@@ -289,10 +277,72 @@ class Backend:
             out["projects"] = per_project
         return out
 
+    def rollback(self, data, remote_addr: str | None) -> dict:
+        """POST /admin/rollback: serve another registry version of a project."""
+        usage = "the body must be {\"project\": N} (and optionally \"to\": a version name)"
+        if not isinstance(data, dict) or isinstance(data.get("project"), bool) \
+                or not isinstance(data.get("project"), (int, str)) or data.get("project") == "":
+            raise ApiError(usage)
+        if not isinstance(data.get("to"), (str, type(None))) or not isinstance(data.get("reason"), (str, type(None))):
+            raise ApiError(usage + "; \"to\" and \"reason\" are strings")
+        reg = self.registry(data["project"])
+        try:
+            v = reg.rollback(data.get("to"), reason=data.get("reason") or "", actor=f"http {remote_addr}")
+        except RegistryError as e:   # VersionNotFound 404, RollbackConflict 409 (errors.ERROR_STATUS)
+            raise api_error(e, 404) from None
+        log.warning("project %s rolled back to %s by %s", reg.project, v.name, remote_addr)
+        return {"project": reg.project, "promoted": v.name, "reload_within_s": self.cfg.model_reload_interval}
+
+    # -- the training queue ------------------------------------------------------------------------
     def redis(self):
         if not self.cfg.redis_url:
             raise ApiError("no training queue: set REDIS_URL", 404)
         return connect(self.cfg.redis_url, timeout=self.cfg.redis_timeout)
+
+    def jobs(self, project: str | None, limit_text: str) -> dict:
+        """GET /jobs: the recent fine-tuning jobs (of one project)."""
+        try:
+            limit = int(limit_text)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_JOBS_LIMIT:
+            raise ApiError(f"limit must be an integer from 1 to {MAX_JOBS_LIMIT}")
+        try:
+            found = list_jobs(self.redis(), self.cfg.training_queue, project, limit)
+        except ApiError:
+            raise
+        except Exception as e:
+            raise _unreachable(e) from None
+        return {"jobs": found}
+
+    def job(self, job_id: str) -> dict:
+        """GET /jobs/<id>."""
+        try:
+            info = job_info(self.redis(), job_id)
+        except ApiError:
+            raise
+        except Exception as e:
+            raise _unreachable(e) from None
+        if info is None:
+            raise ApiError(f"no job {job_id} (unknown, or expired after TRAINING_RESULT_TTL)", 404)
+        return info
+
+    def cancel_job(self, job_id: str, remote_addr: str | None) -> dict:
+        """POST /admin/jobs/<id>/cancel."""
+        try:
+            out = cancel_training_job(self.redis(), job_id, f"http {remote_addr}")
+        except ApiError:
+            raise
+        except RuntimeError as e:   # JobNotFound 404, JobConflict 409 (errors.ERROR_STATUS)
+            raise api_error(e, 409) from None
+        except Exception as e:
+            raise _unreachable(e) from None
+        log.warning("job %s: %s by %s", job_id, out["status"], remote_addr)
+        return out
+
+
+def _unreachable(e: Exception) -> ApiError:
+    return ApiError(f"the training queue is unreachable: {type(e).__name__}: {e}", 503)
 
 
 def make_shared_prompts(config: Config) -> SharedPrompts | None:
@@ -329,8 +379,9 @@ def result_items(control, label: str, to_name: str, mask: np.ndarray, score: flo
 
 
 def create_app(config: Config | None = None, predictor=None) -> Flask:
-    """Build the app. Without a predictor, load MODEL_CHECKPOINT on DEVICE (in each worker:
-    gunicorn must not --preload, CUDA does not survive fork)."""
+    """Build the app: the service (`Backend`) and the routes over it (backend/routes.py). Without a
+    predictor, load MODEL_CHECKPOINT on DEVICE (in each worker: gunicorn must not --preload, CUDA
+    does not survive fork)."""
     config = config or Config.from_env()
     if predictor is None:
         predictor = Predictor.load(config.checkpoint, device=config.device or None)
@@ -339,205 +390,9 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = config.max_content_length
     app.json.sort_keys = False  # type: ignore[attr-defined]  # DefaultJSONProvider's; typed as the base
     app.extensions["simclick"] = backend
+    app.register_blueprint(bp)
     _install_redaction(backend)
-
-    @app.before_request
-    def authorize():
-        if request.path.startswith("/admin/"):
-            return _admin_denied(config)
-        if not config.basic_auth_user or (request.path == "/health" and request.method == "GET"):
-            return None
-        return _basic_denied(config)
-
-    def body():
-        try:
-            data = request.get_json(silent=True)
-            too_deep = _deeper_than(data, MAX_JSON_DEPTH)
-        except RecursionError:                   # deeper than the JSON parser itself goes
-            too_deep = True
-        if too_deep:
-            raise ApiError(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
-        if data is None:
-            raise ApiError("the body must be JSON (Content-Type: application/json)")
-        return data
-
-    @app.get("/health")
-    def health():
-        return jsonify({"status": "UP", "model_class": MODEL_CLASS, "model_version": backend.version,
-                        "device": str(getattr(predictor, "device", "")), "sessions": len(backend.sessions),
-                        "projects": backend.models.overview(),
-                        "caches": {"sessions": backend.sessions.stats(), "images": backend.images.stats()}})
-
-    @app.post("/setup")
-    def setup():
-        return jsonify(backend.setup(body()))
-
-    @app.get("/versions")
-    def versions():
-        return jsonify(backend.versions(request.args.get("project")))
-
-    @app.get("/jobs")
-    def jobs():
-        try:
-            limit = int(request.args.get("limit", "20"))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_JOBS_LIMIT:
-            raise ApiError(f"limit must be an integer from 1 to {MAX_JOBS_LIMIT}")
-        try:
-            found = list_jobs(backend.redis(), config.training_queue, request.args.get("project"), limit)
-        except ApiError:
-            raise
-        except Exception as e:
-            raise ApiError(f"the training queue is unreachable: {type(e).__name__}: {e}", 503) from None
-        return jsonify({"jobs": found})
-
-    @app.get("/jobs/<job_id>")
-    def job(job_id):
-        try:
-            info = job_info(backend.redis(), job_id)
-        except ApiError:
-            raise
-        except Exception as e:
-            raise ApiError(f"the training queue is unreachable: {type(e).__name__}: {e}", 503) from None
-        if info is None:
-            raise ApiError(f"no job {job_id} (unknown, or expired after TRAINING_RESULT_TTL)", 404)
-        return jsonify(info)
-
-    @app.post("/admin/jobs/<job_id>/cancel")
-    def cancel_job(job_id):
-        try:
-            out = cancel_training_job(backend.redis(), job_id, f"http {request.remote_addr}")
-        except ApiError:
-            raise
-        except RuntimeError as e:
-            raise ApiError(str(e), 404 if str(e).startswith("no job") else 409) from None
-        except Exception as e:
-            raise ApiError(f"the training queue is unreachable: {type(e).__name__}: {e}", 503) from None
-        log.warning("job %s: %s by %s", job_id, out["status"], request.remote_addr)
-        return jsonify(out)
-
-    @app.post("/admin/rollback")
-    def rollback():
-        data = body()
-        usage = "the body must be {\"project\": N} (and optionally \"to\": a version name)"
-        if not isinstance(data, dict) or isinstance(data.get("project"), bool) \
-                or not isinstance(data.get("project"), (int, str)) or data.get("project") == "":
-            raise ApiError(usage)
-        if not isinstance(data.get("to"), (str, type(None))) or not isinstance(data.get("reason"), (str, type(None))):
-            raise ApiError(usage + "; \"to\" and \"reason\" are strings")
-        reg = backend.registry(data["project"])
-        try:
-            v = reg.rollback(data.get("to"), reason=data.get("reason") or "",
-                             actor=f"http {request.remote_addr}")
-        except RegistryError as e:
-            raise ApiError(str(e), 409 if "roll back" in str(e) else 404) from None
-        log.warning("project %s rolled back to %s by %s", reg.project, v.name, request.remote_addr)
-        return jsonify({"project": reg.project, "promoted": v.name,
-                        "reload_within_s": config.model_reload_interval})
-
-    @app.post("/predict")
-    def predict():
-        return jsonify(backend.predict(body()))
-
-    @app.post("/webhook")
-    def webhook():
-        try:
-            answer, status = backend.webhooks.handle(body())
-        except WebhookError as e:
-            raise ApiError(str(e)) from None
-        if status != 200:
-            resp = error_response(answer["error"], status)
-            return resp
-        return jsonify(answer)
-
-    @app.get("/webhook/events")
-    def webhook_events():
-        return jsonify({"events": backend.webhooks.recent()})
-
-    @app.errorhandler(ApiError)
-    def api_error(e: ApiError):
-        log.warning("%s %s -> %d: %s", request.method, request.path, e.status, e)
-        return error_response(str(e), e.status)
-
-    @app.errorhandler(FetchError)
-    def fetch_error(e: FetchError):
-        log.warning("%s %s -> %d: %s", request.method, request.path, e.status, e)
-        return error_response(str(e), e.status)
-
-    @app.errorhandler(HTTPException)
-    def http_error(e: HTTPException):
-        msg = e.description or e.name
-        if e.code == 413:
-            msg = (f"request body over MAX_CONTENT_LENGTH={config.max_content_length} bytes; "
-                   f"raise MAX_CONTENT_LENGTH for very large brush strokes")
-        return error_response(msg, e.code or 500)
-
-    @app.errorhandler(Exception)
-    def internal_error(e: Exception):
-        log.exception("%s %s failed", request.method, request.path)
-        return error_response(f"internal error: {type(e).__name__}: {e}", 500)
-
     return app
-
-
-def _deeper_than(data, limit: int) -> bool:
-    """Whether JSON data nests deeper than `limit` (walked without recursion)."""
-    level = [data]
-    for _ in range(limit):
-        level = [v for x in level if isinstance(x, (dict, list))
-                 for v in (x.values() if isinstance(x, dict) else x)]
-        if not level:
-            return False
-    return any(isinstance(x, (dict, list)) for x in level)
-
-
-def _unauthorized(message: str, scheme: str):
-    resp = error_response(message, 401)
-    resp.headers["WWW-Authenticate"] = f'{scheme} realm="simclick"'
-    return resp
-
-
-def _same(given: bytes, secret: str) -> bool:
-    """Constant-time comparison of bytes: the secret as UTF-8, or as latin-1 (what Python requests,
-    Label Studio's client, sends basic auth in)."""
-    ok = hmac.compare_digest(given, secret.encode("utf-8"))
-    try:
-        ok |= hmac.compare_digest(given, secret.encode("latin-1"))
-    except UnicodeEncodeError:
-        pass
-    return ok
-
-
-def _basic_denied(config: Config):
-    """None if the request carries BASIC_AUTH_USER/BASIC_AUTH_PASS, else the 401 answer."""
-    kind, _, value = request.headers.get("Authorization", "").partition(" ")
-    ok = False
-    if kind.lower() == "basic":
-        try:
-            user, _, pw = base64.b64decode(value.strip().encode("ascii"), validate=True).partition(b":")
-            ok = _same(user, config.basic_auth_user) & _same(pw, config.basic_auth_pass)
-        except (ValueError, binascii.Error):      # not ASCII, not base64
-            ok = False
-    if ok:
-        return None
-    return _unauthorized("authentication required: set the ML backend's basic auth user and password "
-                         "in Label Studio to BASIC_AUTH_USER/BASIC_AUTH_PASS", "Basic")
-
-
-def _admin_denied(config: Config):
-    """None if the request may change the served model, else the 401/403 answer."""
-    if config.admin_token:
-        kind, _, token = request.headers.get("Authorization", "").partition(" ")
-        # The WSGI server decoded the header as latin-1: encoding it back gives the bytes sent.
-        if kind.lower() == "bearer" and _same(token.strip().encode("latin-1", "replace"), config.admin_token):
-            return None
-        return _unauthorized("admin routes need the admin token: send Authorization: Bearer <ADMIN_TOKEN>",
-                             "Bearer")
-    if config.basic_auth_user:
-        return _basic_denied(config)
-    return error_response("admin routes are off: set ADMIN_TOKEN and send it as Authorization: Bearer "
-                          "<ADMIN_TOKEN> (or protect the backend with BASIC_AUTH_USER/BASIC_AUTH_PASS)", 403)
 
 
 def _install_redaction(backend: Backend) -> None:

@@ -329,6 +329,15 @@ class _Meta:
         self.update(stage=stage, percent=int(percent), at=time.time(), **kw)
 
 
+class JobNotFound(RuntimeError):
+    """No job with that id (unknown, or expired after TRAINING_RESULT_TTL)."""
+
+
+class JobConflict(RuntimeError):
+    """The job is in a state the operation does not apply to (cancel a finished job, retry a
+    running one)."""
+
+
 class JobInterrupted(RuntimeError):
     """The job was ended before its end: its worker stopped or died, or it was cancelled. Its work
     folder keeps the last saved training state, so `retry` resumes it."""
@@ -345,6 +354,7 @@ class JobGuard(threading.Thread):
         super().__init__(name=f"guard-{job_id}", daemon=True)
         self.conn, self.job_id, self.ttl, self.worker_pid = conn, job_id, ttl, worker_pid
         self.reason: Optional[str] = None
+        self.cancelled = False        # the reason is a cancel request (simclick:cancel:<job>)
         self.armed = False            # the job's SIGTERM handler is in place (`interruptible`)
         self._halt = threading.Event()
 
@@ -369,7 +379,10 @@ class JobGuard(threading.Thread):
         except Exception as e:       # Redis briefly away: the heartbeat lapses, the job goes on
             log.warning("job %s: heartbeat failed: %s", self.job_id, e)
             return None
-        return f"cancelled by {_s(who)}" if who is not None else None
+        if who is None:
+            return None
+        self.cancelled = True
+        return f"cancelled by {_s(who)}"
 
     def stop(self) -> None:
         self._halt.set()
@@ -436,8 +449,7 @@ def run_training_job(project: Any, overrides: Optional[dict] = None, export: Opt
         with interruptible(guard):
             return _train_locked(job, conn, project, overrides, export, s, meta)
     except JobInterrupted as e:
-        meta.update(stage="interrupted", detail=str(e), canceled=guard.reason if (
-            guard.reason or "").startswith("cancelled") else None)
+        meta.update(stage="interrupted", detail=str(e), canceled=guard.reason if guard.cancelled else None)
         log.warning("job %s %s", job.id, e)
         raise
     finally:
@@ -581,9 +593,9 @@ def retry_job(conn, job_id: str) -> str:
     if status == "abandoned":
         _fail_abandoned(conn, job, "abandoned: no heartbeat (retried)")
     elif str(job.get_status().value) == "canceled":
-        raise RuntimeError(f"job {job_id} was cancelled before it started: enqueue a new one")
+        raise JobConflict(f"job {job_id} was cancelled before it started: enqueue a new one")
     elif status not in ("failed", "stopped", "canceled"):
-        raise RuntimeError(f"job {job_id} is {status}; only failed, stopped, canceled or abandoned jobs are retried")
+        raise JobConflict(f"job {job_id} is {status}; only failed, stopped, canceled or abandoned jobs are retried")
     conn.delete(_key("cancel", job_id))
     pid = job.meta.get("project")
     job.meta["stage"], job.meta["percent"], job.meta["detail"], job.meta["canceled"] = "queued", 0, "retry", None
@@ -600,11 +612,12 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
     """Cancel a job: a queued one never runs; a running one is ended by its guard (within
     TRAINING_HEARTBEAT_TTL/4 s; its lock released, its saved state kept: `retry` resumes it); an
     abandoned one is failed now. Waits up to `wait` s for a running job to end. Returns
-    {"job", "status", "detail"}; RuntimeError (with the reason) when there is nothing to cancel."""
+    {"job", "status", "detail"}; JobNotFound, or JobConflict (with the reason) when there is
+    nothing to cancel."""
     try:
         job = Job.fetch(job_id, connection=conn)
     except NoSuchJobError:
-        raise RuntimeError(f"no job {job_id}") from None
+        raise JobNotFound(f"no job {job_id}") from None
     status = _existing_job_info(conn, job_id)["status"]
     pid = job.meta.get("project")
     if status in ("queued", "deferred", "scheduled"):
@@ -618,7 +631,7 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
         job.save_meta()
         return {"job": job_id, "status": "canceled", "detail": f"abandoned; cancelled by {actor}"}
     if status != "started":
-        raise RuntimeError(f"job {job_id} is {status}: nothing to cancel")
+        raise JobConflict(f"job {job_id} is {status}: nothing to cancel")
     conn.set(_key("cancel", job_id), actor, ex=JobSettings.from_env().result_ttl)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline and _existing_job_info(conn, job_id)["status"] == "started":

@@ -53,6 +53,16 @@ class RegistryError(ValueError):
     """A registry operation cannot be done (unknown version, bad name, version already exists...)."""
 
 
+class VersionNotFound(RegistryError):
+    """The project has no such version (or no versions at all; a string that is not a version name
+    names none)."""
+
+
+class RollbackConflict(RegistryError):
+    """A rollback without a target has nothing to go back to (no promoted version, or the promoted
+    one is the first)."""
+
+
 def data_dir(env: Optional[Mapping[str, str]] = None) -> Path:
     """$DATA_DIR (relative paths are taken from the repository root), default <repo>/data."""
     env = os.environ if env is None else env
@@ -183,12 +193,12 @@ class ProjectRegistry:
     # -- reading -----------------------------------------------------------------------------------
     def get(self, name: str) -> Version:
         if not isinstance(name, str) or not _NAME.match(name):
-            raise RegistryError(f"not a version name: {name!r}")
+            raise VersionNotFound(f"not a version name: {name!r}")
         path = self.versions_dir / name
         try:
             info = json.loads((path / INFO).read_text())
         except FileNotFoundError:
-            raise RegistryError(f"project {self.project} has no version {name!r}") from None
+            raise VersionNotFound(f"project {self.project} has no version {name!r}") from None
         return Version(name, path, info)
 
     def exists(self, name: str) -> bool:
@@ -345,22 +355,22 @@ class ProjectRegistry:
     def rollback(self, to: Optional[str] = None, reason: str = "", actor: str = "") -> Version:
         """Serve the version promoted before the current one (or `to`, any registered version)."""
         if to is not None and not isinstance(to, str):
-            raise RegistryError(f"not a version name: {to!r}")
+            raise VersionNotFound(f"not a version name: {to!r}")
         if not self.versions_dir.is_dir():      # checked first: a stranger's project gets no folder
-            raise RegistryError(f"project {self.project} has no versions")
+            raise VersionNotFound(f"project {self.project} has no versions")
         with self.locked():
             p = self.pointer()
             if to is not None:
                 self.get(to)
                 return self._promote(to, reason or f"rollback to {to}", actor, rollback=True)
             if p is None:
-                raise RegistryError(f"project {self.project} has no promoted version to roll back")
+                raise RollbackConflict(f"project {self.project} has no promoted version to roll back")
             stack = list(p.get("stack") or [p["version"]])
             while stack and stack[-1] == p["version"]:
                 stack.pop()
             if not stack:
-                raise RegistryError(f"project {self.project}: {p['version']} is the first promoted "
-                                    f"version; name the version to roll back to")
+                raise RollbackConflict(f"project {self.project}: {p['version']} is the first promoted "
+                                       f"version; name the version to roll back to")
             target = stack[-1]
             return self._promote(target, reason or f"rollback from {p['version']}", actor,
                                  rollback=True, stack=stack)
