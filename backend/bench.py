@@ -28,8 +28,10 @@ import platform
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, List, Optional
 
 import cv2
 import numpy as np
@@ -146,6 +148,75 @@ def _serve(httpd) -> str:
     return f"http://{host}:{port}"
 
 
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+
+@dataclass
+class BenchServer:
+    """The app on a free local port (threaded werkzeug server, as `python -m backend`) and a data
+    set's images over HTTP, warmed up: what backend.bench and backend.replaybench measure."""
+    app: Any
+    masks: List[Path]             # the ground truths of the images measured
+    images_url: str               # <images_url>/<mask stem>.jpg is the image
+    backend_url: str
+    load_s: float                 # seconds the app took to build (the model load)
+    server: Any
+    http: requests.Session
+    timeout: float
+
+    @property
+    def backend(self):
+        return self.app.extensions["simclick"]
+
+    def post(self, body) -> tuple[dict, float]:
+        """POST /predict: (the answer, ms)."""
+        t = time.perf_counter()
+        r = self.http.post(self.backend_url + "/predict", json=body, timeout=self.timeout)
+        ms = (time.perf_counter() - t) * 1000
+        r.raise_for_status()
+        return r.json(), ms
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def start_bench(data: Path, images: int, checkpoint: Optional[str] = None, device: Optional[str] = None,
+                timeout: float = 300) -> Optional[BenchServer]:
+    """Serve the app (MODEL_CHECKPOINT, DEVICE... from the environment; `checkpoint` and `device`
+    win) and the first `images` images of `data` (Berkeley layout: images/, masks/), and send one
+    warm-up click (the first torch call is slow) on a copy of the first image under another URL.
+    None, after saying why on stderr, when `data` has no masks."""
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    masks = sorted((data / "masks").glob("*.png"))[:images]
+    if not masks:
+        print(f"no masks under {data / 'masks'}", file=sys.stderr)
+        return None
+    overrides: dict[str, Any] = {k: v for k, v in (("checkpoint", checkpoint), ("device", device)) if v}
+    t0 = time.perf_counter()
+    app = create_app(Config.from_env(**overrides))
+    load_s = time.perf_counter() - t0
+    images_url = _serve(ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(data / "images"))))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bench = BenchServer(app, masks, images_url, f"http://127.0.0.1:{server.server_port}", load_s, server,
+                        requests.Session(), timeout)
+    gt0 = load_mask(masks[0])
+    bench.post(predict_body(0, f"{images_url}/{masks[0].stem}.jpg?warmup",
+                            [keypoint(gt0.shape[1] // 2, gt0.shape[0] // 2, gt0.shape[1], gt0.shape[0])]))
+    return bench
+
+
+def answer_mask(answer: dict, h: int, w: int) -> np.ndarray:
+    """The union of the brush regions of a /predict answer."""
+    pred = np.zeros((h, w), bool)
+    for item in answer["results"][0]["result"]:
+        pred |= rle_to_mask(item["value"]["rle"], h, w)
+    return pred
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m backend.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,54 +232,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = ap.parse_args(argv)
 
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    data = Path(args.data)
-    masks = sorted((data / "masks").glob("*.png"))[: args.images]
-    if not masks:
-        print(f"no masks under {data / 'masks'}", file=sys.stderr)
+    bench = start_bench(Path(args.data), args.images, args.checkpoint, args.device)
+    if bench is None:
         return 2
-
-    overrides = {}
-    if args.checkpoint:
-        overrides["checkpoint"] = args.checkpoint
-    if args.device:
-        overrides["device"] = args.device
-    cfg = Config.from_env(**overrides)
-    t0 = time.perf_counter()
-    app = create_app(cfg)
-    load_s = time.perf_counter() - t0
-    predictor = app.extensions["simclick"].predictor
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-    handler = functools.partial(Quiet, directory=str(data / "images"))
-    images_url = _serve(ThreadingHTTPServer(("127.0.0.1", 0), handler))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    backend_url = f"http://127.0.0.1:{server.server_port}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    http = requests.Session()
-
-    def post(body):
-        t = time.perf_counter()
-        r = http.post(backend_url + "/predict", json=body, timeout=300)
-        ms = (time.perf_counter() - t) * 1000
-        r.raise_for_status()
-        return r.json(), ms
-
-    # Warm-up on a copy of the first image under another URL (first torch call is slow).
-    stem0 = masks[0].stem
-    gt0 = load_mask(masks[0])
-    post(predict_body(0, f"{images_url}/{stem0}.jpg?warmup",
-                      [keypoint(gt0.shape[1] // 2, gt0.shape[0] // 2, gt0.shape[1], gt0.shape[0])]))
-
-    def answer_mask(answer, h, w):
-        pred = np.zeros((h, w), bool)
-        for item in answer["results"][0]["result"]:
-            pred |= rle_to_mask(item["value"]["rle"], h, w)
-        return pred
+    predictor = bench.backend.predictor
+    masks, images_url, post = bench.masks, bench.images_url, bench.post
 
     first: list[float] = []
     later: list[float] = []
@@ -239,7 +267,7 @@ def main(argv=None) -> int:
             (first if k == 0 else later).append(ms)
             pred = answer_mask(answer, h, w)
             ious[k].append(iou(pred, gt))
-    server.shutdown()
+    bench.close()
 
     every = first + later
     report = {
@@ -247,7 +275,7 @@ def main(argv=None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": __import__("torch").get_num_threads(),
         "model_version": predictor.version,
-        "model_load_s": round(load_s, 2),
+        "model_load_s": round(bench.load_s, 2),
         "images": len(masks), "clicks_per_image": args.clicks, "prompt": args.prompt,
         "ms_per_click": {"p50": round(pct(every, 50), 1), "p95": round(pct(every, 95), 1), "n": len(every)},
         "first_click_ms": {"p50": round(pct(first, 50), 1), "p95": round(pct(first, 95), 1), "n": len(first)},

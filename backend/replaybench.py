@@ -18,28 +18,18 @@ Prints ms per click number for each, and whether all masks are identical.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import logging
 import sys
-import threading
-import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
-import requests
 import torch
-from werkzeug.serving import make_server
 
 from model.images import load_mask
 from training.evaluation.clicker import RobotClicker
 from training.evaluation.datasets import default_data_root
 
-from .app import create_app
-from .bench import _serve, keypoint, pct, predict_body
-from .config import Config
-from .labelstudio.masks import rle_to_mask
+from .bench import answer_mask, keypoint, pct, predict_body, start_bench
 
 
 def main(argv=None) -> int:
@@ -53,43 +43,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    data = Path(args.data)
-    masks = sorted((data / "masks").glob("*.png"))[: args.images]
-    if not masks:
-        print(f"no masks under {data / 'masks'}", file=sys.stderr)
+    bench = start_bench(Path(args.data), args.images, args.checkpoint, args.device, timeout=600)
+    if bench is None:
         return 2
-    overrides = {k: v for k, v in (("checkpoint", args.checkpoint), ("device", args.device)) if v}
-    app = create_app(Config.from_env(**overrides))
-    backend = app.extensions["simclick"]
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-    images_url = _serve(ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(data / "images"))))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    url = f"http://127.0.0.1:{server.server_port}/predict"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    http = requests.Session()
-
-    def post(body):
-        t = time.perf_counter()
-        r = http.post(url, json=body, timeout=600)
-        ms = (time.perf_counter() - t) * 1000
-        r.raise_for_status()
-        return r.json(), ms
-
-    def mask_of(answer, h, w):
-        m = np.zeros((h, w), bool)
-        for item in answer["results"][0]["result"]:
-            m |= rle_to_mask(item["value"]["rle"], h, w)
-        return m
-
-    gt0 = load_mask(masks[0])   # warm-up (first torch call is slow), under another URL
-    post(predict_body(0, f"{images_url}/{masks[0].stem}.jpg?warmup",
-                      [keypoint(gt0.shape[1] // 2, gt0.shape[0] // 2, gt0.shape[1], gt0.shape[0])]))
+    backend, masks, images_url, post = bench.backend, bench.masks, bench.images_url, bench.post
 
     shared = backend.shared_prompts
     sharing = shared is not None and shared.max_session_bytes > 0
@@ -116,11 +73,11 @@ def main(argv=None) -> int:
                     backend.images.discard(lambda key, img=img: key == img)
                 answer, t = post(predict_body(n, img, kps))
                 ms[kind][k].append(t)
-                answers[kind] = mask_of(answer, h, w)
+                answers[kind] = answer_mask(answer, h, w)
             pred = answers["cached"]
             compared += 1
             identical += all(np.array_equal(answers["cached"], answers[x]) for x in kinds)
-    server.shutdown()
+    bench.close()
 
     report = {
         "redis_session_state": sharing,

@@ -1,0 +1,40 @@
+"""backend.bench and backend.replaybench share their setup (backend.bench.start_bench): both run
+end to end on one Berkeley image with the small test model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend import bench, replaybench
+from tests.conftest import DATASETS
+
+BERKELEY = DATASETS / "Berkeley"
+
+
+@pytest.fixture
+def args(tiny_checkpoint, monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)     # replaybench's three kinds, no Redis state
+    if not (BERKELEY / "masks").is_dir():
+        pytest.skip(f"no Berkeley data under {BERKELEY}")
+    return ["--data", str(BERKELEY), "--images", "1", "--clicks", "2", "--checkpoint", str(tiny_checkpoint),
+            "--device", "cpu", "--json"]
+
+
+def test_bench_runs_on_the_shared_setup(args, capsys):
+    assert bench.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 1 and report["ms_per_click"]["n"] == 2
+    assert len(report["mean_iou_per_click"]) == 2 and report["model_version"] == "tiny"
+
+
+def test_replaybench_runs_on_the_shared_setup(args, capsys):
+    assert replaybench.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 1 and set(report["p50_ms_by_click"]) == {"cached", "replay", "cold"}
+    assert report["identical_masks"] == "2/2"
+
+
+def test_start_bench_without_masks(tmp_path, capsys):
+    assert bench.start_bench(tmp_path, 1) is None
+    assert "no masks under" in capsys.readouterr().err
