@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training import distributed
-from training.train import train
+from training.train import LOG_FIELDS, train
 
 from .conftest import DATASETS
 from .test_training_loop import tiny_config, weights
@@ -143,8 +143,12 @@ def test_torchrun_launch(tmp_path):
     """The documented command, torchrun --standalone --nproc_per_node 2 -m training.train, through
     the helper the fine-tuning worker uses with FINETUNE_GPUS > 1."""
     cfg = tiny_config(tmp_path / "run", steps=2, batch_size=4, max_sim_rounds=1, checkpoint_every=2)
-    summary = distributed.torchrun_train(cfg, 2, threads=1, timeout=300)
+    calls = []
+    summary = distributed.torchrun_train(cfg, 2, threads=1, timeout=300, on_step=lambda *a: calls.append(a))
     assert summary["steps"] == 2 and summary["world_size"] == 2
+    # on_step from rank 0's log.csv (the ranks are other processes): at least the last step
+    assert calls and calls[-1][:2] == (2, 2) and [c[0] for c in calls] == sorted({c[0] for c in calls})
+    assert set(calls[-1][2]) == set(LOG_FIELDS) - {"step"}
     log = (tmp_path / "run" / "torchrun.log").read_text()
     assert log.count('"last_checkpoint"') == 1                          # printed once, by rank 0
     assert [int(r["step"]) for r in csv.DictReader((tmp_path / "run" / "log.csv").open())] == [1, 2]
@@ -160,3 +164,22 @@ def test_finetune_gpus_setting():
     assert FinetuneSettings.from_env({"FINETUNE_GPUS": "2", "FINETUNE_BATCH_SIZE": "8"}).gpus == 2
     with pytest.raises(ValueError, match="FINETUNE_GPUS"):
         FinetuneSettings.from_env({"FINETUNE_GPUS": "3", "FINETUNE_BATCH_SIZE": "4"})
+
+
+def test_log_follower_reports_each_new_step_once(tmp_path):
+    log = tmp_path / "log.csv"
+    calls = []
+    follower = distributed.LogFollower(log, 3, lambda *a: calls.append(a))
+    follower.poll()                                             # no log yet
+    log.write_text("step,epoch,loss\n")
+    follower.poll()                                             # header only
+    log.write_text("step,epoch,loss\n1,0,0.5\n2,0,0.4")
+    follower.poll()
+    follower.poll()                                             # the same step: not again
+    with log.open("a") as f:
+        f.write("\n3,0")                                        # a row being written
+    follower.poll()
+    with log.open("a") as f:
+        f.write(",0.3\n")
+    follower.poll()
+    assert calls == [(2, 3, {"epoch": 0.0, "loss": 0.4}), (3, 3, {"epoch": 0.0, "loss": 0.3})]

@@ -117,6 +117,21 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.e2e
 @needs_data
+def test_on_step_is_called_once_per_step_with_the_log_row(tmp_path):
+    from training.train import LOG_FIELDS
+
+    calls = []
+    train(tiny_config(tmp_path, steps=2), progress=False, on_step=lambda *a: calls.append(a))
+    train(tiny_config(tmp_path, steps=3), resume=True, progress=False, on_step=lambda *a: calls.append(a))
+    assert [(step, total) for step, total, _ in calls] == [(1, 2), (2, 2), (3, 3)]   # the resumed run: step 3
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    for (step, _, stats), row in zip(calls, rows):
+        assert set(stats) == set(LOG_FIELDS) - {"step"} and int(row["step"]) == step
+        assert all(stats[k] == pytest.approx(float(row[k]), rel=1e-3, abs=1e-4) for k in stats)
+
+
+@pytest.mark.e2e
+@needs_data
 def test_seed_changes_the_run(tmp_path):
     train(tiny_config(tmp_path / "s0", steps=1, checkpoint_every=1), progress=False)
     train(tiny_config(tmp_path / "s1", steps=1, checkpoint_every=1, seed=1), progress=False)

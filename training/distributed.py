@@ -33,9 +33,10 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Callable, TypeVar, cast
 
 import torch
 from timm.layers import convert_sync_batchnorm as timm_convert  # keeps timm's BatchNormAct2d activations
@@ -204,12 +205,49 @@ def convert_sync_batchnorm(net: _Net, device: torch.device) -> _Net:
     return cast(_Net, timm_convert(net))
 
 
-def torchrun_train(cfg, nproc: int, resume: bool = False, threads: int | None = None, timeout: float | None = None) -> dict:
+class LogFollower:
+    """Calls on_step(step, total, stats) (training.train.OnStep) from the last row of a run's
+    log.csv, when its step changed since the last call."""
+
+    def __init__(self, log_path: Path, total: int, on_step: Callable[[int, int, dict], None]):
+        self.log_path, self.total, self.on_step = log_path, total, on_step
+        self.last = -1
+
+    def poll(self) -> None:
+        try:
+            lines = self.log_path.read_text().splitlines()
+        except OSError:
+            return
+        if len(lines) < 2:
+            return
+        header, row = lines[0].split(","), lines[-1].split(",")
+        if len(row) != len(header):              # a row being written
+            return
+        try:
+            stats = {k: float(v) for k, v in zip(header, row) if v != ""}
+            step = int(stats.pop("step"))
+        except (KeyError, ValueError):
+            return
+        if step != self.last:
+            self.last = step
+            self.on_step(step, self.total, stats)
+
+
+POLL_S = 1.0    # how often torchrun_train reads log.csv for on_step
+
+
+def torchrun_train(cfg, nproc: int, resume: bool = False, threads: int | None = None, timeout: float | None = None,
+                   on_step: Callable[[int, int, dict], None] | None = None) -> dict:
     """Run `torchrun --standalone --nproc_per_node nproc -m training.train` on `cfg` (a TrainConfig)
     in a child process and return rank 0's summary (out_dir/card.json). For callers that train in
     process otherwise (the fine-tuning worker, FINETUNE_GPUS): the config goes to
     out_dir/torchrun-config.json, the output to out_dir/torchrun.log. The child gets SIGTERM when
-    this process dies (a stopped RQ work-horse leaves no training behind)."""
+    this process dies (a stopped RQ work-horse leaves no training behind).
+
+    `on_step(step, total, stats)` as train()'s, but from log.csv, read every POLL_S seconds while
+    waiting for the child (and once at its end): the training runs in torchrun's processes, which
+    a callback in this one cannot reach, and rank 0 already writes and flushes a log.csv row per
+    step; so a step is reported up to POLL_S late and steps in between are skipped."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "torchrun-config.json"
@@ -236,8 +274,19 @@ def torchrun_train(cfg, nproc: int, resume: bool = False, threads: int | None = 
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=die_with_parent)
+        follower = LogFollower(out / "log.csv", cfg.steps, on_step) if on_step is not None else None
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            rc = proc.wait(timeout)
+            while True:
+                wait = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+                try:
+                    rc = proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+                if follower is not None:
+                    follower.poll()
         except BaseException:
             proc.terminate()
             try:
@@ -245,6 +294,8 @@ def torchrun_train(cfg, nproc: int, resume: bool = False, threads: int | None = 
             except subprocess.TimeoutExpired:
                 proc.kill()
             raise
+    if rc == 0 and follower is not None:
+        follower.poll()                          # the last step
     if rc != 0:
         text = log_path.read_text(errors="replace")
         errors = re.findall(r"^\[rank\d+\]: (\w*(?:Error|Exception)\b.*)$", text, re.M)   # a rank's exception

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, Optional, Protocol
 
 import numpy as np
 import torch
@@ -45,6 +46,14 @@ from .losses import LOSSES
 from .state import load_state, save_state
 
 LOG_FIELDS = ["step", "epoch", "loss", "seg", "focus", "pem", "iou", "lr", "grad_norm", "sec_per_step", "elapsed_h"]
+
+
+class OnStep(Protocol):
+    """Progress of a training run: called after each step with the steps done (1-based, the
+    `step` of log.csv), the steps of the run (cfg.steps) and that step's log.csv numbers (every
+    LOG_FIELDS column but `step`, as floats). With several processes only rank 0 calls it."""
+
+    def __call__(self, step: int, total: int, stats: Dict[str, float], /) -> None: ...
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -347,19 +356,22 @@ def plot_losses(log_path: Path, out_png: Path) -> None:
 
 
 # -- main loop ---------------------------------------------------------------------------------
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, on_step: Optional[OnStep] = None) -> dict:
+    """Train `cfg`; rank 0's summary (or the rank's, with several processes). `progress`: the
+    terminal progress bar; `on_step(step, total, stats)`: called after every step (OnStep)."""
     device = pick_device(None if cfg.device == "auto" else cfg.device)
     dctx = distributed.setup(device.type)     # torchrun: one process per GPU (or CPU share); else world 1
     ok = False
     try:
-        summary = _train(cfg, resume, progress, device, dctx)
+        summary = _train(cfg, resume, progress, device, dctx, on_step)
         ok = True
         return summary
     finally:
         distributed.teardown(dctx, wait=ok)   # no barrier after a failure: the other ranks may never get there
 
 
-def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distributed.Dist) -> dict:
+def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distributed.Dist,
+           on_step: Optional[OnStep] = None) -> dict:
     if dctx.enabled and device.type == "cuda":
         device = torch.device("cuda", dctx.local_rank)
     distributed.check_batch(cfg.batch_size, dctx)
@@ -448,6 +460,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distrib
             bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.1e}")
             bar.update(1)
             done = step + 1
+            if on_step is not None and main:
+                on_step(done, cfg.steps, {"epoch": float(epoch), **{k: float(stats[k]) for k in (
+                    "loss", "seg", "focus", "pem", "iou")}, "lr": lr, "grad_norm": float(stats["grad_norm"]),
+                    "sec_per_step": dt, "elapsed_h": elapsed / 3600})
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 checkpoint(done)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and val_samples:
