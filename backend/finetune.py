@@ -2,13 +2,16 @@
 
     result = run_finetune(project=3, job_id="train-p3-7", settings=FinetuneSettings.from_env())
 
-Stages (reported through `progress(stage, percent, **extra)`; the RQ job puts them in job.meta):
+Stages, one function each, run in order by `run_finetune` (open_job, pull_annotations,
+plan_evaluation, train_candidate, evaluate_candidate, decide_promotion, register), reported through
+`progress(stage, percent, **extra)` (the RQ job puts them in job.meta):
   pull      the project's finished annotations from Label Studio (backend.labelstudio.pull),
             images downloaded as the backend does, bad regions skipped with their reason, a
             deterministic train/holdout split by task;
   train     training.train.train() from the project's promoted version (or the base checkpoint)
             with a LabelStudioSource on the pulled images; resumed from its last state when a
-            retried job finds one in its work folder;
+            retried job finds one in its work folder; each step reported through train()'s
+            on_step (with FINETUNE_GPUS > 1, torchrun_train's, which follows rank 0's log.csv);
   evaluate  the robot user (NoC) on the holdout, parent and candidate, and on the benchmarks
             (GrabCut, Berkeley: the first `bench_limit` instances whose image is not in the
             project's data, compared by content hash); every run is recorded in the evaluation
@@ -28,17 +31,17 @@ Settings come from FINETUNE_* environment variables (table: FINETUNE_SETTINGS, p
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
-import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 
@@ -252,35 +255,6 @@ def benchmark_samples(dataset: str, limit: Optional[int], exclude: set) -> tuple
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-class _TrainProgress(threading.Thread):
-    """Reads the trainer's log.csv once a second and reports the step (train.train has no callback)."""
-
-    def __init__(self, log_path: Path, steps: int, report: Callable[[int], None]):
-        super().__init__(daemon=True)
-        self.log_path, self.steps, self.report = log_path, steps, report
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        last = -1
-        while not self.stop_event.wait(1.0):
-            try:
-                with open(self.log_path) as f:
-                    lines = f.read().splitlines()
-                step = int(lines[-1].split(",", 1)[0]) if len(lines) > 1 else 0
-            except (OSError, ValueError, IndexError):
-                continue
-            if step != last:
-                last = step
-                try:
-                    self.report(step)
-                except Exception:  # progress is best effort: never kill training for it
-                    log.exception("progress report failed")
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join(5)
-
-
 def _predictor(path: Path, settings: FinetuneSettings, version: str):
     """The evaluation predictor, named by its registry version (the name the history records)."""
     from model.predictor import Predictor  # imports torch: not on the enqueue path
@@ -448,48 +422,111 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
                  work_root: Optional[str] = None, before_register: Optional[Callable[[], None]] = None,
                  rates: Optional[dict] = None) -> dict:
     """One fine-tuning job for one project. Returns a JSON-able summary (also the RQ job result).
+    `progress(stage, percent, **extra)` is called in this thread (during training after each
+    step, at most about once a second), so it must be quick and must not raise for a Redis outage.
     `before_register` is called right before the registry is changed (the job's lock check).
     `rates`: the speeds a previous job measured on this host (the summary's "rates"), the ETA's
     guess until this job has measured its own."""
-    # torch and what imports it: loaded by the job, not by backend.jobs and backend.settings (enqueue, --help-env)
+    # torch: loaded by the job, not by backend.jobs and backend.settings (enqueue, --help-env)
     import torch
 
-    from .labelstudio import pull
-    from model.checkpoint import atomic_write_bytes, file_sha256, resolve
-
     settings = settings or FinetuneSettings.from_env()
-    progress = progress or (lambda stage, percent, **kw: None)
-    pid = project_key(project)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     t_start = time.perf_counter()
-    timings: Dict[str, float] = {}
-    registry = ProjectRegistry(registry_root or default_root(), pid)
-    work = Path(work_root or data_dir() / "jobs") / job_id
-    work.mkdir(parents=True, exist_ok=True)
-
-    # -- parent: the promoted version, else the base checkpoint (registered once) ------------------
-    parent = registry.promoted()
-    if parent is None:
-        parent = registry.ensure_base(resolve(base_checkpoint or os.environ.get("MODEL_CHECKPOINT") or "default"))
-    name = registry.reserve(job_id)
-    summary: Dict[str, Any] = {"job_id": job_id, "project": pid, "version": name, "parent": parent.name,
-                               "settings": settings.to_dict()}
-    if registry.exists(name):
+    job = open_job(project, job_id, settings, progress or (lambda stage, percent, **kw: None),
+                   registry_root, base_checkpoint, work_root)
+    summary: Dict[str, Any] = {"job_id": job_id, "project": job.pid, "version": job.name,
+                               "parent": job.parent.name, "settings": settings.to_dict()}
+    if job.registry.exists(job.name):
         # An earlier attempt of this job registered the version and died before promoting.
         if before_register:
             before_register()
-        return _finish_existing(registry, name, parent, summary)
+        return _finish_existing(job.registry, job.name, job.parent, summary)
 
-    # -- pull ----------------------------------------------------------------------------------------
+    report = pull_annotations(job, export)
+    summary["data"] = {k: report[k] for k in ("tasks", "annotations", "regions", "kept", "train_regions",
+                                              "holdout_regions", "train_tasks", "holdout_tasks",
+                                              "latest_annotation", "source")}
+    summary["skipped"] = report["skipped"]
+    shortfall = too_few(report, settings)
+    if shortfall:
+        return skip(job, summary, shortfall)
+
+    plan = plan_evaluation(job, rates or {})
+    tcfg, trained = train_candidate(job, plan.eta)
+    summary["train"] = {"steps": trained["steps"], "resumed": trained["resumed"], "device": trained["device"]}
+    candidate = Path(trained["last_checkpoint"])
+    ev = evaluate_candidate(job, plan, candidate, report["holdout_tasks"])
+    promote, reason, confidence = decide_promotion(ev, settings)
+    register(job, candidate, tcfg, ev.metrics, summary["data"], report["skipped"], promote, reason, confidence,
+             before_register)
+    job.timings["total_s"] = round(time.perf_counter() - t_start, 2)
+    summary.update(status="promoted" if promote else "kept", promoted=promote, reason=reason,
+                   confidence=confidence, metrics=ev.metrics, timings=job.timings, rates=plan.eta.measured)
+    log.info("job %s: %s %s (%s)", job_id, job.name, "promoted" if promote else "kept unpromoted", reason)
+    job.progress("done", 100, detail=f"{job.name} {'promoted' if promote else 'kept'}: {reason}")
+    _cleanup(job.work, settings)
+    return summary
+
+
+@dataclass
+class FinetuneJob:
+    """What every stage of one job works with."""
+    pid: str
+    job_id: str
+    settings: FinetuneSettings
+    progress: Progress
+    registry: ProjectRegistry
+    work: Path                    # DATA_DIR/jobs/<job>: the pulled data and the training run
+    parent: Any                   # the registry Version the candidate is compared with
+    name: str                     # the candidate's version name
+    timings: Dict[str, float]     # seconds per stage: pull_s, train_s, evaluate_s, total_s
+
+    @property
+    def data(self) -> Path:
+        return self.work / "data"
+
+
+@contextlib.contextmanager
+def _timed(job: FinetuneJob, key: str) -> Iterator[None]:
     t0 = time.perf_counter()
-    progress("pull", 1)
-    data = work / "data"
-    done_marker = data / "report.json"
-    if done_marker.exists():
-        report = json.loads(done_marker.read_text())
-        log.info("job %s: reusing the annotations pulled by an earlier attempt", job_id)
-    else:
+    yield
+    job.timings[key] = round(time.perf_counter() - t0, 2)
+
+
+def open_job(project: Any, job_id: str, settings: FinetuneSettings, progress: Progress,
+             registry_root: Optional[str] = None, base_checkpoint: Optional[str] = None,
+             work_root: Optional[str] = None) -> FinetuneJob:
+    """The job's registry, work folder, parent (the promoted version, else the base checkpoint,
+    registered once) and the name reserved for its candidate (the same for every attempt)."""
+    from model.checkpoint import resolve  # imports torch: not on the enqueue path
+
+    pid = project_key(project)
+    registry = ProjectRegistry(registry_root or default_root(), pid)
+    work = Path(work_root or data_dir() / "jobs") / job_id
+    work.mkdir(parents=True, exist_ok=True)
+    parent = registry.promoted()
+    if parent is None:
+        parent = registry.ensure_base(resolve(base_checkpoint or os.environ.get("MODEL_CHECKPOINT") or "default"))
+    return FinetuneJob(pid, job_id, settings, progress, registry, work, parent, registry.reserve(job_id), {})
+
+
+def pull_annotations(job: FinetuneJob, export: Optional[str] = None) -> dict:
+    """Stage pull: the project's annotations (from Label Studio, or an export file) as a training
+    set and a holdout in job.data; the report (counts, split, skipped regions). An earlier
+    attempt's pull is reused."""
+    from model.checkpoint import atomic_write_bytes  # imports torch: not on the enqueue path
+
+    from .labelstudio import pull
+
+    settings, data = job.settings, job.data
+    with _timed(job, "pull_s"):
+        job.progress("pull", 1)
+        done_marker = data / "report.json"
+        if done_marker.exists():
+            log.info("job %s: reusing the annotations pulled by an earlier attempt", job.job_id)
+            return json.loads(done_marker.read_text())
         cfg = Config.from_env()
         fetcher = ImageFetcher(cfg)
         if export:
@@ -497,151 +534,222 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
             source = f"export {export}"
         else:
             client = pull.ls_client(cfg.label_studio_url, cfg.label_studio_api_key)
-            _, tasks = pull.fetch_tasks(client, int(pid))
-            source = f"Label Studio {cfg.label_studio_url} project {pid}"
+            _, tasks = pull.fetch_tasks(client, int(job.pid))
+            source = f"Label Studio {cfg.label_studio_url} project {job.pid}"
         labels = [s.strip() for s in settings.labels.split(",") if s.strip()] or None
         report = pull.build_dataset(
             tasks, fetcher, data, holdout_fraction=settings.holdout_fraction, min_holdout=settings.min_holdout,
             seed=settings.seed, labels=labels, min_area=settings.min_area,
-            progress=lambda i, n: progress("pull", 1 + int(9 * i / max(1, n)), detail=f"task {i + 1}/{n}"),
+            progress=lambda i, n: job.progress("pull", 1 + int(9 * i / max(1, n)), detail=f"task {i + 1}/{n}"),
         ).to_dict()
         report["source"] = source
-        atomic_write_bytes(data / "report.json", json.dumps(report, indent=2, default=str).encode())
-    timings["pull_s"] = round(time.perf_counter() - t0, 2)
-    summary["data"] = {k: report[k] for k in ("tasks", "annotations", "regions", "kept", "train_regions",
-                                              "holdout_regions", "train_tasks", "holdout_tasks",
-                                              "latest_annotation", "source")}
-    summary["skipped"] = report["skipped"]
-    shortfall = too_few(report, settings)
-    if shortfall:
-        summary.update(status="skipped", promoted=False, reason=shortfall)
-        log.warning("job %s skipped: %s", job_id, shortfall)
-        progress("skipped", 100, detail=shortfall)
-        _cleanup(work, settings)
-        return summary
+        atomic_write_bytes(done_marker, json.dumps(report, indent=2, default=str).encode())
+    return report
 
-    # -- benchmarks: chosen before training (a missing data set fails early; the ETA knows the work)
+
+def skip(job: FinetuneJob, summary: dict, shortfall: str) -> dict:
+    """Too few usable annotations: the job ends "skipped" with the reason, without training."""
+    summary.update(status="skipped", promoted=False, reason=shortfall)
+    log.warning("job %s skipped: %s", job.job_id, shortfall)
+    job.progress("skipped", 100, detail=shortfall)
+    _cleanup(job.work, job.settings)
+    return summary
+
+
+@dataclass
+class EvalPlan:
+    """What the evaluation will run, fixed before training: a missing data set fails early and the
+    ETA knows the work."""
+    holdout: list                 # the holdout instances
+    checks: List[BenchPlan]       # the benchmark instances
+    parent_pred: Any              # the parent's predictor
+    parent_sha: str
+    eta: Eta
+
+
+def plan_evaluation(job: FinetuneJob, rates: dict) -> EvalPlan:
+    """The holdout and benchmark instances, the parent's predictor, and the ETA (the evaluation's
+    clicks; without a previous job's speed on this host, a few clicks timed now)."""
+    from model.checkpoint import file_sha256  # imports torch: not on the enqueue path
+
+    from .labelstudio import pull
+
+    parent, settings = job.parent, job.settings
     parent_sha = parent.info.get("sha256") or file_sha256(parent.checkpoint)
-    checks = plan_benchmarks(settings, data / "images", parent_sha, job_id, pid)
-
-    holdout = samples_from_arrays(pull.holdout_pairs(data), prefix=f"p{pid}-holdout-")
+    checks = plan_benchmarks(settings, job.data / "images", parent_sha, job.job_id, job.pid)
+    holdout = samples_from_arrays(pull.holdout_pairs(job.data), prefix=f"p{job.pid}-holdout-")
     parent_pred = _predictor(parent.checkpoint, settings, parent.name)
-    eta = Eta(settings.steps, rates or {})
+    eta = Eta(settings.steps, rates)
     eta.eval_clicks = CURVE_CLICKS * (2 * len(holdout) + sum(
         len(c.samples) * (1 if c.parent_nocs is not None else 2) for c in checks))
     if eta.click_s is None and holdout:             # no earlier job on this host: measure a few clicks
         eta.click_s = click_seconds(parent_pred, holdout[0])
+    return EvalPlan(holdout, checks, parent_pred, parent_sha, eta)
 
-    # -- train ---------------------------------------------------------------------------------------
-    from training.train import train  # imports torch: not on the enqueue path
 
-    t0 = time.perf_counter()
-    out = work / "train"
-    tcfg = TrainConfig(
-        out_dir=str(out), init_checkpoint=str(parent.checkpoint), data_root=str(data),
+def train_config(job: FinetuneJob) -> TrainConfig:
+    """The candidate's training: from the parent, on the pulled training set."""
+    s, data = job.settings, job.data
+    return TrainConfig(
+        out_dir=str(job.work / "train"), init_checkpoint=str(job.parent.checkpoint), data_root=str(data),
         sources=[{"type": "labelstudio", "export": str(data / "train.json"), "image_dir": str(data / "images"),
-                  "name": f"ls-project-{pid}", "min_area": settings.min_area}],
-        val_fraction=0.0, val_instances=0, crop_size=settings.crop_size, steps=settings.steps,
-        batch_size=settings.batch_size, num_workers=0, lr=settings.lr,
-        warmup_steps=min(settings.warmup_steps, max(1, settings.steps // 5)),
-        max_sim_rounds=settings.max_sim_rounds, checkpoint_every=max(1, settings.checkpoint_every),
+                  "name": f"ls-project-{job.pid}", "min_area": s.min_area}],
+        val_fraction=0.0, val_instances=0, crop_size=s.crop_size, steps=s.steps,
+        batch_size=s.batch_size, num_workers=0, lr=s.lr,
+        warmup_steps=min(s.warmup_steps, max(1, s.steps // 5)),
+        max_sim_rounds=s.max_sim_rounds, checkpoint_every=max(1, s.checkpoint_every),
         # A few crops per step: the backbone's BatchNorm keeps its statistics (batch ones are noise).
         freeze_backbone_bn=True,
-        device=settings.device or "auto", seed=settings.seed, version=name,
-        notes=f"fine-tuned from {parent.name} by job {job_id} on project {pid}")
-    resume = (out / "state.safetensors").exists()
-    progress("train", 10, detail=("resuming" if resume else "starting") + f" from {parent.name}",
-             **eta.left(settings.steps, eta.eval_clicks))
-    watcher = _TrainProgress(out / "log.csv", settings.steps,
-                             lambda step: progress("train", 10 + int(60 * step / settings.steps),
-                                                   detail=f"step {step}/{settings.steps}", step=step,
-                                                   **eta.step(step)))
-    watcher.start()
-    try:
-        if settings.gpus > 1:       # one process per GPU (training/distributed.py); rank 0 writes log.csv
+        device=s.device or "auto", seed=s.seed, version=job.name,
+        notes=f"fine-tuned from {job.parent.name} by job {job.job_id} on project {job.pid}")
+
+
+def step_reporter(job: FinetuneJob, eta: Eta, every: float = 1.0,
+                  clock: Callable[[], float] = time.monotonic) -> Callable[[int, int, dict], None]:
+    """train()'s on_step as the job's "train" progress (10..70 %, the step, the ETA): at most one
+    report per `every` seconds (each is a Redis write), and the last step."""
+    last = [float("-inf")]
+
+    def on_step(step: int, total: int, stats: dict) -> None:
+        now = clock()
+        if step < total and now - last[0] < every:
+            return
+        last[0] = now
+        job.progress("train", 10 + int(60 * step / total), detail=f"step {step}/{total}", step=step,
+                     **eta.step(step))
+    return on_step
+
+
+def train_candidate(job: FinetuneJob, eta: Eta) -> tuple[TrainConfig, dict]:
+    """Stage train: (the training config, train()'s summary with "resumed"). A retried job resumes
+    from the last state its earlier attempt saved in the work folder. FINETUNE_GPUS > 1 trains
+    in torchrun processes (training/distributed.py)."""
+    from training.train import train  # imports torch: not on the enqueue path
+
+    settings = job.settings
+    tcfg = train_config(job)
+    resume = (Path(tcfg.out_dir) / "state.safetensors").exists()
+    on_step = step_reporter(job, eta)
+    with _timed(job, "train_s"):
+        job.progress("train", 10, detail=("resuming" if resume else "starting") + f" from {job.parent.name}",
+                     **eta.left(settings.steps, eta.eval_clicks))
+        if settings.gpus > 1:       # one process per GPU; rank 0 writes log.csv, which on_step follows
             from training.distributed import torchrun_train  # imports torch: not on the enqueue path
-            train_summary = torchrun_train(tcfg, settings.gpus, resume=resume, threads=settings.threads or None)
+            trained = torchrun_train(tcfg, settings.gpus, resume=resume, threads=settings.threads or None,
+                                     on_step=on_step)
         else:
-            train_summary = train(tcfg, resume=resume, progress=False)
-    finally:
-        watcher.stop()
-    timings["train_s"] = round(time.perf_counter() - t0, 2)
-    candidate_path = Path(train_summary["last_checkpoint"])
-    summary["train"] = {"steps": train_summary["steps"], "resumed": resume, "device": train_summary["device"]}
+            trained = train(tcfg, resume=resume, progress=False, on_step=on_step)
+    return tcfg, {**trained, "resumed": resume}
 
-    # -- evaluate ------------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    cand_sha = file_sha256(candidate_path)
-    cand_pred = _predictor(candidate_path, settings, name)
-    done = [0]           # evaluation clicks run so far, for the progress and the ETA
 
-    def counted(samples, what: str, low: int, high: int) -> list:
+@dataclass
+class Evaluation:
+    metrics: Dict[str, Any]       # the summary's and the registry version's "metrics"
+    holdout: Paired
+    bench: List[Paired]
+    excluded: Dict[str, List[str]]   # per benchmark: the instances left out (image in the project)
+
+
+class _EvalProgress:
+    """The "evaluate" progress: which instance of which run, and the ETA from the clicks run so far."""
+
+    def __init__(self, job: FinetuneJob, eta: Eta):
+        self.job, self.eta, self.done = job, eta, 0
+
+    def counted(self, samples, what: str, low: int, high: int) -> list:
         """The samples, reporting progress as each one starts (every instance runs CURVE_CLICKS)."""
         def started(i: int) -> None:
-            progress("evaluate", low + int((high - low) * i / max(1, len(samples))),
-                     detail=f"{what} {i + 1}/{len(samples)}", **eta.clicks(done[0]))
-            done[0] += CURVE_CLICKS
+            self.job.progress("evaluate", low + int((high - low) * i / max(1, len(samples))),
+                              detail=f"{what} {i + 1}/{len(samples)}", **self.eta.clicks(self.done))
+            self.done += CURVE_CLICKS
         return [_Counted(smp, functools.partial(started, i)) for i, smp in enumerate(samples)]
 
-    extra = {"job_id": job_id, "project": pid, "holdout_tasks": report["holdout_tasks"],
-             "coarse_size": settings.eval_coarse_size}
-    ds_name = f"ls-p{pid}-holdout"
-    res_parent = _evaluate(parent_pred, counted(holdout, "holdout (parent)", 70, 73), ds_name)
-    res_cand = _evaluate(cand_pred, counted(holdout, "holdout (candidate)", 73, 76), ds_name)
-    runs = {"holdout_parent": _record(res_parent, parent.checkpoint, parent_sha, True, job_id, extra),
-            "holdout_candidate": _record(res_cand, candidate_path, cand_sha, True, job_id, extra)}
+
+def evaluate_candidate(job: FinetuneJob, plan: EvalPlan, candidate: Path, holdout_tasks: list) -> Evaluation:
+    """Stage evaluate: parent and candidate on the holdout, then on each benchmark (the parent's
+    results from the history when it has them); every run recorded in the evaluation history."""
+    from model.checkpoint import file_sha256  # imports torch: not on the enqueue path
+
+    with _timed(job, "evaluate_s"):
+        cand_sha = file_sha256(candidate)
+        cand_pred = _predictor(candidate, job.settings, job.name)
+        counter = _EvalProgress(job, plan.eta)
+        runs: Dict[str, Optional[int]] = {}
+        metrics, paired_holdout = _evaluate_holdout(job, plan, cand_pred, candidate, cand_sha, holdout_tasks,
+                                                    counter, runs)
+        bench, paired_bench = _evaluate_benchmarks(job, plan, cand_pred, candidate, cand_sha, counter, runs)
+        metrics["benchmarks"] = bench
+        metrics["history_runs"] = runs
+    return Evaluation(metrics, paired_holdout, paired_bench, {ds: b["excluded"] for ds, b in bench.items()})
+
+
+def _evaluate_holdout(job: FinetuneJob, plan: EvalPlan, cand_pred, candidate: Path, cand_sha: str, holdout_tasks: list,
+                      counter: _EvalProgress, runs: dict) -> tuple[Dict[str, Any], Paired]:
+    parent = job.parent
+    extra = {"job_id": job.job_id, "project": job.pid, "holdout_tasks": holdout_tasks,
+             "coarse_size": job.settings.eval_coarse_size}
+    ds_name = f"ls-p{job.pid}-holdout"
+    res_parent = _evaluate(plan.parent_pred, counter.counted(plan.holdout, "holdout (parent)", 70, 73), ds_name)
+    res_cand = _evaluate(cand_pred, counter.counted(plan.holdout, "holdout (candidate)", 73, 76), ds_name)
+    runs["holdout_parent"] = _record(res_parent, parent.checkpoint, plan.parent_sha, True, job.job_id, extra)
+    runs["holdout_candidate"] = _record(res_cand, candidate, cand_sha, True, job.job_id, extra)
     mp, mc = res_parent.metrics(), res_cand.metrics()
-    paired_holdout = Paired.from_results("holdout", res_parent, res_cand)
-    metrics: Dict[str, Any] = {"holdout": {**paired_holdout.to_dict(),
-                                           "parent": {k: mp[k] for k in ("noc85", "noc90", "nof90")},
-                                           "candidate": {k: mc[k] for k in ("noc85", "noc90", "nof90")}}}
+    paired = Paired.from_results("holdout", res_parent, res_cand)
+    return {"holdout": {**paired.to_dict(), "parent": {k: mp[k] for k in ("noc85", "noc90", "nof90")},
+                        "candidate": {k: mc[k] for k in ("noc85", "noc90", "nof90")}}}, paired
+
+
+def _evaluate_benchmarks(job: FinetuneJob, plan: EvalPlan, cand_pred, candidate: Path, cand_sha: str,
+                         counter: _EvalProgress, runs: dict) -> tuple[Dict[str, Dict[str, Any]], List[Paired]]:
+    parent, checks, settings = job.parent, plan.checks, job.settings
     bench: Dict[str, Dict[str, Any]] = {}
     paired_bench: List[Paired] = []
     for i, c in enumerate(checks):
         low = 76 + int(18 * i / len(checks))
         mid, high = low + int(9 / len(checks)), 76 + int(18 * (i + 1) / len(checks))
-        ds, bextra = c.dataset, {"job_id": job_id, "project": pid, "limit": settings.bench_limit or None,
+        ds, bextra = c.dataset, {"job_id": job.job_id, "project": job.pid, "limit": settings.bench_limit or None,
                                  "coarse_size": settings.eval_coarse_size, "excluded": c.excluded}
         parent_nocs = c.parent_nocs
         if parent_nocs is None:
-            rp = _evaluate(parent_pred, counted(c.samples, f"{ds} (parent)", low, mid), ds)
-            runs[f"{ds}_parent"] = _record(rp, parent.checkpoint, parent_sha, c.complete, job_id, bextra)
+            rp = _evaluate(plan.parent_pred, counter.counted(c.samples, f"{ds} (parent)", low, mid), ds)
+            runs[f"{ds}_parent"] = _record(rp, parent.checkpoint, plan.parent_sha, c.complete, job.job_id, bextra)
             parent_nocs = {r.sample_id: r.noc() for r in rp.instances}
-        rc = _evaluate(cand_pred, counted(c.samples, f"{ds} (candidate)", mid, high), ds)
-        runs[f"{ds}_candidate"] = _record(rc, candidate_path, cand_sha, c.complete, job_id, bextra)
+        rc = _evaluate(cand_pred, counter.counted(c.samples, f"{ds} (candidate)", mid, high), ds)
+        runs[f"{ds}_candidate"] = _record(rc, candidate, cand_sha, c.complete, job.job_id, bextra)
         pb = Paired(ds, parent_nocs, {r.sample_id: r.noc() for r in rc.instances})
         paired_bench.append(pb)
         bench[ds] = {**pb.to_dict(), "parent": pb.mean("parent"), "candidate": pb.mean("candidate"),
                      "excluded": c.excluded}
-    metrics["benchmarks"] = bench
-    metrics["history_runs"] = runs
-    timings["evaluate_s"] = round(time.perf_counter() - t0, 2)
+    return bench, paired_bench
 
-    # -- decide, register, promote -------------------------------------------------------------------
-    promote, reason, confidence = decide(paired_holdout, paired_bench, settings.bench_margin,
+
+def decide_promotion(ev: Evaluation, settings: FinetuneSettings) -> tuple[bool, str, str]:
+    """Stage decide: `decide` on the evaluation, the reason also naming the benchmark instances left
+    out because their image is in the project."""
+    promote, reason, confidence = decide(ev.holdout, ev.bench, settings.bench_margin,
                                          settings.min_holdout_gain, settings.confident_holdout)
-    left_out = {ds: len(b["excluded"]) for ds, b in bench.items() if b["excluded"]}
+    left_out = {ds: len(ids) for ds, ids in ev.excluded.items() if ids}
     if left_out:
         reason += "; left out of the benchmarks (image in the project): " + ", ".join(
             f"{n} {ds} instance(s)" for ds, n in left_out.items())
-    progress("register", 95, detail=name)
+    return promote, reason, confidence
+
+
+def register(job: FinetuneJob, candidate: Path, tcfg: TrainConfig, metrics: dict, data: dict, skipped: list,
+             promote: bool, reason: str, confidence: str, before_register: Optional[Callable[[], None]]) -> None:
+    """Stages register and promote: the candidate becomes an immutable registry version with the
+    decision; promoted if the decision says so."""
+    job.progress("register", 95, detail=job.name)
     if before_register:
         before_register()
-    version = registry.add(
-        name, candidate_path, kind="finetuned", parent=parent.name, job_id=job_id,
-        train_config=tcfg.to_dict(), settings=settings.to_dict(), metrics=metrics,
-        data=summary["data"], skipped=report["skipped"][:200],
+    version = job.registry.add(
+        job.name, candidate, kind="finetuned", parent=job.parent.name, job_id=job.job_id,
+        train_config=tcfg.to_dict(), settings=job.settings.to_dict(), metrics=metrics,
+        data=data, skipped=skipped[:200],
         decision={"promote": promote, "reason": reason, "confidence": confidence, "decided_at": time.time()})
     if promote:
-        progress("promote", 98, detail=name)
-        registry.promote(version.name, reason=reason, actor=f"job {job_id}", served_before=parent.name)
-    timings["total_s"] = round(time.perf_counter() - t_start, 2)
-    summary.update(status="promoted" if promote else "kept", promoted=promote, reason=reason,
-                   confidence=confidence, metrics=metrics, timings=timings, rates=eta.measured)
-    log.info("job %s: %s %s (%s)", job_id, name, "promoted" if promote else "kept unpromoted", reason)
-    progress("done", 100, detail=f"{name} {'promoted' if promote else 'kept'}: {reason}")
-    _cleanup(work, settings)
-    return summary
+        job.progress("promote", 98, detail=job.name)
+        job.registry.promote(version.name, reason=reason, actor=f"job {job.job_id}", served_before=job.parent.name)
 
 
 def _finish_existing(registry, name: str, parent, summary: dict) -> dict:

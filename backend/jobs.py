@@ -311,7 +311,9 @@ def enqueue_webhook(event, *, redis_url: Optional[str] = None, queue: Optional[s
 
 # -- the job ---------------------------------------------------------------------------------------
 class _Meta:
-    """Thread-safe, best-effort job.meta updates (a Redis hiccup must not kill the training)."""
+    """Thread-safe, best-effort job.meta updates (a Redis hiccup must not kill the training). The
+    job's progress: called in the job's main thread, where `interruptible` raises JobInterrupted,
+    which must pass."""
 
     def __init__(self, job):
         self.job = job
@@ -322,6 +324,8 @@ class _Meta:
             self.job.meta.update(kw)
             try:
                 self.job.save_meta()
+            except JobInterrupted:   # the SIGTERM handler's, raised here when the signal came now
+                raise
             except Exception as e:
                 log.warning("could not save job meta: %s", e)
 

@@ -1,0 +1,94 @@
+"""run_finetune as a sequence of stages (backend/finetune.py), and the training progress through
+train()'s on_step callback instead of a thread reading log.csv."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from backend import finetune
+from backend.finetune import (Eta, Evaluation, FinetuneJob, FinetuneSettings, Paired, decide_promotion, run_finetune,
+                              step_reporter, train_candidate)
+
+
+def make_job(tmp_path, progress, **settings) -> FinetuneJob:
+    parent = SimpleNamespace(name="p5-base", checkpoint=tmp_path / "parent.safetensors", info={})
+    return FinetuneJob("5", "job-1", FinetuneSettings(**settings), progress, registry=None,
+                       work=tmp_path / "work", parent=parent, name="p5-v001", timings={})
+
+
+def test_step_reports_are_throttled_and_the_last_one_is_sent(tmp_path):
+    calls = []
+    job = make_job(tmp_path, lambda stage, percent, **kw: calls.append((stage, percent, kw)), steps=5)
+    times = iter([0.0, 0.2, 0.5, 1.3, 1.4])
+    on_step = step_reporter(job, Eta(5, {}), every=1.0, clock=lambda: next(times))
+    for step in range(1, 6):
+        on_step(step, 5, {"loss": 0.5})
+    assert [(c[0], c[1], c[2]["step"], c[2]["detail"]) for c in calls] == [
+        ("train", 22, 1, "step 1/5"), ("train", 58, 4, "step 4/5"), ("train", 70, 5, "step 5/5")]
+    assert all("eta_s" in c[2] for c in calls)
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_train_stage_reports_steps_from_either_path(tmp_path, monkeypatch, gpus):
+    """One process: train()'s on_step; several (torchrun children): torchrun_train's, from log.csv."""
+    import training.distributed
+    import training.train
+
+    def fake(cfg, *args, on_step=None, **kw):
+        for step in range(1, cfg.steps + 1):
+            on_step(step, cfg.steps, {"loss": 1.0 / step})
+        return {"steps": cfg.steps, "last_checkpoint": str(tmp_path / "last.safetensors"), "device": "cpu"}
+
+    monkeypatch.setattr(training.train, "train", fake)
+    monkeypatch.setattr(training.distributed, "torchrun_train", fake)
+    calls = []
+    job = make_job(tmp_path, lambda stage, percent, **kw: calls.append((stage, percent, kw)), steps=3,
+                   batch_size=4, gpus=gpus)
+    tcfg, trained = train_candidate(job, Eta(3, {}))
+    assert trained["resumed"] is False and trained["steps"] == 3 and tcfg.steps == 3
+    assert calls[0][:2] == ("train", 10) and calls[0][2]["detail"] == "starting from p5-base"
+    assert calls[-1][:2] == ("train", 70) and calls[-1][2]["step"] == 3
+    assert "train_s" in job.timings
+
+
+def test_decide_names_the_benchmark_instances_left_out():
+    holdout = Paired("holdout", {"a": 5, "b": 5}, {"a": 3, "b": 4})
+    bench = Paired("GrabCut", {"g1": 2}, {"g1": 2})
+    ev = Evaluation({}, holdout, [bench], {"GrabCut": ["g7", "g9"]})
+    promote, reason, confidence = decide_promotion(ev, FinetuneSettings(confident_holdout=0))
+    assert promote and confidence == "normal"
+    assert reason.endswith("left out of the benchmarks (image in the project): 2 GrabCut instance(s)")
+
+
+def test_no_thread_polls_the_training_log():
+    assert not hasattr(finetune, "_TrainProgress")
+    assert "threading" not in vars(finetune)
+
+
+@pytest.mark.e2e
+def test_run_finetune_goes_through_the_stages_in_order(tmp_path, tiny_checkpoint, monkeypatch):
+    """A real job, in this process: pull (an export), train 3 steps, evaluate, decide, register."""
+    from backend.labelstudio.make_export import make_export
+
+    export = make_export(tmp_path / "export", count=5)
+    monkeypatch.setenv("LOCAL_FILES_ROOT", str(export.parent / "images"))
+    monkeypatch.setenv("SIMCLICK_EVAL_DB", str(tmp_path / "eval.sqlite"))
+    settings = FinetuneSettings(steps=3, batch_size=2, crop_size=128, checkpoint_every=2, warmup_steps=1,
+                                max_sim_rounds=1, bench_datasets="", eval_coarse_size=128, threads=1,
+                                min_train=2, min_holdout=1, holdout_fraction=0.2, seed=0)
+    calls = []
+    result = run_finetune(5, "job-stages", settings, progress=lambda stage, percent, **kw: calls.append(
+        (stage, percent, kw)), export=str(export), registry_root=str(tmp_path / "registry"),
+        base_checkpoint=str(tiny_checkpoint), work_root=str(tmp_path / "jobs"))
+    stages = list(dict.fromkeys(c[0] for c in calls))
+    assert stages[:4] == ["pull", "train", "evaluate", "register"] and stages[-1] == "done", stages
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls)           # percent never goes back
+    steps = [c[2]["step"] for c in calls if c[0] == "train" and "step" in c[2]]
+    assert steps and steps[-1] == 3                                        # the last step is reported
+    assert result["status"] in ("promoted", "kept") and result["version"] == "p5-v001"
+    assert result["train"] == {"steps": 3, "resumed": False, "device": result["train"]["device"]}
+    assert list(result["timings"]) == ["pull_s", "train_s", "evaluate_s", "total_s"]
+    assert list(result["metrics"]) == ["holdout", "benchmarks", "history_runs"]
+    assert not Path(tmp_path / "jobs" / "job-stages").exists()            # work folder cleaned up
