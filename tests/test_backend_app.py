@@ -98,7 +98,7 @@ def interior_point(gt):
 def runs_logged(caplog):
     """The 'label:Nc/Mrun' stats of the last predict log line: (clicks, network runs)."""
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("predict task=")]
-    m = re.search(r":(\d+)c/(\d+)run", lines[-1])
+    m = re.search(r":(\d+)c(?:\+box)?/(\d+)run", lines[-1])
     return int(m.group(1)), int(m.group(2))
 
 
@@ -280,7 +280,9 @@ def test_click_sequences_reuse_undo_and_replay(predictor, sample, server, caplog
     assert np.array_equal(got, expected)      # incremental state == a fresh session
 
 
-def test_box_prompt_crops_and_keypoints_refine_inside(predictor, sample, server, caplog):
+def test_rectanglelabels_box_is_a_prompt_and_keypoints_refine_inside(predictor, sample, server, caplog):
+    """A RectangleLabels region (the labelled smart rectangle) is the session's box: the answer is
+    what session.set_box gives, and a keypoint inside the box (sent without it) refines it."""
     caplog.set_level(logging.INFO, logger="backend")
     _, image, gt = sample
     h, w = gt.shape
@@ -293,19 +295,15 @@ def test_box_prompt_crops_and_keypoints_refine_inside(predictor, sample, server,
                       "height": (y1 - y0) / h * 100, "rotation": 0, "rectanglelabels": ["Object"]},
             "id": "r1", "from_name": "rect", "to_name": "image", "type": "rectanglelabels", "origin": "manual"}
     r = c.post("/predict", json=interactive_body("/data/upload/1/img.jpg", [rect]))
-    assert r.status_code == 200 and runs_logged(caplog) == (1, 1)
-    mx, my = 0.1 * (x1 - x0), 0.1 * (y1 - y0)
-    fx0, fy0 = max(0, int(np.floor(x0 - mx))), max(0, int(np.floor(y0 - my)))
-    fx1, fy1 = min(w, int(np.ceil(x1 + mx))), min(h, int(np.ceil(y1 + my)))
-    crop_clicks = [((x0 + x1) / 2 - 0.5 - fx0, (y0 + y1) / 2 - 0.5 - fy0, True)]
-    expected = np.zeros(gt.shape, bool)
-    expected[fy0:fy1, fx0:fx1] = reference_mask(predictor, image[fy0:fy1, fx0:fx1], crop_clicks)
+    assert r.status_code == 200 and runs_logged(caplog) == (0, 1)
+    ref = predictor.open(image)
     got = decoded(r)[0][1] if decoded(r) else np.zeros(gt.shape, bool)
-    assert np.array_equal(got, expected) and not got[:fy0].any() and not got[fy1:].any()
+    assert np.array_equal(got, ref.set_box(x0, y0, x1, y1) > 0.5)
     # A corrective keypoint inside the box arrives without the box: it refines the box session.
     kx, ky = interior_point(gt)
     r = c.post("/predict", json=interactive_body("/data/upload/1/img.jpg", [keypoint(kx, ky, w, h)]))
-    assert r.status_code == 200 and runs_logged(caplog) == (2, 1)
+    assert r.status_code == 200 and runs_logged(caplog) == (1, 1)
+    assert np.array_equal(decoded(r)[0][1], ref.add_click(kx, ky, True) > 0.5)
 
 
 def test_brush_stroke_and_polygon_output(predictor, sample, server, caplog):
