@@ -1,4 +1,5 @@
-"""IAM, the intention-driven focus view (method.md): where to look again, and how to paste back.
+"""IAM, the intention-driven focus view (method.md): where to look again, and how to paste back;
+and the zoom-in view around the whole object (object_view).
 
 All functions work on masks at the predictor's working resolution, in (y, x) pixel coordinates.
 """
@@ -68,3 +69,27 @@ def paste(prob: np.ndarray, crop_prob: np.ndarray, box: tuple[int, int, int, int
             new = directed
     out[y0:y1, x0:x1] = new
     return out
+
+
+def object_view(mask: np.ndarray, positive: list[tuple[float, float]], expand: float = 1.4,
+                min_side: int = 200, max_cover: float = 0.8) -> tuple[int, int, int, int] | None:
+    """Zoom-in view (RITM's): the bounding box of the mask and the positive clicks (y, x), each side
+    grown `expand` times around its centre and to at least `min_side` pixels, clipped to the image;
+    (y0, x0, y1, x1) end exclusive. None when there is nothing to frame, or when the view would
+    cover `max_cover` of the image or more (the whole image is then as good and cheaper to cache)."""
+    height, width = mask.shape
+    known = mask.copy()
+    for y, x in positive:
+        known[int(min(max(round(y), 0), height - 1)), int(min(max(round(x), 0), width - 1))] = True
+    if not known.any():
+        return None
+    ys = np.flatnonzero(known.any(axis=1))
+    xs = np.flatnonzero(known.any(axis=0))
+    cy, cx = (ys[0] + ys[-1]) / 2, (xs[0] + xs[-1]) / 2
+    side_y = max((ys[-1] - ys[0] + 1) * expand, min_side)
+    side_x = max((xs[-1] - xs[0] + 1) * expand, min_side)
+    y0, y1 = max(0, int(round(cy - side_y / 2))), min(height, int(round(cy + side_y / 2)) + 1)
+    x0, x1 = max(0, int(round(cx - side_x / 2))), min(width, int(round(cx + side_x / 2)) + 1)
+    if (y1 - y0) * (x1 - x0) >= max_cover * height * width:
+        return None
+    return y0, x0, y1, x1

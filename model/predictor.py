@@ -54,6 +54,13 @@ class PredictorOptions:
     # the working resolution), 0 = off; eps is the guide variance below which edges are smoothed over.
     edge_radius: float = 0.0
     edge_eps: float = 1e-3
+    # Zoom-in (RITM's): from click `zoom_skip_clicks + 1` on, the coarse view is the box around the
+    # current mask and the positive clicks, each side grown by `zoom_expand`, at least
+    # `zoom_min_side` working pixels, instead of the whole image: small objects get more pixels.
+    zoom_in: bool = False
+    zoom_skip_clicks: int = 1
+    zoom_expand: float = 1.4
+    zoom_min_side: int = 200
 
     def __post_init__(self):
         if not (self.coarse or self.refine):
@@ -177,6 +184,7 @@ class Session:
         self.seed: list[Click] = []   # click-only model with a box: the seed's implicit first click
         self._group: list[int] = []   # clicks added by each add_clicks call (undo removes a group)
         self.last_timing: dict = {}
+        self._touched: np.ndarray | None = None   # see _predict
         self._history: list[np.ndarray] = []
         self.prob = self._initial_prob()
 
@@ -350,13 +358,24 @@ class Session:
         ix = int(min(max(round(cx), 0), self.ww - 1))
 
         prob = prev_prob
+        # Where this prediction wrote new values: the edge snapping filters only there (filtering
+        # kept values again at every click would smooth them a little more each time).
+        self._touched = None
         t0 = time.perf_counter()
+        coarse_scale = 0.0   # network pixels per working pixel of the coarse (or zoom-in) view
         if opt.coarse:
-            h, w = self.coarse_hw
-            sy, sx = h / self.wh, w / self.ww
-            net_clicks = [((y + 0.5) * sy - 0.5, (x + 0.5) * sx - 0.5, pos) for y, x, pos in clicks]
-            prev_small = cv2.resize(prev.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-            prob = self._coarse_pass(net_clicks, prev_small)
+            view = self._zoom_view(prev, clicks) if opt.zoom_in else None
+            if view is None:
+                h, w = self.coarse_hw
+                sy, sx = h / self.wh, w / self.ww
+                net_clicks = [((y + 0.5) * sy - 0.5, (x + 0.5) * sx - 0.5, pos) for y, x, pos in clicks]
+                prev_small = cv2.resize(prev.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+                prob = self._coarse_pass(net_clicks, prev_small)
+                coarse_scale = max(self.coarse_hw) / max(self.wh, self.ww)
+            else:
+                prob, coarse_scale = self._zoom_pass(view, clicks, prev, prev_prob)
+                self._touched = np.zeros(prev.shape, bool)
+                self._touched[view[0]:view[2], view[1]:view[3]] = True
         t1 = time.perf_counter()
         self.last_timing = {"coarse_ms": (t1 - t0) * 1000, "refine_ms": 0.0, "refine_passes": 0}
         if not opt.refine:
@@ -367,7 +386,6 @@ class Session:
         if not opt.coarse and not region.any() and not prev.any():
             r = max(r, 0.25 * max(self.wh, self.ww))  # refine-only, nothing known yet: a wide first look
         half = max(r * opt.focus_expand, opt.focus_min_side / 2)
-        coarse_scale = max(self.coarse_hw) / max(self.wh, self.ww) if opt.coarse else 0.0
         for _ in range(opt.focus_passes):
             box = focus.focus_box(cy, cx, half, self.wh, self.ww)
             y0, x0, y1, x1 = box
@@ -379,6 +397,8 @@ class Session:
             self.last_timing["refine_passes"] += 1
             before = prob[y0:y1, x0:x1] > thr
             prob = focus.paste(prob, refined, box, positive, region if region.any() else None, opt.intention)
+            if self._touched is not None:
+                self._touched[y0:y1, x0:x1] = True
             flipped = np.count_nonzero(before != (prob[y0:y1, x0:x1] > thr)) / before.size
             if flipped < opt.focus_tolerance:
                 break
@@ -397,6 +417,32 @@ class Session:
         box = self._view_box((0, 0, self.wh, self.ww), h / self.wh, w / self.ww)
         coarse = p.run_net(self._coarse_code, net_clicks, prev_small, box)
         return cv2.resize(coarse, (self.ww, self.wh), interpolation=cv2.INTER_LINEAR)
+
+    def _zoom_view(self, prev: np.ndarray, clicks) -> tuple[int, int, int, int] | None:
+        """The zoom-in view at working resolution (focus.object_view), None for the whole image."""
+        opt = self.predictor.options
+        if len(clicks) <= opt.zoom_skip_clicks:
+            return None
+        return focus.object_view(prev, [(y, x) for y, x, pos in clicks if pos], opt.zoom_expand, opt.zoom_min_side)
+
+    def _zoom_pass(self, view, clicks, prev: np.ndarray, prev_prob: np.ndarray) -> tuple[np.ndarray, float]:
+        """The coarse pass on the zoom-in view: the crop at the coarse size (long side), the answer
+        pasted into the previous map (outside the view the previous answer stays). Returns the map
+        and the view's scale (network pixels per working pixel)."""
+        p = self.predictor
+        y0, x0, y1, x1 = view
+        vh, vw = y1 - y0, x1 - x0
+        s = p.options.coarse_size / max(vh, vw)
+        h, w = _round32(vh * s), _round32(vw * s)
+        crop = cv2.resize(self.work[y0:y1, x0:x1], (w, h), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+        sy, sx = h / vh, w / vw
+        net_clicks = [((y - y0 + 0.5) * sy - 0.5, (x - x0 + 0.5) * sx - 0.5, pos) for y, x, pos in clicks
+                      if y0 - 0.5 <= y < y1 - 0.5 and x0 - 0.5 <= x < x1 - 0.5]
+        prev_small = cv2.resize(prev[y0:y1, x0:x1].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        out = p.run_net(p.encode(p.to_tensor(crop)), net_clicks, prev_small, self._view_box(view, sy, sx))
+        prob = prev_prob.copy()
+        prob[y0:y1, x0:x1] = cv2.resize(out, (vw, vh), interpolation=cv2.INTER_LINEAR)
+        return prob, max(h, w) / max(vh, vw)
 
     def _view_box(self, view, sy: float, sx: float):
         """The session's box in the pixels of a view (y0, x0, ...) of the working image scaled by (sy, sx)."""
@@ -426,10 +472,12 @@ class Session:
 
     def _snap_edges(self, prob: np.ndarray) -> np.ndarray:
         opt = self.predictor.options
+        touched, self._touched = self._touched, None
         if opt.edge_radius <= 0:
             return prob
         radius = int(round(opt.edge_radius * max(self.wh, self.ww) / max(self.coarse_hw)))
-        return np.clip(guided_filter(self.work, prob, radius, opt.edge_eps), 0.0, 1.0)
+        snapped = np.clip(guided_filter(self.work, prob, radius, opt.edge_eps), 0.0, 1.0)
+        return snapped if touched is None else np.where(touched, snapped, prob)
 
     def _refine(self, box, clicks, current: np.ndarray) -> np.ndarray:
         """Predict the crop `box` of the working image at the network's focus size."""

@@ -78,6 +78,48 @@ def test_paste_back_with_intention_rule():
     assert np.all(free[5:15, 5:15] == pytest.approx(0.3))
 
 
+def test_object_view_frames_the_mask_and_the_positive_clicks():
+    mask = np.zeros((400, 600), bool)
+    mask[100:150, 200:300] = True                      # 50 x 100 object
+    # 100 px wide grown 1.4x -> 140; 50 px tall -> 70, raised to the 120-px minimum
+    assert focus.object_view(mask, [], expand=1.4, min_side=120) == (64, 180, 185, 321)
+    # a positive click outside the mask widens the frame to include it
+    y0, x0, y1, x1 = focus.object_view(mask, [(125, 400)], expand=1.0, min_side=10)
+    assert (y0, x1) == (100, 401) and x0 <= 200
+    # clipped at the border; nothing known -> None; a frame covering most of the image -> None
+    edge = np.zeros((400, 600), bool)
+    edge[100:150, 550:600] = True
+    assert focus.object_view(edge, [], expand=3.0, min_side=10) == (50, 500, 201, 600)
+    assert focus.object_view(np.zeros((40, 40), bool), []) is None
+    big = np.zeros((100, 100), bool)
+    big[5:95, 5:95] = True
+    assert focus.object_view(big, [], expand=1.0, min_side=10) is None
+
+
+def test_zoom_in_predicts_the_object_view_and_keeps_the_rest(predictor):
+    image = np.random.default_rng(3).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    zoomed = predictor.with_options(zoom_in=True, zoom_min_side=60, refine=False)
+    seen = []
+    real_encode = zoomed.encode
+
+    def spy(t):
+        seen.append(tuple(t.shape[-2:]))
+        return real_encode(t)
+
+    zoomed.encode = spy                              # instance attribute: this predictor only
+    s = zoomed.open(image)
+    first = s.add_click(200, 150, True)
+    assert seen == [s.coarse_hw]                     # click 1: the whole image
+    second = s.add_click(210, 160, True)
+    assert len(seen) == 2 and seen[1] != s.coarse_hw  # click 2: a crop around the object
+    view = focus.object_view(first > 0.5, [(150, 200), (160, 210)], 1.4, 60)
+    if view is not None:                             # outside the view the first answer stays
+        y0, x0, y1, x1 = view
+        outside = np.ones(first.shape, bool)
+        outside[y0:y1, x0:x1] = False
+        assert np.array_equal(first[outside], second[outside])
+
+
 # -- checkpoints -----------------------------------------------------------------------------
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     torch.manual_seed(1)
