@@ -124,7 +124,7 @@ LOCAL_FILES_ROOT = _declare(
     "LOCAL_FILES_ROOT", str, "", _BOTH,
     "images under this directory are read from disk: /data/local-files/?d=<rel>, absolute paths "
     "and file:// URLs; default LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; empty = never read disk",
-    fallback="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+    fallback=LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT.name)
 FETCH_TIMEOUT = _declare(
     "FETCH_TIMEOUT", float, "15", _BOTH,
     "seconds one image download may take in all: connect, redirects, token exchange and body")
