@@ -387,7 +387,7 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     `before_register` is called right before the registry is changed (the job's lock check).
     `rates`: the speeds a previous job measured on this host (the summary's "rates"), the ETA's
     guess until this job has measured its own."""
-    # torch: loaded by the job, not by backend.jobs and backend.settings (enqueue, --help-env)
+    # torch: loaded by the job, not by backend.jobs (enqueue, status, --help-env)
     import torch
 
     settings = settings or FinetuneSettings.from_env()
