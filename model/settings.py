@@ -40,6 +40,7 @@ class SettingError(ValueError):
 
 @dataclass(frozen=True)
 class Setting:
+    """One environment variable: its declaration, and `read` / `parse`, the one parser."""
     name: str
     kind: Kind
     default: str              # as it would be set: text; "" = empty
@@ -72,7 +73,7 @@ class Setting:
 
     def kind_text(self) -> str:
         if isinstance(self.kind, tuple):
-            return "|".join(self.kind)
+            return "/".join(self.kind)             # not "|": help_text() is a Markdown table
         return {bool: "yes/no", str: "text"}.get(self.kind, self.kind.__name__)
 
 
