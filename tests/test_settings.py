@@ -129,6 +129,7 @@ def test_help_env_of_both_commands_prints_every_variable(capsys):
     for s in ALL:
         assert f"| `{s.name}` |" in backend_text
     assert "`WEBHOOK_DEDUP_SECONDS`" in backend_text and "`FINETUNE_STEPS`" in backend_text
+    assert {line.count("|") for line in help_text().splitlines()} == {6}     # five cells in every row
 
 
 def test_gunicorn_conf_reads_the_declared_settings(monkeypatch):
