@@ -10,8 +10,9 @@ import sys
 
 from werkzeug.serving import run_simple
 
-from .config import Config, ConfigError
-from .settings import help_text
+from model.settings import SettingError, help_text
+
+from .config import Config
 
 
 def configure_logging(level: str) -> None:
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
         return 0
     try:
         config = Config.from_env()
-    except ConfigError as e:
+    except SettingError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)

@@ -195,7 +195,7 @@ Step = tuple      # the clicks of one prediction: a keypoint (one click) or a br
 @dataclass
 class Plan:
     frame: Frame
-    steps: list                       # of Step, in frame coordinates
+    steps: list[Step]                 # in frame coordinates
     prior: np.ndarray | None = None   # bool, frame shape
     box: tuple | None = None          # the smart rectangle that applies (full-res), kept for later keypoints
     box_prompt: tuple | None = None   # that box in frame coordinates, for session.set_box

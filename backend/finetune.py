@@ -26,8 +26,8 @@ plan_evaluation, train_candidate, evaluate_candidate, decide_promotion, register
 A project with too few usable annotations gets a job with status "skipped" and the reason
 (`too_few`), without training.
 
-Settings come from FINETUNE_* environment variables (table: FINETUNE_SETTINGS, printed by
-`python -m backend.jobs --help-env`); a job's own overrides win.
+Settings come from FINETUNE_* environment variables (FinetuneSettings; declared in model/settings.py,
+printed by `python -m backend.jobs --help-env`); a job's own overrides win.
 """
 from __future__ import annotations
 
@@ -36,10 +36,9 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
@@ -47,6 +46,13 @@ import numpy as np
 
 from model.images import load_image
 from model.registry import ProjectRegistry, data_dir, default_root, project_key
+from model.settings import (FINETUNE_BATCH_SIZE, FINETUNE_BENCH_DATASETS, FINETUNE_BENCH_LIMIT,
+                            FINETUNE_BENCH_MARGIN, FINETUNE_CHECKPOINT_EVERY, FINETUNE_CONFIDENT_HOLDOUT,
+                            FINETUNE_CROP_SIZE, FINETUNE_DEVICE, FINETUNE_EVAL_COARSE_SIZE, FINETUNE_GPUS,
+                            FINETUNE_HOLDOUT_FRACTION, FINETUNE_KEEP_WORKDIR, FINETUNE_LABELS, FINETUNE_LR,
+                            FINETUNE_MIN_AREA, FINETUNE_MIN_GAIN, FINETUNE_MIN_HOLDOUT, FINETUNE_MIN_TRAIN,
+                            FINETUNE_SEED, FINETUNE_SIM_ROUNDS, FINETUNE_STEPS, FINETUNE_THREADS,
+                            FINETUNE_WARMUP_STEPS, MODEL_CHECKPOINT, env_field, read_fields)
 from training.config import TrainConfig
 from training.evaluation.datasets import load_dataset
 from training.evaluation.metrics import noc
@@ -60,85 +66,39 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[..., None]
 
-# (field, environment variable, default, help)
-FINETUNE_SETTINGS = [
-    ("steps", "FINETUNE_STEPS", 300, "training steps of one fine-tuning job"),
-    ("batch_size", "FINETUNE_BATCH_SIZE", 4, "crops per step"),
-    ("crop_size", "FINETUNE_CROP_SIZE", 320, "training crop side, px"),
-    ("lr", "FINETUNE_LR", 1e-4, "peak learning rate (backbone gets 0.1x)"),
-    ("warmup_steps", "FINETUNE_WARMUP_STEPS", 20, "linear warm-up steps"),
-    ("max_sim_rounds", "FINETUNE_SIM_ROUNDS", 3, "iterative click-simulation rounds per step"),
-    ("checkpoint_every", "FINETUNE_CHECKPOINT_EVERY", 25, "steps between resumable states (a retried job resumes)"),
-    ("holdout_fraction", "FINETUNE_HOLDOUT_FRACTION", 0.2, "share of annotated tasks held out for the promotion test"),
-    ("min_holdout", "FINETUNE_MIN_HOLDOUT", 2, "at least this many holdout tasks"),
-    ("min_train", "FINETUNE_MIN_TRAIN", 4, "no training with fewer usable training regions"),
-    ("min_area", "FINETUNE_MIN_AREA", 400, "regions smaller than this many pixels are skipped"),
-    ("labels", "FINETUNE_LABELS", "", "comma-separated labels to learn from; empty = all"),
-    ("bench_datasets", "FINETUNE_BENCH_DATASETS", "GrabCut,Berkeley", "benchmarks checked before a promotion; empty = none"),
-    ("bench_limit", "FINETUNE_BENCH_LIMIT", 20,
-     "first N instances of each benchmark whose image is not in the project; 0 = all"),
-    ("bench_margin", "FINETUNE_BENCH_MARGIN", 0.10, "largest NoC@90 increase allowed on a benchmark"),
-    ("min_holdout_gain", "FINETUNE_MIN_GAIN", 0.0, "holdout NoC@90 must drop by more than this"),
-    ("confident_holdout", "FINETUNE_CONFIDENT_HOLDOUT", 10,
-     "a decision on fewer holdout instances is marked low-confidence (in its reason and 'confidence')"),
-    ("eval_coarse_size", "FINETUNE_EVAL_COARSE_SIZE", 0, "coarse view of the evaluation predictor; 0 = predictor default"),
-    ("device", "FINETUNE_DEVICE", "", "cpu or cuda; empty = cuda if available"),
-    ("threads", "FINETUNE_THREADS", 0, "torch CPU threads; 0 = torch default"),
-    ("gpus", "FINETUNE_GPUS", 1,
-     "training processes: > 1 trains data-parallel with torchrun, one process per GPU (FINETUNE_BATCH_SIZE "
-     "is the global batch, a multiple of it); evaluation stays on one device"),
-    ("seed", "FINETUNE_SEED", 0, "seed of the split and of training"),
-    ("keep_workdir", "FINETUNE_KEEP_WORKDIR", False, "keep DATA_DIR/jobs/<job> after a finished job"),
-]
-
-
-def _parse(kind, raw):
-    if isinstance(kind, bool):
-        return str(raw).strip().lower() in ("1", "true", "yes", "on")
-    return type(kind)(raw)
-
 
 @dataclass
 class FinetuneSettings:
-    steps: int = 300
-    batch_size: int = 4
-    crop_size: int = 320
-    lr: float = 1e-4
-    warmup_steps: int = 20
-    max_sim_rounds: int = 3
-    checkpoint_every: int = 25
-    holdout_fraction: float = 0.2
-    min_holdout: int = 2
-    min_train: int = 4
-    min_area: int = 400
-    labels: str = ""
-    bench_datasets: str = "GrabCut,Berkeley"
-    bench_limit: int = 20
-    bench_margin: float = 0.10
-    min_holdout_gain: float = 0.0
-    confident_holdout: int = 10
-    eval_coarse_size: int = 0
-    device: str = ""
-    threads: int = 0
-    gpus: int = 1
-    seed: int = 0
-    keep_workdir: bool = False
+    """A fine-tuning job's settings (FINETUNE_*, declared in model/settings.py)."""
+    steps: int = env_field(FINETUNE_STEPS)
+    batch_size: int = env_field(FINETUNE_BATCH_SIZE)
+    crop_size: int = env_field(FINETUNE_CROP_SIZE)
+    lr: float = env_field(FINETUNE_LR)
+    warmup_steps: int = env_field(FINETUNE_WARMUP_STEPS)
+    max_sim_rounds: int = env_field(FINETUNE_SIM_ROUNDS)
+    checkpoint_every: int = env_field(FINETUNE_CHECKPOINT_EVERY)
+    holdout_fraction: float = env_field(FINETUNE_HOLDOUT_FRACTION)
+    min_holdout: int = env_field(FINETUNE_MIN_HOLDOUT)
+    min_train: int = env_field(FINETUNE_MIN_TRAIN)
+    min_area: int = env_field(FINETUNE_MIN_AREA)
+    labels: str = env_field(FINETUNE_LABELS)
+    bench_datasets: str = env_field(FINETUNE_BENCH_DATASETS)
+    bench_limit: int = env_field(FINETUNE_BENCH_LIMIT)
+    bench_margin: float = env_field(FINETUNE_BENCH_MARGIN)
+    min_holdout_gain: float = env_field(FINETUNE_MIN_GAIN)
+    confident_holdout: int = env_field(FINETUNE_CONFIDENT_HOLDOUT)
+    eval_coarse_size: int = env_field(FINETUNE_EVAL_COARSE_SIZE)
+    device: str = env_field(FINETUNE_DEVICE)
+    threads: int = env_field(FINETUNE_THREADS)
+    gpus: int = env_field(FINETUNE_GPUS)
+    seed: int = env_field(FINETUNE_SEED)
+    keep_workdir: bool = env_field(FINETUNE_KEEP_WORKDIR)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "FinetuneSettings":
-        env = os.environ if env is None else env
-        values = {}
-        for name, var, default, _ in FINETUNE_SETTINGS:
-            raw = env.get(var)
-            if raw is not None and str(raw).strip() != "":
-                try:
-                    values[name] = _parse(default, raw)
-                except ValueError:
-                    raise ValueError(f"{var}={raw!r}: expected {type(default).__name__}") from None
-            elif raw is not None and isinstance(default, str):
-                values[name] = ""
-        known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
+        """From `env` (default os.environ); a job's overrides that are not None win."""
+        values = read_fields(cls, env)
+        unknown = set(overrides) - set(values)
         if unknown:
             raise ValueError(f"unknown fine-tuning settings {sorted(unknown)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -427,7 +387,7 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     `before_register` is called right before the registry is changed (the job's lock check).
     `rates`: the speeds a previous job measured on this host (the summary's "rates"), the ETA's
     guess until this job has measured its own."""
-    # torch: loaded by the job, not by backend.jobs and backend.settings (enqueue, --help-env)
+    # torch: loaded by the job, not by backend.jobs (enqueue, status, --help-env)
     import torch
 
     settings = settings or FinetuneSettings.from_env()
@@ -508,7 +468,7 @@ def open_job(project: Any, job_id: str, settings: FinetuneSettings, progress: Pr
     work.mkdir(parents=True, exist_ok=True)
     parent = registry.promoted()
     if parent is None:
-        parent = registry.ensure_base(resolve(base_checkpoint or os.environ.get("MODEL_CHECKPOINT") or "default"))
+        parent = registry.ensure_base(resolve(base_checkpoint or MODEL_CHECKPOINT.read()))
     return FinetuneJob(pid, job_id, settings, progress, registry, work, parent, registry.reserve(job_id), {})
 
 

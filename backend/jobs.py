@@ -57,7 +57,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, cast
 
 import redis
@@ -69,6 +69,9 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 from rq.utils import now as rq_now
 
 from model.registry import ProjectRegistry, RegistryError, default_root, project_key
+from model.settings import (REDIS_URL, TRAIN_EVERY_N_ANNOTATIONS, TRAINING_HEARTBEAT_TTL, TRAINING_JOB_TIMEOUT,
+                            TRAINING_LOCK_TTL, TRAINING_QUEUE, TRAINING_RESULT_TTL, WEBHOOK_DEDUP_SECONDS,
+                            env_field, help_text, read_fields)
 from training.redisconn import connect
 
 from .config import Config
@@ -79,46 +82,24 @@ log = logging.getLogger(__name__)
 PREFIX = "simclick:"
 LIVE = ("queued", "deferred", "scheduled", "started")
 
-# (field, environment variable, default, help)
-JOB_SETTINGS: List[tuple[str, str, Any, str]] = [
-    ("redis_url", "REDIS_URL", "", "Redis for the training queue, e.g. redis://localhost:6379/0; empty = no queue"),
-    ("queue", "TRAINING_QUEUE", "simclick-training", "RQ queue name"),
-    ("train_every", "TRAIN_EVERY_N_ANNOTATIONS", 0,
-     "enqueue a fine-tuning job after this many new/updated annotations with a mask; 0 = only the Train button"),
-    ("job_timeout", "TRAINING_JOB_TIMEOUT", 6 * 3600, "seconds before RQ stops a job"),
-    ("lock_ttl", "TRAINING_LOCK_TTL", 30, "seconds the per-project training lock outlives a dead worker"),
-    ("heartbeat_ttl", "TRAINING_HEARTBEAT_TTL", 10,
-     "a started job without a heartbeat for this many seconds (its worker and work-horse gone) is "
-     "shown as abandoned, and retry/cancel accept it"),
-    ("dedup_seconds", "WEBHOOK_DEDUP_SECONDS", 60, "an identical webhook body within this window is one delivery"),
-    ("result_ttl", "TRAINING_RESULT_TTL", 7 * 86400, "seconds finished and failed jobs stay visible"),
-]
-
-
 @dataclass
 class JobSettings:
-    redis_url: str = ""
-    queue: str = "simclick-training"
-    train_every: int = 0
-    job_timeout: int = 6 * 3600
-    lock_ttl: int = 30
-    heartbeat_ttl: int = 10
-    dedup_seconds: int = 60
-    result_ttl: int = 7 * 86400
+    """The job queue's settings (declared in model/settings.py); the backend enqueues with them, the
+    worker runs the jobs."""
+    redis_url: str = env_field(REDIS_URL)
+    queue: str = env_field(TRAINING_QUEUE)
+    train_every: int = env_field(TRAIN_EVERY_N_ANNOTATIONS)
+    job_timeout: int = env_field(TRAINING_JOB_TIMEOUT)
+    lock_ttl: int = env_field(TRAINING_LOCK_TTL)
+    heartbeat_ttl: int = env_field(TRAINING_HEARTBEAT_TTL)
+    dedup_seconds: int = env_field(WEBHOOK_DEDUP_SECONDS)
+    result_ttl: int = env_field(TRAINING_RESULT_TTL)
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "JobSettings":
-        env = os.environ if env is None else env
-        values: Dict[str, Any] = {}
-        for name, var, default, _ in JOB_SETTINGS:
-            raw = (env.get(var) or "").strip()
-            if raw:
-                try:
-                    values[name] = type(default)(raw)
-                except ValueError:
-                    raise ValueError(f"{var}={raw!r}: expected {type(default).__name__}") from None
-        known = {f.name for f in fields(cls)}
-        values.update({k: v for k, v in overrides.items() if v is not None and k in known})
+        """From `env` (default os.environ); overrides that are not None win (unknown names are ignored)."""
+        values = read_fields(cls, env)
+        values.update({k: v for k, v in overrides.items() if v is not None and k in values})
         return cls(**values)
 
 
@@ -648,13 +629,6 @@ def cancel_job(conn, job_id: str, actor: str, wait: float = 0.0) -> dict:
 
 
 # -- CLI -------------------------------------------------------------------------------------------
-def help_env() -> str:
-    """Every variable SimClick reads, the worker's among them (backend/settings.py)."""
-    from .settings import help_text  # a cycle at module level: backend.settings imports JOB_SETTINGS from here
-
-    return help_text()
-
-
 def preload() -> None:
     """Import what a job needs once, in the worker process: every job's forked work-horse then starts
     warm (about 10 s less per job on a small CPU). Imports only: no torch op runs before the fork."""
@@ -916,7 +890,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.help_env:
-        print(help_env())
+        print(help_text())
         return 0
     if not getattr(args, "fn", None):
         parser().print_help()

@@ -58,7 +58,6 @@ class Served:
     predictor: ClickPredictor
     segmenter: Segmenter
     source: str = "checkpoint"        # "checkpoint" (MODEL_CHECKPOINT) or "registry"
-    loaded_at: float = field(default_factory=time.time)
 
 
 @dataclass

@@ -51,7 +51,6 @@ class PredictRequest:
     tasks: list
     project: str
     label_config: LabelConfig
-    label_config_xml: str
     context: list | None          # None = batch prediction ("Retrieve predictions", task opened)
 
     @property
@@ -98,8 +97,7 @@ def parse_predict(body) -> PredictRequest:
         results = context.get("result")
         if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
             raise PayloadError("'params.context.result' must be a list of region objects")
-    return PredictRequest(tasks=tasks, project=str(body.get("project") or ""), label_config=lc,
-                          label_config_xml=xml, context=results)
+    return PredictRequest(tasks=tasks, project=str(body.get("project") or ""), label_config=lc, context=results)
 
 
 def _label_of(region: dict, value: dict, rtype: str) -> str | None:

@@ -23,6 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from .config import ModelConfig
 from .network import InteractiveSegNet
+from .settings import SIMCLICK_CHECKPOINT
 
 FORMAT = "simclick-checkpoint/1"
 META_KEY = "simclick"
@@ -36,7 +37,7 @@ class CheckpointError(ValueError):
 def resolve(checkpoint: str | os.PathLike | None) -> Path:
     """'default' / None -> $SIMCLICK_CHECKPOINT or the shipped default; anything else is a path."""
     if checkpoint in (None, "default"):
-        checkpoint = os.environ.get("SIMCLICK_CHECKPOINT") or DEFAULT_CHECKPOINT
+        checkpoint = SIMCLICK_CHECKPOINT.read() or DEFAULT_CHECKPOINT
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

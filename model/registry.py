@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, List, Mapping, Optional
 
+from .settings import DATA_DIR, MODEL_REGISTRY
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR_ENV = "DATA_DIR"
-REGISTRY_ENV = "MODEL_REGISTRY"
 POINTER = "promoted.json"
 CHECKPOINT = "model.safetensors"
 INFO = "version.json"
@@ -63,22 +63,25 @@ class RollbackConflict(RegistryError):
     one is the first)."""
 
 
+def _from_repo(value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else REPO_ROOT / p
+
+
 def data_dir(env: Optional[Mapping[str, str]] = None) -> Path:
     """$DATA_DIR (relative paths are taken from the repository root), default <repo>/data."""
-    env = os.environ if env is None else env
-    value = (env.get(DATA_DIR_ENV) or "").strip()
-    p = Path(value).expanduser() if value else REPO_ROOT / "data"
-    return p if p.is_absolute() else REPO_ROOT / p
+    return _from_repo(DATA_DIR.read(env))
+
+
+def registry_folder(model_registry: str, data: str) -> Path:
+    """The registry folder given MODEL_REGISTRY's and DATA_DIR's values: `model_registry`, else
+    `data`/registry (relative paths from the repository root)."""
+    return _from_repo(model_registry) if model_registry else _from_repo(data) / "registry"
 
 
 def default_root(env: Optional[Mapping[str, str]] = None) -> Path:
     """$MODEL_REGISTRY, else $DATA_DIR/registry."""
-    env = os.environ if env is None else env
-    value = (env.get(REGISTRY_ENV) or "").strip()
-    if value:
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else REPO_ROOT / p
-    return data_dir(env) / "registry"
+    return registry_folder(MODEL_REGISTRY.read(env), DATA_DIR.read(env))
 
 
 def project_key(project: Any) -> str:

@@ -176,10 +176,11 @@ def test_shared_prompts_fall_back_and_back_off_when_redis_fails():
 
 
 def test_shared_prompts_config():
-    from backend.config import Config, ConfigError
+    from backend.config import Config
+    from model.settings import SettingError
 
     assert Config.from_env({}).shared_prompts == "auto"
-    with pytest.raises(ConfigError, match="REDIS_URL"):
+    with pytest.raises(SettingError, match="REDIS_URL"):
         Config.from_env({"SHARED_PROMPTS": "on"})
     from backend.app import make_shared_prompts
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, encode_rle
 
-from backend.config import Config, ConfigError
+from backend.config import Config
 from backend.engine import ByteCache, Frame, Segmenter, brush_clicks, common_prefix
 from backend.labelstudio.fetch import FetchError, ImageFetcher, LabelStudioAuth, SetupInfo, _jwt_payload, origin
 from backend.labelstudio.labelconfig import LabelConfigError, parse_label_config
 from backend.labelstudio.masks import mask_to_polygons, mask_to_rle, polygon_to_mask, rle_to_mask
 from backend.payload import Click, PayloadError, parse_predict, parse_prompts, scale_prompt
 from backend.webhook import WebhookError, WebhookHandler, parse_event
+from model.settings import SettingError, help_text
 
 FIX = Path(__file__).parent / "fixtures" / "labelstudio"
 
@@ -59,13 +60,11 @@ def test_config_defaults_and_parsing(caplog):
     ({"TRAINING_ENQUEUE": "backend.jobs"}, "TRAINING_ENQUEUE"),
 ])
 def test_config_rejects_bad_values(env, needle):
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(SettingError, match=needle):
         Config.from_env(env)
 
 
 def test_help_lists_every_variable():
-    from backend.settings import help_text
-
     text = help_text()
     for var in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MAX_CONTENT_LENGTH", "MAX_IMAGE_PIXELS",
                 "BASIC_AUTH_USER", "TRAINING_ENQUEUE", "SESSION_CACHE_MB", "IMAGE_CACHE_MB", "CACHE_TTL",

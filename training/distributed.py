@@ -42,6 +42,8 @@ import torch
 from timm.layers import convert_sync_batchnorm as timm_convert  # keeps timm's BatchNormAct2d activations
 import torch.distributed as dist
 
+from model.settings import LOCAL_RANK, SIMCLICK_DIST_TIMEOUT_S, WORLD_SIZE
+
 _Net = TypeVar("_Net", bound=torch.nn.Module)
 
 
@@ -65,17 +67,17 @@ def setup(device_type: str) -> Dist:
     """Join the process group torchrun describes in the environment, or use the one already
     initialised; a plain `python -m training.train` is world size 1."""
     if dist.is_available() and dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+        return Dist(dist.get_rank(), dist.get_world_size(), LOCAL_RANK.read())
+    world = WORLD_SIZE.read()
     if world <= 1:
         return Dist()
     backend = "nccl" if device_type == "cuda" else "gloo"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = LOCAL_RANK.read()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     # Rank 0 validates and writes checkpoints while the others wait in the next all-reduce: the
     # timeout must outlast a validation pass (default one hour; SIMCLICK_DIST_TIMEOUT_S).
-    timeout = datetime.timedelta(seconds=float(os.environ.get("SIMCLICK_DIST_TIMEOUT_S", "3600")))
+    timeout = datetime.timedelta(seconds=SIMCLICK_DIST_TIMEOUT_S.read())
     dist.init_process_group(backend, timeout=timeout)
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
 

@@ -27,10 +27,6 @@ class Control:
     labels: tuple[str, ...]
     smart: bool
 
-    @property
-    def result_type(self) -> str:
-        return self.tag.lower()
-
 
 @dataclass(frozen=True)
 class LabelConfig:

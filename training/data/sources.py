@@ -39,13 +39,13 @@ import scipy.io
 from PIL import Image
 
 from model.images import load_image, to_rgb8
+from model.settings import SIMCLICK_TRAIN_ROOT
 
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ENV_TRAIN_ROOT = "SIMCLICK_TRAIN_ROOT"
 
 # Folder names of the evaluation benchmarks (compared case-insensitively with whole path components).
 BENCHMARK_DIR_NAMES = frozenset({"grabcut", "berkeley", "davis", "coco-mval", "coco_mval", "cocomval"})
@@ -76,7 +76,7 @@ def assert_not_benchmark(path: PathLike) -> Path:
 
 def default_data_root() -> Path:
     """``$SIMCLICK_TRAIN_ROOT`` if set, else ``<repo>/../shared/datasets/train``."""
-    env = os.environ.get(ENV_TRAIN_ROOT)
+    env = SIMCLICK_TRAIN_ROOT.read()
     root = Path(env) if env else REPO_ROOT.parent / "shared" / "datasets" / "train"
     return assert_not_benchmark(root)
 

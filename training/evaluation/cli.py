@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 
 from model.checkpoint import resolve
+from model.settings import REDIS_URL
 
 from . import sharded
 from .datasets import canonical_name, load_dataset
@@ -205,7 +206,7 @@ def _enqueue(args: argparse.Namespace, spec, protocol: Protocol, names: List[str
         print("error: --queue stores its results in the history (no --no-record) and makes no --report",
               file=sys.stderr)
         return 2
-    redis_url = args.redis_url or os.environ.get("REDIS_URL", "")
+    redis_url = args.redis_url or REDIS_URL.read()
     if not redis_url:
         print("error: --queue needs --redis-url or $REDIS_URL", file=sys.stderr)
         return 2

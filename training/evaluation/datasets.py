@@ -8,7 +8,6 @@ the repository.
 from __future__ import annotations
 
 import itertools
-import os
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -17,15 +16,16 @@ import numpy as np
 from PIL import Image
 from scipy.io import loadmat
 
+from model.settings import SIMCLICK_DATA_ROOT
+
 from .samples import Sample, Target
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DATA_ROOT_ENV = "SIMCLICK_DATA_ROOT"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 def default_data_root() -> Path:
-    env = os.environ.get(DATA_ROOT_ENV)
+    env = SIMCLICK_DATA_ROOT.read()
     if env:
         return Path(env).expanduser()
     return (REPO_ROOT / ".." / "shared" / "datasets").resolve()
@@ -83,7 +83,7 @@ def _find(root: Path, candidates: Sequence[str], name: str) -> Path:
             return p
     tried = ", ".join(str(root / c) for c in candidates)
     raise FileNotFoundError(f"{name}: no data set folder found (tried {tried}); set --data-root or "
-                            f"${DATA_ROOT_ENV}, or pass {name}=/path/to/folder")
+                            f"${SIMCLICK_DATA_ROOT.name}, or pass {name}=/path/to/folder")
 
 
 def _files_by_stem(folder: Path) -> Dict[str, Path]:
@@ -150,8 +150,8 @@ def train_val(folder: Path, seed: int = 0, val_fraction: float = 0.05) -> Iterat
     """The held-out split of the default training mixture (training.data; the split a training
     run with this seed never trains on): where model choices are made, never on the benchmarks.
     `folder` is the training data root."""
-    # training.data imports torch and cv2 (seconds): the benchmarks' loaders, which backend.settings and
-    # backend.finetune import at their top, stay light
+    # training.data imports torch and cv2 (seconds): the benchmarks' loaders, which backend.finetune
+    # (and so backend.jobs' enqueue and status commands) imports at its top, stay light
     from training.data import Mixture, default_sources
 
     return mixture_val_samples(Mixture(default_sources(folder), val_fraction=val_fraction, seed=seed), seed)

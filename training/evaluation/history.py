@@ -6,7 +6,6 @@ data/evaluation.sqlite under the repository. One row per (run, data set).
 from __future__ import annotations
 
 import datetime as dt
-import os
 import subprocess
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union, cast
@@ -14,11 +13,12 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union, cast
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from model.settings import SIMCLICK_EVAL_DB
+
 from .datasets import DATASETS
 from .metrics import noc
 from .runner import DatasetResult
 
-DB_ENV = "SIMCLICK_EVAL_DB"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DB = REPO_ROOT / "data" / "evaluation.sqlite"
 
@@ -52,7 +52,7 @@ _ENGINES: Dict[str, Engine] = {}
 
 
 def resolve_url(db: Optional[str] = None) -> str:
-    value = db or os.environ.get(DB_ENV) or str(DEFAULT_DB)
+    value = db or SIMCLICK_EVAL_DB.read() or str(DEFAULT_DB)
     if "://" in value:
         if value.startswith("postgresql://"):  # use psycopg 3 (the installed driver)
             value = "postgresql+psycopg://" + value[len("postgresql://"):]
