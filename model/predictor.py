@@ -419,11 +419,16 @@ class Session:
         return cv2.resize(coarse, (self.ww, self.wh), interpolation=cv2.INTER_LINEAR)
 
     def _zoom_view(self, prev: np.ndarray, clicks) -> tuple[int, int, int, int] | None:
-        """The zoom-in view at working resolution (focus.object_view), None for the whole image."""
+        """The zoom-in view at working resolution (focus.object_view), None for the whole image. A
+        box prompt frames the object from the start: the view then holds the box."""
         opt = self.predictor.options
-        if len(clicks) <= opt.zoom_skip_clicks:
+        points = [(y, x) for y, x, pos in clicks if pos]
+        if self.box is not None:
+            y0, x0, y1, x1 = self.box
+            points += [(y0, x0), (y1 - 1, x1 - 1)]
+        elif len(clicks) <= opt.zoom_skip_clicks:
             return None
-        return focus.object_view(prev, [(y, x) for y, x, pos in clicks if pos], opt.zoom_expand, opt.zoom_min_side)
+        return focus.object_view(prev, points, opt.zoom_expand, opt.zoom_min_side)
 
     def _zoom_pass(self, view, clicks, prev: np.ndarray, prev_prob: np.ndarray) -> tuple[np.ndarray, float]:
         """The coarse pass on the zoom-in view: the crop at the coarse size (long side), the answer

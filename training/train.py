@@ -384,8 +384,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distrib
     if cfg.sync_bn and dctx.enabled:
         net = distributed.convert_sync_batchnorm(net, device)
     if device.type == "cpu":
-        # oneDNN's convolutions (forward and backward) run ~1.5x faster in NHWC on this CPU (measured:
-        # lite2 at 352 px, batch 8, 2 threads: 4.07 -> 2.74 s per forward+backward)
+        # oneDNN's convolutions (forward and backward) run faster in NHWC on an x86 CPU (measured on
+        # 2 AVX2 cores: lite2 at 352 px, batch 8, 4.07 -> 2.74 s per forward+backward)
         net = net.to(memory_format=torch.channels_last)
     pem = PrototypeLoss(net.config.decoder_channels, cfg.pem_beta).to(device) if cfg.pem_weight > 0 else None
     distributed.broadcast_model(dctx, net, pem)
