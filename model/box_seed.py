@@ -13,11 +13,28 @@ import numpy as np
 
 SEED_SIDE = 400        # GrabCut runs on a copy with this long side: ~0.3 s; 640 px costs 2x for +0.02 IoU
 SEED_ITERATIONS = 5
+SEED_MARGIN = 0.25    # GrabCut sees the box grown by a quarter of its long side (+ 8 px) each way
 
 
 def grabcut_seed(image: np.ndarray, box: tuple[float, float, float, float],
-                 side: int = SEED_SIDE, iterations: int = SEED_ITERATIONS) -> np.ndarray:
-    """Foreground mask (h, w) bool of an RGB uint8 image for a box (y0, x0, y1, x1) in its pixels."""
+                 side: int = SEED_SIDE, iterations: int = SEED_ITERATIONS, margin: float = SEED_MARGIN) -> np.ndarray:
+    """Foreground mask (h, w) bool of an RGB uint8 image for a box (y0, x0, y1, x1) in its pixels.
+
+    GrabCut runs on the box grown by `margin` x its long side (+ 8 px) on each side, not on the whole
+    image: its background model then learns the object's surroundings, and a small box keeps its
+    pixels within the `side` budget (TrainVal box-only mean IoU after the network 0.684 -> 0.695)."""
+    h, w = image.shape[:2]
+    y0, x0, y1, x1 = box
+    m = margin * max(y1 - y0, x1 - x0) + 8
+    cy0, cx0 = int(max(0, y0 - m)), int(max(0, x0 - m))
+    cy1, cx1 = int(min(h, np.ceil(y1 + m))), int(min(w, np.ceil(x1 + m)))
+    out = np.zeros((h, w), bool)
+    out[cy0:cy1, cx0:cx1] = _grabcut(image[cy0:cy1, cx0:cx1], (y0 - cy0, x0 - cx0, y1 - cy0, x1 - cx0),
+                                     side, iterations)
+    return out
+
+
+def _grabcut(image: np.ndarray, box: tuple[float, float, float, float], side: int, iterations: int) -> np.ndarray:
     h, w = image.shape[:2]
     s = min(1.0, side / max(h, w))
     small = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA) if s < 1 else image

@@ -118,6 +118,11 @@ def test_zoom_in_predicts_the_object_view_and_keeps_the_rest(predictor):
         outside = np.ones(first.shape, bool)
         outside[y0:y1, x0:x1] = False
         assert np.array_equal(first[outside], second[outside])
+    # a box frames the object from the start: the box's own prediction is already zoomed in
+    seen.clear()
+    boxed = zoomed.open(image)
+    boxed.set_box(180, 120, 210, 200)                # a tall box: its view is taller than wide
+    assert len(seen) == 1 and seen[0] != boxed.coarse_hw
 
 
 # -- checkpoints -----------------------------------------------------------------------------
@@ -391,3 +396,17 @@ def test_grabcut_seed_finds_a_distinct_object_in_its_box_and_repeats_itself():
     assert abs(y - 150) < 15 and abs(x - 230) < 15
     # No background outside the box to learn from: the box itself is the seed.
     assert grabcut_seed(image, (0.0, 0.0, 300.0, 500.0)).all()
+
+
+def test_grabcut_seed_of_a_small_box_in_a_big_image_keeps_its_detail():
+    from model.box_seed import grabcut_seed
+
+    rng = np.random.default_rng(1)
+    image = (rng.normal(60, 20, (2400, 3200, 3))).clip(0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:2400, :3200]
+    obj = (yy - 1200) ** 2 / 20 ** 2 + (xx - 1600) ** 2 / 30 ** 2 < 1          # 40 x 60 px in 7.7 MP
+    image[obj] = (rng.normal(200, 20, (int(obj.sum()), 3))).clip(0, 255).astype(np.uint8)
+    seed = grabcut_seed(image, (1175.0, 1565.0, 1225.0, 1635.0))
+    # GrabCut runs on the box's surroundings, not on the whole image shrunk to 400 px (where the
+    # object would be 5 x 7 px)
+    assert np.count_nonzero(seed & obj) / np.count_nonzero(seed | obj) > 0.85
