@@ -110,6 +110,7 @@ def ask(url, image_url, regions, task=1) -> np.ndarray:
 CLICKS = [(60, 60, True), (125, 45, True), (30, 60, False), (90, 62, True), (140, 30, False)]
 
 
+@pytest.mark.e2e  # two backend processes (and Redis when it is up)
 def test_alternating_replicas_give_the_masks_of_one(replicas, images):
     """Label Studio sends every keypoint so far with each click, so the replica that did not see the
     earlier clicks replays them; its mask equals the one the cached session gives."""
@@ -137,6 +138,7 @@ def test_alternating_replicas_give_the_masks_of_one(replicas, images):
 
 
 @pytest.mark.skipif(not redis_up(), reason="no Redis at 127.0.0.1:6379")
+@pytest.mark.e2e  # two backend processes (and Redis when it is up)
 def test_a_box_drawn_on_one_replica_applies_to_keypoints_on_the_other(replicas, images):
     """Label Studio sends a smart rectangle in its own request and the later keypoints without it;
     the box is remembered in Redis, so the other replica crops to it as the first one would."""
@@ -190,6 +192,7 @@ def test_shared_prompts_config():
 
 
 @pytest.mark.skipif(not redis_up(), reason="no Redis at 127.0.0.1:6379")
+@pytest.mark.e2e  # real Redis
 def test_shared_prompts_round_trip_in_redis():
     import redis
 
@@ -209,6 +212,7 @@ NGINX = os.environ.get("SIMCLICK_NGINX") or __import__("shutil").which("nginx")
 
 
 @pytest.mark.skipif(not NGINX, reason="no nginx binary (PATH or SIMCLICK_NGINX)")
+@pytest.mark.e2e  # two backend processes (and Redis when it is up)
 def test_through_the_compose_nginx_config(replicas, images, tmp_path):
     """docker/nginx/simclick-replicas.conf.template in front of the two replicas (addresses
     instead of compose's DNS names): round robin, every click answered as by one process."""
@@ -252,6 +256,7 @@ def test_through_the_compose_nginx_config(replicas, images, tmp_path):
 
 
 @pytest.mark.skipif(not redis_up(), reason="no Redis at 127.0.0.1:6379")
+@pytest.mark.e2e  # real Redis
 def test_a_session_continued_from_redis_equals_the_cached_one():
     """Two replicas (Segmenters with their own session caches) sharing Redis: the one that misses
     the session restores the stored state and runs only the new click; masks, scores and what

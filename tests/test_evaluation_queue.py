@@ -31,7 +31,8 @@ def redis_up() -> bool:
         return False
 
 
-pytestmark = [pytest.mark.skipif(not redis_up(), reason="no Redis at 127.0.0.1:6379"),
+pytestmark = [pytest.mark.e2e,  # real Redis, PostgreSQL and rq worker processes
+              pytest.mark.skipif(not redis_up(), reason="no Redis at 127.0.0.1:6379"),
               pytest.mark.skipif(not (DATASETS / "GrabCut").is_dir(), reason="no GrabCut data")]
 
 

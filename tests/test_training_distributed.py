@@ -74,6 +74,7 @@ def test_sync_bn_on_cpu_is_refused_clearly():
         distributed.convert_sync_batchnorm(torch.nn.BatchNorm2d(2), torch.device("cpu"))
 
 
+@pytest.mark.e2e  # real training steps in two processes
 def test_two_ranks_stay_in_sync_and_resume_exactly(tmp_path):
     """Full training step (simulated click rounds, focus view, PEM, BatchNorm in training mode):
     after every step both ranks hold bit-identical weights, buffers and PEM prototype; each rank saw
@@ -110,6 +111,7 @@ def test_two_ranks_stay_in_sync_and_resume_exactly(tmp_path):
     assert [int(r["step"]) for r in csv.DictReader((one / "log.csv").open())] == [1, 2, 3, 4]
 
 
+@pytest.mark.e2e  # real training steps in two processes
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, monkeypatch):
     """Rank r takes samples r::2 of the global batch of 4 and the gradients are averaged: the
     result equals one process on the batch of 4, to float tolerance. SGD, so a tiny gradient
@@ -139,6 +141,7 @@ def test_plain_process_is_world_size_one(monkeypatch):
     assert (d.rank, d.world, d.enabled, d.main) == (0, 1, False, True)
 
 
+@pytest.mark.e2e  # real training steps in two processes
 def test_torchrun_launch(tmp_path):
     """The documented command, torchrun --standalone --nproc_per_node 2 -m training.train, through
     the helper the fine-tuning worker uses with FINETUNE_GPUS > 1."""
