@@ -138,7 +138,7 @@ def test_alternating_replicas_give_the_masks_of_one(replicas, images):
 
 
 @pytest.mark.skipif(not redis_up(), reason="no Redis at 127.0.0.1:6379")
-@pytest.mark.e2e  # two backend processes (and Redis when it is up)
+@pytest.mark.e2e  # two backend processes and Redis
 def test_a_box_drawn_on_one_replica_applies_to_keypoints_on_the_other(replicas, images):
     """Label Studio sends a smart rectangle in its own request and the later keypoints without it;
     the box is remembered in Redis, so the other replica crops to it as the first one would."""
