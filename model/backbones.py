@@ -1,7 +1,7 @@
 """Backbones that return (stride-2, stride-4, stride-16 features) for the DeepLabv3+ head.
 
 With early fusion (the paper's) a backbone takes 6 input channels: RGB plus the positive disk map,
-the negative disk map and the previous mask. The first conv is widened after the pretrained weights
+the negative disk map and the previous mask (7 with a box prompt's map). The first conv is widened after the pretrained weights
 are in place: the RGB filters are copied and the three new input channels start at zero, so at step
 0 the network behaves exactly like the pretrained backbone on the image. With late fusion the
 backbone sees the image alone (3 channels) and the clicks enter the head.

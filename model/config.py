@@ -32,7 +32,8 @@ class ModelConfig:
     fusion: str = "early"
     # A stride-2 head that corrects the upsampled stride-4 logits with the finest image feature.
     boundary_head: bool = False
-    # A box prompt (inside-the-box map) beside the clicks, late fusion only: a box alone gives a mask.
+    # A box prompt (inside-the-box map) beside the clicks: a box alone gives a mask. Early fusion:
+    # one more first-conv channel (and decoder guidance channel with late_fusion); late: head only.
     box_input: bool = False
 
     def __post_init__(self):
@@ -42,8 +43,6 @@ class ModelConfig:
             raise ValueError(f"spm_mode must be 'all' or 'split', not {self.spm_mode!r}")
         if self.fusion not in ("early", "late"):
             raise ValueError(f"fusion must be 'early' or 'late', not {self.fusion!r}")
-        if self.box_input and self.fusion != "late":
-            raise ValueError("box_input needs fusion 'late'")
         if self.input_size % 32:
             raise ValueError(f"input_size must be a multiple of 32, not {self.input_size}")
 

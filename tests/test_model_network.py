@@ -232,9 +232,14 @@ def test_boundary_head_starts_as_the_identity_and_learns():
     assert net.fine[-1].weight.grad.abs().sum() > 0
 
 
-def test_box_input_model_segments_from_a_box_alone():
+@pytest.mark.parametrize("fusion", ["late", "early"])
+def test_box_input_model_segments_from_a_box_alone(fusion):
     torch.manual_seed(0)
-    net = InteractiveSegNet(ModelConfig(fusion="late", box_input=True, aspp_channels=32, decoder_channels=32)).eval()
+    net = InteractiveSegNet(ModelConfig(fusion=fusion, box_input=True, late_fusion=fusion == "early",
+                                        aspp_channels=32, decoder_channels=32)).eval()
+    if fusion == "early":   # a new input starts at zero (widen_first_conv): give the box channel a voice
+        with torch.no_grad():
+            net.backbone.first_conv().weight[:, -1] = 1.0
     image, prev = torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
     no_click = torch.tensor([[[-1.0, -1.0, 0.0]]])
     with torch.inference_mode():
@@ -246,3 +251,41 @@ def test_box_input_model_segments_from_a_box_alone():
     with pytest.raises(ValueError, match="no box prompt"):
         InteractiveSegNet(ModelConfig(fusion="late", aspp_channels=32, decoder_channels=32)).eval().decode(
             code, no_click, prev, torch.tensor([[8.0, 8.0, 30.0, 30.0]]))
+
+
+def test_grow_teaches_a_trained_network_a_box_input_read_as_a_previous_mask():
+    """model.network.grow: without a box the grown network answers exactly as before; a box alone
+    is first read as the network reads a previous mask of the box's shape (its channel starts as a
+    copy of the previous mask's), and training moves it from there. Other new inputs start at zero."""
+    from model.clicks import box_maps
+    from model.network import grow
+
+    torch.manual_seed(0)
+    small = dict(aspp_channels=32, decoder_channels=32)
+    for base in (ModelConfig(**small), ModelConfig(**small, late_fusion=True)):
+        net = InteractiveSegNet(base).eval()
+        grown = grow(net, ModelConfig.from_dict({**base.to_dict(), "box_input": True})).eval()
+        assert grown.backbone.first_conv().weight.shape[1] == net.backbone.first_conv().weight.shape[1] + 1
+        image, prev = torch.rand(1, 3, 64, 64), torch.zeros(1, 1, 64, 64)
+        clicks = torch.tensor([[[20.0, 30.0, 1.0]]])
+        box = torch.tensor([[8.0, 8.0, 40.0, 50.0]])
+        with torch.inference_mode():
+            assert torch.equal(grown(image, clicks, prev).logits, net(image, clicks, prev).logits)
+            as_prev = net(image, clicks, box_maps(box, 1, 64, 64)).logits
+            assert torch.allclose(grown(image, clicks, prev, boxes=box).logits, as_prev, atol=1e-5)
+        grown.train()
+        grown(image.expand(2, -1, -1, -1), clicks.expand(2, -1, -1), prev.expand(2, -1, -1, -1),
+              boxes=box.expand(2, -1)).logits.sum().backward()
+        assert grown.backbone.first_conv().weight.grad[:, -1].abs().sum() > 0   # the new channel learns
+
+    # late_fusion turned on: the decoder's new guidance inputs start silent
+    net = InteractiveSegNet(ModelConfig(**small)).eval()
+    widened = grow(net, ModelConfig(**small, late_fusion=True)).eval()
+    with torch.inference_mode():
+        assert torch.equal(widened(image, clicks, prev).logits, net(image, clicks, prev).logits)
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow(net, ModelConfig(aspp_channels=32, decoder_channels=48))
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow(net, ModelConfig(**small, boundary_head=True))
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow(widened, ModelConfig(**small))       # dropping an input loses what it learned

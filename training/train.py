@@ -31,14 +31,14 @@ from tqdm import tqdm
 
 from model.checkpoint import build_model, save_checkpoint
 from model.config import ModelConfig
-from model.network import InteractiveSegNet
+from model.network import InteractiveSegNet, grow
 from model.pem import PrototypeLoss
 from model.predictor import Predictor, pick_device
 from training.data import (PAD_CLICK, AugmentConfig, ClickSegDataset, Mixture, add_next_clicks, collate,
                            default_sources, focus_view, last_clicks, remap_boxes, sample_boxes, sample_focus_boxes,
                            source_from_spec, worker_init_fn)
 from training.evaluation.datasets import mixture_val_samples
-from training.evaluation.runner import evaluate_dataset
+from training.evaluation.runner import box_only_miou, evaluate_dataset
 
 from . import distributed
 from .config import TrainConfig
@@ -105,6 +105,8 @@ def augment_config(cfg: TrainConfig):
 def build_net(cfg: TrainConfig) -> InteractiveSegNet:
     if cfg.init_checkpoint:
         net, info = build_model(cfg.init_checkpoint)
+        if cfg.model:   # e.g. {"box_input": true}: the checkpoint's network taught a new input
+            net = grow(net, ModelConfig.from_dict({**net.config.to_dict(), **cfg.model}))
         return net
     return InteractiveSegNet(ModelConfig.from_dict(cfg.model), pretrained=cfg.pretrained)
 
@@ -286,9 +288,12 @@ def validate(net, info: dict, samples: list, device) -> dict:
         net = plain_copy(net, device)   # the predictor folds plain BatchNorm2d
     predictor = Predictor(net, info, device=device)
     result = evaluate_dataset(predictor, samples, dataset="train-val", progress=False)
-    net.train(was_training)
     m = result.metrics()
-    return {k: m[k] for k in ("noc85", "noc90", "nof90", "spc") if k in m}
+    out: dict[str, float] = {k: m[k] for k in ("noc85", "noc90", "nof90", "spc") if k in m}
+    if predictor.accepts_box:   # a box-trained model: also what a box alone gives
+        out["box_miou"] = box_only_miou(predictor, samples)
+    net.train(was_training)
+    return out
 
 
 def plain_copy(net, device) -> InteractiveSegNet:
