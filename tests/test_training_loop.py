@@ -252,6 +252,35 @@ def test_focus_view_on_a_share_of_steps(tmp_path):
     assert train_step(cfg, net, None, opt, _toy_batch(), 1, torch.device("cpu"))["focus"] > 0.0
 
 
+def test_box_alone_samples_drop_their_simulated_clicks(tmp_path):
+    """box_alone_prob: a box sample chosen for it is supervised on the box alone (no clicks, no
+    previous mask), also on a step with simulated rounds; without it, the simulated clicks stay."""
+    from training.train import build_net, build_optimizer, train_step
+
+    model = {**tiny_config(tmp_path).model, "late_fusion": True, "box_input": True}
+    supervised: dict = {}
+    for alone in (0.0, 1.0):
+        cfg = tiny_config(tmp_path, model=model, focus_view=False, max_sim_rounds=3, pem_weight=0.0,
+                          box_prob=1.0, box_alone_prob=alone)
+        torch.manual_seed(0)
+        net = build_net(cfg)
+        opt = build_optimizer(cfg, net)
+        decode = net.decode
+        seen = supervised.setdefault(alone, [])
+
+        def recording(code, clicks, prev, boxes=None, return_features=False, seen=seen, decode=decode):
+            if torch.is_grad_enabled():      # the supervised pass (the simulation runs without grad)
+                seen.append((clicks.clone(), prev.clone(), boxes.clone()))
+            return decode(code, clicks, prev, boxes, return_features)
+
+        net.decode = recording
+        for step in range(6):
+            train_step(cfg, net, None, opt, _toy_batch(), step, torch.device("cpu"))
+    assert all((boxes[:, 0] >= 0).all() for _, _, boxes in supervised[0.0] + supervised[1.0])
+    assert any((clicks[..., 2] != 0).any() for clicks, _, _ in supervised[0.0])   # clicks after the box...
+    assert all((clicks[..., 2] == 0).all() and prev.sum() == 0 for clicks, prev, _ in supervised[1.0])  # ...dropped
+
+
 @pytest.mark.e2e
 @needs_data
 def test_a_click_model_continued_with_a_box_input_learns_it(tmp_path):
