@@ -48,6 +48,7 @@ def test_a_few_iterations_write_everything(tmp_path):
     assert config.input_size == 128 and info["training"]["steps"] == 3
     assert not any("pro_pos" in k or k.startswith("pem") for k in state)  # PEM is training-only
     assert set(info["metrics"]["train-val"]) >= {"noc85", "noc90"}
+    assert load_checkpoint(tmp_path / "step3.safetensors")[2]["training"]["steps"] == 3  # each validated step kept
     with safe_open(str(tmp_path / "state.safetensors"), framework="pt") as f:
         assert any(k.startswith("pem.") for k in f.keys())               # ...but kept for resuming
     prob = Predictor.load(tmp_path / "last.safetensors").open(torch.zeros(64, 64, 3, dtype=torch.uint8).numpy()) \

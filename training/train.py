@@ -9,7 +9,8 @@ back; then one loss on the global view and one on a focus-view crop around the l
 through the ONE network, plus PEM's prototype loss on the click vectors.
 
 Outputs in out_dir: state.safetensors (resumable, atomic, every `checkpoint_every` steps),
-log.csv, loss.png, val.csv, last.safetensors / best.safetensors (inference checkpoints), card.json.
+log.csv, loss.png, val.csv, last.safetensors / best.safetensors / step<N>.safetensors at each validation
+(inference checkpoints), card.json.
 """
 from __future__ import annotations
 
@@ -449,6 +450,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distrib
         metrics = validate(net, card(cfg, mixture, step, elapsed, device, None), val_samples, device)
         with (out / "val.csv").open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        # Every validated step stays loadable: the shipped choice is made later, with the inference
+        # settings (zoom-in, edge snapping) the in-loop validation does not use.
+        export(step, metrics, f"step{step}.safetensors")
         if best is None or metrics["noc90"] < best["noc90"]:
             best = {"step": step, **metrics}
             export(step, metrics, "best.safetensors")
