@@ -61,6 +61,10 @@ class PredictorOptions:
     zoom_skip_clicks: int = 1
     zoom_expand: float = 1.4
     zoom_min_side: int = 200
+    # A box alone (box-trained models): after the coarse view, this many passes on the square around
+    # the box, each fed the answer before it (TrainVal box-only mIoU, s5450 weights: 0.741 with one
+    # pass only where it zoomed in, 0.753 with one pass always, 0.765 with two, 0.767 with three).
+    box_passes: int = 2
 
     def __post_init__(self):
         if not (self.coarse or self.refine):
@@ -458,21 +462,24 @@ class Session:
         return ((by0 - y0) * sy, (bx0 - x0) * sx, (by1 - y0) * sy, (bx1 - x0) * sx)
 
     def _predict_box(self) -> np.ndarray:
-        """A box alone: the coarse view, then one focus pass on a square around the box when that
-        zooms in (a small object in a big image), pasted back without the click intention rule."""
+        """A box alone: the coarse view, then `box_passes` focus passes on a square around the box
+        (the box and 40% around it), each fed the answer before it, pasted back without the click
+        intention rule."""
         opt = self.predictor.options
         h, w = self.coarse_hw
         empty = np.zeros((h, w), bool)
         t0 = time.perf_counter()
         prob = self._coarse_pass([], empty)
+        t1 = time.perf_counter()
         by0, bx0, by1, bx1 = cast(tuple, self.box)      # called by set_box, after it set the box
         half = max(by1 - by0, bx1 - bx0) * 0.5 * 1.4
         crop = focus.focus_box((by0 + by1) / 2, (bx0 + bx1) / 2, max(half, opt.focus_min_side / 2), self.wh, self.ww)
-        side = max(crop[2] - crop[0], crop[3] - crop[1])
-        if opt.refine and self.focus_size / side > 1.2 * max(self.coarse_hw) / max(self.wh, self.ww):
+        passes = opt.box_passes if opt.refine else 0
+        for _ in range(passes):
             refined = self._refine(crop, [], prob > opt.threshold)
             prob = focus.paste(prob, refined, crop, True, None, intention=False)
-        self.last_timing = {"coarse_ms": (time.perf_counter() - t0) * 1000, "refine_ms": 0.0, "refine_passes": 0}
+        self.last_timing = {"coarse_ms": (t1 - t0) * 1000, "refine_ms": (time.perf_counter() - t1) * 1000,
+                            "refine_passes": passes}
         return prob
 
     def _snap_edges(self, prob: np.ndarray) -> np.ndarray:

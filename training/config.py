@@ -46,9 +46,10 @@ class TrainConfig:
     max_sim_rounds: int = 3                            # iterative click simulation (no grad), 0..N rounds
     click_points: int = 1                              # supervised predictions per crop, each on the last one's errors
     coarse_loss_weight: float = 0.4                    # boundary head: weight of the stride-4 logits' own loss
-    box_prob: float = 0.25                             # box_input models: share of samples that start from a box
-    box_noise: float = 0.1                             # box edges moved by N(0, noise * side)
-    box_alone_prob: float = 0.0                        # share of the box samples supervised on the box alone
+    # box_input models (the stage-7 recipe, also what a fine-tuning job of a box model uses):
+    box_prob: float = 0.4                              # share of samples that start from a box
+    box_noise: float = 0.05                            # box edges moved by N(0, noise * side)
+    box_alone_prob: float = 0.5                        # share of the box samples supervised on the box alone
                                                        # (their simulated clicks dropped), beside those of the
                                                        # steps with no simulated round
     sim_inner_ratio: float = 0.8                       # error clicks drawn among the inner 20% of the region
