@@ -47,7 +47,7 @@ import numpy as np
 from model.images import load_image
 from model.registry import ProjectRegistry, data_dir, default_root, project_key
 from model.settings import (FINETUNE_BATCH_SIZE, FINETUNE_BENCH_DATASETS, FINETUNE_BENCH_LIMIT,
-                            FINETUNE_BENCH_MARGIN, FINETUNE_CHECKPOINT_EVERY, FINETUNE_CONFIDENT_HOLDOUT,
+                            FINETUNE_BENCH_MARGIN, FINETUNE_BOX_MARGIN, FINETUNE_CHECKPOINT_EVERY, FINETUNE_CONFIDENT_HOLDOUT,
                             FINETUNE_CROP_SIZE, FINETUNE_DEVICE, FINETUNE_EVAL_COARSE_SIZE, FINETUNE_GPUS,
                             FINETUNE_HOLDOUT_FRACTION, FINETUNE_KEEP_WORKDIR, FINETUNE_LABELS, FINETUNE_LR,
                             FINETUNE_MIN_AREA, FINETUNE_MIN_GAIN, FINETUNE_MIN_HOLDOUT, FINETUNE_MIN_TRAIN,
@@ -86,6 +86,7 @@ class FinetuneSettings:
     bench_limit: int = env_field(FINETUNE_BENCH_LIMIT)
     bench_margin: float = env_field(FINETUNE_BENCH_MARGIN)
     min_holdout_gain: float = env_field(FINETUNE_MIN_GAIN)
+    box_margin: float = env_field(FINETUNE_BOX_MARGIN)
     confident_holdout: int = env_field(FINETUNE_CONFIDENT_HOLDOUT)
     eval_coarse_size: int = env_field(FINETUNE_EVAL_COARSE_SIZE)
     device: str = env_field(FINETUNE_DEVICE)
@@ -154,14 +155,45 @@ class Paired:
                 "worse": len(self.worse), "per_instance": {i: [self.parent[i], self.candidate[i]] for i in self.ids}}
 
 
+@dataclass
+class BoxPaired:
+    """IoU of the box prompt alone, parent and candidate, on the holdout (instance id -> IoU):
+    measured when the parent reads boxes, so that a fine-tune cannot trade the box prompt away
+    for clicks unseen (the NoC runs never use a box)."""
+    parent: Dict[str, float]
+    candidate: Dict[str, float]
+
+    @property
+    def ids(self) -> List[str]:
+        return sorted(self.parent.keys() & self.candidate.keys())
+
+    def mean(self, side: str) -> float:
+        values = getattr(self, side)
+        return sum(values[i] for i in self.ids) / max(1, len(self.ids))
+
+    @property
+    def worse(self) -> List[str]:
+        return [i for i in self.ids if self.candidate[i] < self.parent[i]]
+
+    def text(self) -> str:
+        return f"holdout box alone mean IoU {self.mean('parent'):.3f} -> {self.mean('candidate'):.3f}"
+
+    def to_dict(self) -> dict:
+        return {"instances": len(self.ids), "parent": self.mean("parent"), "candidate": self.mean("candidate"),
+                "worse": len(self.worse),
+                "per_instance": {i: [round(self.parent[i], 4), round(self.candidate[i], 4)] for i in self.ids}}
+
+
 def decide(holdout: Paired, bench: List[Paired], margin: float, min_gain: float = 0.0,
-           confident_holdout: int = 0) -> tuple[bool, str, str]:
+           confident_holdout: int = 0, box: Optional[BoxPaired] = None,
+           box_margin: float = 0.02) -> tuple[bool, str, str]:
     """(promote, reason, confidence). Promote iff on the holdout the candidate's mean NoC@90 is
     lower than the parent's by more than min_gain and more instances got better than worse
-    (paired, instance by instance), and no benchmark's mean NoC@90 rose by more than margin. The
-    reason names every failed condition and every benchmark that got worse, with its instances.
-    confidence "low" when the holdout has fewer than `confident_holdout` instances (the reason
-    says so)."""
+    (paired, instance by instance), no benchmark's mean NoC@90 rose by more than margin, and (when
+    `box` is given: the parent reads boxes) the holdout's box-alone mean IoU fell by at most
+    box_margin. The reason names every failed condition and every benchmark that got worse, with
+    its instances. confidence "low" when the holdout has fewer than `confident_holdout` instances
+    (the reason says so)."""
     problems = []
     gain = holdout.mean("parent") - holdout.mean("candidate")
     if not gain > min_gain:
@@ -177,11 +209,18 @@ def decide(holdout: Paired, bench: List[Paired], margin: float, min_gain: float 
             problems.append(f"{b.name} NoC@90 got worse by {worse:.2f} ({b.mean('parent'):.2f} -> "
                             f"{b.mean('candidate'):.2f}), more than the allowed {margin:g}; "
                             f"{len(b.worse)} of {len(b.ids)} instances worse ({shown})")
+    if box is not None and box.ids:
+        drop = box.mean("parent") - box.mean("candidate")
+        if drop > box_margin + 1e-9:
+            shown = ", ".join(box.worse[:5]) + (" ..." if len(box.worse) > 5 else "")
+            problems.append(f"{box.text()}, a drop of {drop:.3f}, more than the allowed {box_margin:g}; "
+                            f"{len(box.worse)} of {len(box.ids)} instances worse ({shown})")
     if problems:
         reason = "; ".join(problems)
     else:
         reason = "; ".join([holdout.text()] + [b.text() for b in bench]) + (
-            f" (benchmark margin {margin:g})" if bench else "; no benchmark configured")
+            f" (benchmark margin {margin:g})" if bench else "; no benchmark configured") + (
+            f"; {box.text()}" if box is not None and box.ids else "")
     confidence = "normal"
     if len(holdout.ids) < confident_holdout:
         confidence = "low"
@@ -608,6 +647,7 @@ class Evaluation:
     holdout: Paired
     bench: List[Paired]
     excluded: Dict[str, List[str]]   # per benchmark: the instances left out (image in the project)
+    box: Optional[BoxPaired] = None  # the holdout's box-alone IoUs, when the parent reads boxes
 
 
 class _EvalProgress:
@@ -637,10 +677,25 @@ def evaluate_candidate(job: FinetuneJob, plan: EvalPlan, candidate: Path, holdou
         runs: Dict[str, Optional[int]] = {}
         metrics, paired_holdout = _evaluate_holdout(job, plan, cand_pred, candidate, cand_sha, holdout_tasks,
                                                     counter, runs)
+        box = _evaluate_box(job, plan, cand_pred)
+        if box is not None:
+            metrics["holdout"]["box_alone"] = {k: v for k, v in box.to_dict().items() if k != "per_instance"}
         bench, paired_bench = _evaluate_benchmarks(job, plan, cand_pred, candidate, cand_sha, counter, runs)
         metrics["benchmarks"] = bench
         metrics["history_runs"] = runs
-    return Evaluation(metrics, paired_holdout, paired_bench, {ds: b["excluded"] for ds, b in bench.items()})
+    return Evaluation(metrics, paired_holdout, paired_bench, {ds: b["excluded"] for ds, b in bench.items()}, box)
+
+
+def _evaluate_box(job: FinetuneJob, plan: EvalPlan, cand_pred) -> Optional[BoxPaired]:
+    """The box prompt alone on the holdout (the ground truth's box), parent and candidate: only
+    when the parent reads boxes (a click-only parent has no box skill to lose). Two to three
+    passes per instance: cheap beside the NoC runs, so the ETA leaves it out."""
+    if not (getattr(plan.parent_pred, "accepts_box", False) and getattr(cand_pred, "accepts_box", False)):
+        return None
+    from training.evaluation.runner import box_only_ious  # imports torch: not on the enqueue path
+
+    job.progress("evaluate", 76, detail=f"holdout box alone ({len(plan.holdout)} instances)")
+    return BoxPaired(box_only_ious(plan.parent_pred, plan.holdout), box_only_ious(cand_pred, plan.holdout))
 
 
 def _evaluate_holdout(job: FinetuneJob, plan: EvalPlan, cand_pred, candidate: Path, cand_sha: str, holdout_tasks: list,
@@ -687,7 +742,8 @@ def decide_promotion(ev: Evaluation, settings: FinetuneSettings) -> tuple[bool, 
     """Stage decide: `decide` on the evaluation, the reason also naming the benchmark instances left
     out because their image is in the project."""
     promote, reason, confidence = decide(ev.holdout, ev.bench, settings.bench_margin,
-                                         settings.min_holdout_gain, settings.confident_holdout)
+                                         settings.min_holdout_gain, settings.confident_holdout,
+                                         ev.box, settings.box_margin)
     left_out = {ds: len(ids) for ds, ids in ev.excluded.items() if ids}
     if left_out:
         reason += "; left out of the benchmarks (image in the project): " + ", ".join(

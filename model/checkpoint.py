@@ -59,7 +59,8 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: ModelConf
         if half and v.is_floating_point():
             v = v.half()
         tensors[k] = v
-    meta = {"format": FORMAT, "model": config.to_dict(), **(info or {})}
+    # `config` wins over a "model" in `info` (e.g. the card of the checkpoint a grown net came from).
+    meta = {**(info or {}), "format": FORMAT, "model": config.to_dict()}
     blob = safetensors_bytes(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
     atomic_write_bytes(path, blob)
     return path

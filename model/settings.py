@@ -252,6 +252,9 @@ FINETUNE_BENCH_LIMIT = _declare(
     "first N instances of each benchmark whose image is not in the project; 0 = all")
 FINETUNE_BENCH_MARGIN = _declare(
     "FINETUNE_BENCH_MARGIN", float, "0.1", _WORKER, "largest NoC@90 increase allowed on a benchmark")
+FINETUNE_BOX_MARGIN = _declare(
+    "FINETUNE_BOX_MARGIN", float, "0.02", _WORKER,
+    "largest drop of the holdout's box-alone mean IoU allowed (a parent that reads boxes)")
 FINETUNE_MIN_GAIN = _declare("FINETUNE_MIN_GAIN", float, "0.0", _WORKER, "holdout NoC@90 must drop by more than this")
 FINETUNE_CONFIDENT_HOLDOUT = _declare(
     "FINETUNE_CONFIDENT_HOLDOUT", int, "10", _WORKER,

@@ -14,7 +14,7 @@ from backend.config import Config
 from backend.labelstudio.fetch import ImageFetcher
 from backend.labelstudio.masks import mask_to_rle, rle_to_mask
 from backend.labelstudio import pull
-from backend.finetune import FinetuneSettings, Paired, decide
+from backend.finetune import BoxPaired, FinetuneSettings, Paired, decide
 from backend.labelstudio.make_export import brush_result
 
 
@@ -53,6 +53,21 @@ def test_the_decision_names_every_regression():
                    "GrabCut NoC@90 got worse by 1.00 (3.00 -> 4.00)", "2 of 3 instances worse (i0, i2)",
                    "Berkeley NoC@90 got worse by 1.50 (4.00 -> 5.50)", "2 of 2 instances worse"):
         assert needle in reason, reason
+
+
+def box(parent, candidate):
+    return BoxPaired({f"i{k}": v for k, v in enumerate(parent)}, {f"i{k}": v for k, v in enumerate(candidate)})
+
+
+def test_a_parent_that_reads_boxes_must_keep_its_box_alone():
+    """Clicks got better, the box prompt (never used by the NoC runs) got worse: refused, named."""
+    ok, reason, _ = decide(paired("holdout", *HOLD_BETTER), [], 0.1, box=box([0.9, 0.8], [0.8, 0.8]), box_margin=0.02)
+    assert not ok
+    assert "holdout box alone mean IoU 0.850 -> 0.800, a drop of 0.050, more than the allowed 0.02" in reason
+    assert "1 of 2 instances worse (i0)" in reason
+    ok, reason, _ = decide(paired("holdout", *HOLD_BETTER), [], 0.1, box=box([0.9, 0.8], [0.89, 0.8]), box_margin=0.02)
+    assert ok and "holdout box alone mean IoU 0.850 -> 0.845" in reason, reason
+    assert decide(paired("holdout", *HOLD_BETTER), [], 0.1, box=None)[0]
 
 
 def test_a_small_holdout_makes_a_low_confidence_decision():

@@ -92,3 +92,33 @@ def test_run_finetune_goes_through_the_stages_in_order(tmp_path, tiny_checkpoint
     assert list(result["timings"]) == ["pull_s", "train_s", "evaluate_s", "total_s"]
     assert list(result["metrics"]) == ["holdout", "benchmarks", "history_runs"]
     assert not Path(tmp_path / "jobs" / "job-stages").exists()            # work folder cleaned up
+
+
+@pytest.mark.e2e
+def test_a_parent_that_reads_boxes_is_also_judged_on_the_box_alone(tmp_path, tiny_checkpoint, monkeypatch):
+    """The shipped model reads boxes; the NoC runs never use one, so the job also measures the box
+    prompt alone on the holdout, parent and candidate, and the decision weighs it."""
+    from dataclasses import replace
+
+    from backend.labelstudio.make_export import make_export
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.network import InteractiveSegNet, grow
+
+    state, config, info = load_checkpoint(tiny_checkpoint)
+    net = InteractiveSegNet(config, pretrained=False)
+    net.load_state_dict(state)
+    boxed = grow(net, replace(config, box_input=True))
+    parent = save_checkpoint(tmp_path / "box-parent.safetensors", boxed.state_dict(), boxed.config, info)
+    export = make_export(tmp_path / "export", count=5)
+    monkeypatch.setenv("LOCAL_FILES_ROOT", str(export.parent / "images"))
+    monkeypatch.setenv("SIMCLICK_EVAL_DB", str(tmp_path / "eval.sqlite"))
+    settings = FinetuneSettings(steps=2, batch_size=2, crop_size=128, checkpoint_every=2, warmup_steps=1,
+                                max_sim_rounds=1, bench_datasets="", eval_coarse_size=128, threads=1,
+                                min_train=2, min_holdout=1, holdout_fraction=0.2, seed=0, box_margin=-1.0)
+    result = run_finetune(5, "job-box", settings, export=str(export), registry_root=str(tmp_path / "registry"),
+                          base_checkpoint=str(parent), work_root=str(tmp_path / "jobs"))
+    box = result["metrics"]["holdout"]["box_alone"]
+    assert box["instances"] >= 1 and 0.0 <= box["parent"] <= 1.0 and 0.0 <= box["candidate"] <= 1.0
+    # A margin of -1 demands a box alone better than the parent's by a whole IoU of 1: refused, and named.
+    assert box["candidate"] - box["parent"] < 1.0
+    assert not result["promoted"] and "holdout box alone mean IoU" in result["reason"], result["reason"]

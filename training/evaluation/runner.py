@@ -90,13 +90,19 @@ def box_prompt(session: Any, gt: np.ndarray, threshold: float = Protocol().thres
     return prob > threshold
 
 
-def box_only_miou(predictor: Any, samples: Sequence[Sample]) -> float:
-    """Mean IoU of the box prompt alone (no clicks after it): the box mode's first number, cheap
-    enough for a training run's validation."""
-    ious = []
+def box_only_ious(predictor: Any, samples: Sequence[Sample]) -> Dict[str, float]:
+    """IoU of the box prompt alone (no clicks after it) per instance id: the box mode's first
+    number, cheap enough for a training run's validation and a fine-tuning job's decision."""
+    ious = {}
     for sample in samples:
         loaded = sample.load()
-        ious.append(iou(loaded.gt, box_prompt(open_session(predictor, loaded), loaded.gt), loaded.ignore))
+        ious[sample.sample_id] = iou(loaded.gt, box_prompt(open_session(predictor, loaded), loaded.gt), loaded.ignore)
+    return ious
+
+
+def box_only_miou(predictor: Any, samples: Sequence[Sample]) -> float:
+    """Mean of box_only_ious."""
+    ious = list(box_only_ious(predictor, samples).values())
     return float(np.mean(ious)) if ious else float("nan")
 
 
