@@ -116,8 +116,28 @@ class FinetuneSettings:
 
 
 # -- the decision ----------------------------------------------------------------------------------
+class _PerInstance:
+    """A per-instance number of the parent and the candidate (instance id -> value): the ids both
+    have and the mean of either side over them."""
+    parent: Mapping[str, float]
+    candidate: Mapping[str, float]
+
+    @property
+    def ids(self) -> List[str]:
+        return sorted(self.parent.keys() & self.candidate.keys())
+
+    def mean(self, side: str) -> float:
+        values = getattr(self, side)
+        return sum(values[i] for i in self.ids) / max(1, len(self.ids))
+
+
+def _shown(ids: List[str], k: int = 5) -> str:
+    """The first k instance ids of a list, for a decision's reason."""
+    return ", ".join(ids[:k]) + (" ..." if len(ids) > k else "")
+
+
 @dataclass
-class Paired:
+class Paired(_PerInstance):
     """NoC@90 of the parent and the candidate on the same instances (instance id -> clicks)."""
     name: str
     parent: Dict[str, int]
@@ -128,14 +148,6 @@ class Paired:
         """From two evaluation results (training.evaluation DatasetResult) of the same samples."""
         return cls(name, {r.sample_id: r.noc() for r in parent.instances},
                    {r.sample_id: r.noc() for r in candidate.instances})
-
-    @property
-    def ids(self) -> List[str]:
-        return sorted(self.parent.keys() & self.candidate.keys())
-
-    def mean(self, side: str) -> float:
-        values = getattr(self, side)
-        return sum(values[i] for i in self.ids) / max(1, len(self.ids))
 
     @property
     def better(self) -> List[str]:
@@ -156,20 +168,12 @@ class Paired:
 
 
 @dataclass
-class BoxPaired:
+class BoxPaired(_PerInstance):
     """IoU of the box prompt alone, parent and candidate, on the holdout (instance id -> IoU):
     measured when the parent reads boxes, so that a fine-tune cannot trade the box prompt away
     for clicks unseen (the NoC runs never use a box)."""
     parent: Dict[str, float]
     candidate: Dict[str, float]
-
-    @property
-    def ids(self) -> List[str]:
-        return sorted(self.parent.keys() & self.candidate.keys())
-
-    def mean(self, side: str) -> float:
-        values = getattr(self, side)
-        return sum(values[i] for i in self.ids) / max(1, len(self.ids))
 
     @property
     def worse(self) -> List[str]:
@@ -205,16 +209,14 @@ def decide(holdout: Paired, bench: List[Paired], margin: float, min_gain: float 
     for b in bench:
         worse = b.mean("candidate") - b.mean("parent")
         if worse > margin + 1e-9:
-            shown = ", ".join(b.worse[:5]) + (" ..." if len(b.worse) > 5 else "")
             problems.append(f"{b.name} NoC@90 got worse by {worse:.2f} ({b.mean('parent'):.2f} -> "
                             f"{b.mean('candidate'):.2f}), more than the allowed {margin:g}; "
-                            f"{len(b.worse)} of {len(b.ids)} instances worse ({shown})")
+                            f"{len(b.worse)} of {len(b.ids)} instances worse ({_shown(b.worse)})")
     if box is not None and box.ids:
         drop = box.mean("parent") - box.mean("candidate")
         if drop > box_margin + 1e-9:
-            shown = ", ".join(box.worse[:5]) + (" ..." if len(box.worse) > 5 else "")
             problems.append(f"{box.text()}, a drop of {drop:.3f}, more than the allowed {box_margin:g}; "
-                            f"{len(box.worse)} of {len(box.ids)} instances worse ({shown})")
+                            f"{len(box.worse)} of {len(box.ids)} instances worse ({_shown(box.worse)})")
     if problems:
         reason = "; ".join(problems)
     else:
@@ -690,7 +692,7 @@ def _evaluate_box(job: FinetuneJob, plan: EvalPlan, cand_pred) -> Optional[BoxPa
     """The box prompt alone on the holdout (the ground truth's box), parent and candidate: only
     when the parent reads boxes (a click-only parent has no box skill to lose). Two to three
     passes per instance: cheap beside the NoC runs, so the ETA leaves it out."""
-    if not (getattr(plan.parent_pred, "accepts_box", False) and getattr(cand_pred, "accepts_box", False)):
+    if not (plan.parent_pred.accepts_box and cand_pred.accepts_box):
         return None
     from training.evaluation.runner import box_only_ious  # imports torch: not on the enqueue path
 
