@@ -38,9 +38,10 @@ Stopping and crashing: each job runs a guard thread (`JobGuard`) that renews a h
 (simclick:cancel:<job>, set by `cancel` or POST /admin/jobs/<id>/cancel) or when the worker that
 forked it died; and the worker's stop (SIGTERM/SIGINT) ends its running job the same way instead
 of waiting for it. A job with too few annotations finishes at once as "skipped", with the reason.
-Progress is in job.meta: stage (queued, waiting, pull, train, evaluate, register, promote, done,
-skipped, interrupted), percent, detail, eta_s (backend.finetune.Eta); `status` and /jobs show
-the time left (eta_s, eta_at).
+Progress is in job.meta: stage (queued, waiting, pull, evaluate_parent, train, evaluate_candidate,
+register, promote, done, skipped, interrupted), percent, detail, eta_s (backend.finetune.Eta) and
+timings (seconds per stage done); `status` and /jobs show the time left (eta_s, eta_at) and where
+the time went (timings).
 """
 from __future__ import annotations
 
@@ -503,8 +504,11 @@ def job_info(conn, job_id: str) -> Optional[dict]:
          "ended_at": job.ended_at.isoformat() if job.ended_at else None,
          "worker": job.worker_name, "meta": meta}
     d.update(_eta(meta) if status == "started" else {})
+    d["timings"] = meta.get("timings") or {}        # seconds per stage done: where the time goes
     if status == "finished":
         d["result"] = job.return_value()
+        if isinstance(d["result"], dict) and d["result"].get("timings"):
+            d["timings"] = d["result"]["timings"]
         if isinstance(d["result"], dict) and d["result"].get("status") == "skipped":
             # Finished for RQ, but nothing was trained: say so where an admin looks first.
             d["status"], d["reason"] = "skipped", d["result"].get("reason")
@@ -695,11 +699,14 @@ def _print(obj, as_json: bool) -> None:
     if isinstance(obj, dict):
         obj = [obj]
     for d in obj:
-        line = f"{d['id']}  {d['status']:<9} project {d['project']}  {d.get('stage') or '':<9} {d.get('percent') or 0:>3}%"
+        line = f"{d['id']}  {d['status']:<9} project {d['project']}  {d.get('stage') or '':<18} {d.get('percent') or 0:>3}%"
         if d.get("detail"):
             line += f"  {d['detail']}"
         if d.get("eta_s") is not None:
             line += f"  ETA {d['eta_s'] // 60:.0f} min {d['eta_s'] % 60:02.0f} s"
+        if d.get("timings"):
+            line += "  [" + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.0f} s"
+                                      for k, v in d["timings"].items()) + "]"
         if d.get("error"):
             line += f"  error: {d['error']}"
         if d["status"] == "skipped":

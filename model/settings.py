@@ -234,6 +234,16 @@ FINETUNE_CROP_SIZE = _declare("FINETUNE_CROP_SIZE", int, "320", _WORKER, "traini
 FINETUNE_LR = _declare("FINETUNE_LR", float, "1e-4", _WORKER, "peak learning rate (backbone gets 0.1x)")
 FINETUNE_WARMUP_STEPS = _declare("FINETUNE_WARMUP_STEPS", int, "20", _WORKER, "linear warm-up steps")
 FINETUNE_SIM_ROUNDS = _declare("FINETUNE_SIM_ROUNDS", int, "3", _WORKER, "iterative click-simulation rounds per step")
+FINETUNE_REHEARSAL = _declare(
+    "FINETUNE_REHEARSAL", float, "0.5", _WORKER,
+    "share of each batch drawn from the base model's training data (SIMCLICK_TRAIN_ROOT), against forgetting; "
+    "0 = the project's annotations only")
+FINETUNE_FREEZE_BN = _declare(
+    "FINETUNE_FREEZE_BN", bool, "true", _WORKER,
+    "every BatchNorm keeps the parent's statistics (the project's images would otherwise replace them)")
+FINETUNE_L2SP = _declare(
+    "FINETUNE_L2SP", float, "0", _WORKER,
+    "per step, this share of every weight's distance to the parent's is taken back (L2-SP); 0 = off")
 FINETUNE_CHECKPOINT_EVERY = _declare(
     "FINETUNE_CHECKPOINT_EVERY", int, "25", _WORKER, "steps between resumable states (a retried job resumes)")
 FINETUNE_HOLDOUT_FRACTION = _declare(
@@ -261,6 +271,9 @@ FINETUNE_CONFIDENT_HOLDOUT = _declare(
     "a decision on fewer holdout instances is marked low-confidence (in its reason and 'confidence')")
 FINETUNE_EVAL_COARSE_SIZE = _declare(
     "FINETUNE_EVAL_COARSE_SIZE", int, "0", _WORKER, "coarse view of the evaluation predictor; 0 = predictor default")
+FINETUNE_EVAL_WORKERS = _declare(
+    "FINETUNE_EVAL_WORKERS", int, "0", _WORKER,
+    "evaluation processes (one torch thread each); 0 = one per CPU core, 1 on a GPU")
 FINETUNE_DEVICE = _declare("FINETUNE_DEVICE", str, "", _WORKER, "cpu or cuda; empty = cuda if available")
 FINETUNE_THREADS = _declare("FINETUNE_THREADS", int, "0", _WORKER, "torch CPU threads; 0 = torch default")
 FINETUNE_GPUS = _declare(

@@ -146,3 +146,47 @@ def test_train_val_is_the_split_training_never_sees_with_sources_interleaved():
     for a, b in zip(samples, again):                      # deterministic (BSDS regions are drawn)
         la, lb = a.load(), b.load()
         assert a.sample_id == b.sample_id and np.array_equal(la.gt, lb.gt) and la.gt.any()
+
+
+def _folder(root, n=3, layout=("images", "masks")):
+    (root / layout[0]).mkdir(parents=True)
+    (root / layout[1]).mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(root / layout[0] / f"im{i:02d}.jpg")
+        m = np.zeros((20, 30), np.uint8)
+        m[5:15, 5:20 + i] = 255
+        Image.fromarray(m).save(root / layout[1] / f"im{i:02d}.png")
+    return root
+
+
+def test_a_folder_of_ones_own_under_its_own_name_with_skip_and_limit(tmp_path):
+    from training.evaluation.datasets import dataset_name
+
+    root = _folder(tmp_path / "lesions", 4)
+    samples = load_dataset(f"Skin={root}")
+    assert [s.sample_id for s in samples] == ["im00", "im01", "im02", "im03"]
+    assert [s.sample_id for s in load_dataset(f"Skin={root}", skip=1, limit=2)] == ["im01", "im02"]
+    assert load_dataset(f"Skin={root}")[1].load().gt.sum() == 10 * 16
+    assert dataset_name(f"Skin={root}") == "Skin" and dataset_name(f"berkeley={root}") == "Berkeley"
+    davis_like = _folder(tmp_path / "d", 2, ("img", "gt"))
+    assert len(load_dataset(f"mine={davis_like}")) == 2
+    with pytest.raises(KeyError):
+        dataset_name("Skin")                             # an unknown name needs its folder
+    with pytest.raises(KeyError):
+        dataset_name(f"no/slash={root}")
+    with pytest.raises(FileNotFoundError, match="images/ and masks/"):
+        load_dataset(f"Skin={tmp_path}")
+    with pytest.raises(FileNotFoundError, match="after the first 9"):
+        load_dataset(f"Skin={root}", skip=9)
+
+
+def test_make_export_from_a_folder_reads_back_as_the_same_masks(tmp_path):
+    from backend.labelstudio.make_export import main
+    from training.data.sources import LabelStudioSource
+
+    root = _folder(tmp_path / "lesions", 3)
+    assert main(["--folder", str(root), "--out", str(tmp_path / "out"), "--skip", "1"]) == 0
+    src = LabelStudioSource(tmp_path / "out" / "export.json", image_dir=tmp_path / "out" / "images", min_area=10)
+    masks = [src.load(i, np.random.default_rng(0)).mask for i in range(len(src))]
+    assert [m.sum() for m in masks] == [10 * 16, 10 * 17]
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["im01.jpg", "im02.jpg"]

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from training.evaluation.history import compare, engine_for, list_runs, record_run, resolve_url, select_runs
+from training.evaluation.history import (compare, engine_for, known_ious, list_runs, record_run, resolve_url,
+                                        select_runs)
 from training.evaluation.reference import OraclePredictor
+from training.evaluation.protocol import Protocol
 from training.evaluation.runner import evaluate_dataset
 from training.evaluation.samples import samples_from_arrays
 from training.evaluation.tables import compare_table, history_table
@@ -71,6 +73,16 @@ def _exercise(db):
     text = compare_table("v1", "v2", compare(str(id1), str(id2), db))
     assert "-2.00" in text and "3/0 of 3" in text
     assert "baseline" in history_table(list_runs(db)) and "partial" in history_table(list_runs(db))
+    # A checkpoint's earlier per-instance results, for a later run to reuse: same protocol only.
+    assert known_ious("aa" * 32, "grabcut", {"threshold": 0.49, "box": False}, db) == {
+        p["id"]: p["ious"] for p in list_runs(db, model_version="v1", full=True)[0]["per_instance"]}
+    assert known_ious("aa" * 32, "GrabCut", {"coarse_size": 256}, db) == {}
+    assert known_ious("cc" * 32, "GrabCut", {}, db) == {}
+    short = evaluate_dataset(Late(3, "v1"), s[:1], dataset="GrabCut", protocol=Protocol(curve=False), progress=False)
+    short_id = record_run(short, db, checkpoint="a.safetensors", checkpoint_hash="aa" * 32,
+                          extra_protocol={"coarse_size": 256})
+    assert known_ious("aa" * 32, "GrabCut", {"coarse_size": 256}, db) == {short.instances[0].sample_id: [0.0, 0.0, 1.0]}
+    assert compare(str(id1), str(short_id), db)[0]["noc90"][2] == -1.0   # no mIoU curve, still compared
 
 
 def test_history_on_sqlite(tmp_path):
@@ -106,7 +118,7 @@ def test_history_on_postgresql(pg_url):
     _exercise(pg_url)
     eng = sa.create_engine(pg_url)
     with eng.connect() as c:
-        assert c.execute(sa.text("select count(*) from evaluation_runs")).scalar() == 3
+        assert c.execute(sa.text("select count(*) from evaluation_runs")).scalar() == 4
         kind = c.execute(sa.text("select data_type from information_schema.columns where "
                                  "table_name='evaluation_runs' and column_name='per_instance'")).scalar()
     eng.dispose()

@@ -1,4 +1,6 @@
 """Metric arithmetic: IoU with an ignore region, NoC/NoF budgets, mIoU@k, SPC, the run loop's bookkeeping."""
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -153,3 +155,36 @@ def test_a_predictor_that_fails_to_load_in_the_workers_raises_instead_of_hanging
         evaluate_dataset(_broken_factory, samples, workers=2, progress=False)
     with pytest.raises(TypeError, match="picklable"):
         evaluate_dataset(OraclePredictor(), samples, workers=2, progress=False)
+
+
+def test_without_the_curve_an_instance_stops_at_090_with_the_same_noc():
+    """Protocol(curve=False): the protocol's stop rule, what a promotion gate needs."""
+    full = run_instance(AfterN(3), _square_sample())
+    short = run_instance(AfterN(3), _square_sample(), Protocol(curve=False))
+    assert len(full.ious) == 20 and short.ious == full.ious[:3] and short.clicks == full.clicks[:3]
+    assert (short.noc(0.85), short.noc(0.90)) == (full.noc(0.85), full.noc(0.90)) == (3, 3)
+    never = run_instance(AfterN(500), _square_sample(), Protocol(curve=False))
+    assert len(never.ious) == 20 and never.noc(0.90) == 20           # a failure still costs its 20 clicks
+    m = summarize([short.ious, never.ious], 1.0, 23)
+    assert (m["noc90"], m["nof90"], m["miou"]) == (11.5, 1, [])       # no curve from stopped instances
+
+
+def test_several_data_sets_in_one_pool_of_workers():
+    from training.evaluation.runner import evaluate_datasets
+
+    rng = np.random.default_rng(2)
+    pairs = []
+    for n in range(3):
+        m = np.zeros((30, 30), bool)
+        m[5:25, 5 + n:25] = True
+        pairs.append((rng.integers(0, 255, (30, 30, 3), dtype=np.uint8), m))
+    sets = {"a": samples_from_arrays(pairs[:2], prefix="a"), "b": samples_from_arrays(pairs[2:], prefix="b")}
+    seen = []
+    for workers in (1, 2):
+        out = evaluate_datasets(partial(OraclePredictor), sets, Protocol(curve=False), workers=workers,
+                                on_result=lambda name, r: seen.append((name, r.sample_id)))
+        assert {k: [r.sample_id for r in v.instances] for k, v in out.items()} == {"a": ["a00000", "a00001"],
+                                                                                 "b": ["b00000"]}
+        assert all(r.ious == [1.0] for v in out.values() for r in v.instances)
+        assert out["a"].dataset == "a" and out["a"].metrics()["noc90"] == 1.0
+    assert seen == [("a", "a00000"), ("a", "a00001"), ("b", "b00000")] * 2

@@ -192,5 +192,7 @@ def test_bad_annotations_are_skipped_with_a_logged_reason(tmp_path, caplog):
     r7 = next(t for t in exported if t["id"] == 7)["annotations"][0]["result"][0]
     assert np.array_equal(rle_to_mask(r7["value"]["rle"], h, w), poly_mask)
     assert mask_to_rle(poly_mask) == r7["value"]["rle"]
-    pairs = pull.holdout_pairs(tmp_path / "out")
-    assert len(pairs) == 1 and pairs[0][0].shape[:2] == pairs[0][1].shape == (h, w)
+    held = pull.holdout_instances(tmp_path / "out")
+    assert len(held) == 1 and held[0][1].shape[:2] == held[0][2].shape == (h, w)
+    # the id names the task and stays the same in every job (a parent's earlier results are reused)
+    assert held[0][0].startswith("t") and [i for i, _, _ in pull.holdout_instances(tmp_path / "out")] == [held[0][0]]

@@ -1,4 +1,4 @@
-"""run_finetune as a sequence of stages (backend/finetune.py), and the training progress through
+"""run_finetune as a sequence of stages (backend/finetune/job.py), and the training progress through
 train()'s on_step callback instead of a thread reading log.csv."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from backend import finetune
-from backend.finetune import (Eta, Evaluation, FinetuneJob, FinetuneSettings, Paired, decide_promotion, run_finetune,
+from backend.finetune import (Eta, Evaluation, FinetuneJob, FinetuneSettings, decide_promotion, job, run_finetune,
                               step_reporter, train_candidate)
+from backend.finetune.evaluation import EvalSet
 
 
 def make_job(tmp_path, progress, **settings) -> FinetuneJob:
@@ -26,7 +26,7 @@ def test_step_reports_are_throttled_and_the_last_one_is_sent(tmp_path):
     for step in range(1, 6):
         on_step(step, 5, {"loss": 0.5})
     assert [(c[0], c[1], c[2]["step"], c[2]["detail"]) for c in calls] == [
-        ("train", 22, 1, "step 1/5"), ("train", 58, 4, "step 4/5"), ("train", 70, 5, "step 5/5")]
+        ("train", 32, 1, "step 1/5"), ("train", 68, 4, "step 4/5"), ("train", 80, 5, "step 5/5")]
     assert all("eta_s" in c[2] for c in calls)
 
 
@@ -48,23 +48,30 @@ def test_train_stage_reports_steps_from_either_path(tmp_path, monkeypatch, gpus)
                    batch_size=4, gpus=gpus)
     tcfg, trained = train_candidate(job, Eta(3, {}))
     assert trained["resumed"] is False and trained["steps"] == 3 and tcfg.steps == 3
-    assert calls[0][:2] == ("train", 10) and calls[0][2]["detail"] == "starting from p5-base"
-    assert calls[-1][:2] == ("train", 70) and calls[-1][2]["step"] == 3
+    assert calls[0][:2] == ("train", 20) and calls[0][2]["detail"] == "starting from p5-base"
+    assert calls[-1][:2] == ("train", 80) and calls[-1][2]["step"] == 3
     assert "train_s" in job.timings
 
 
+def _set(label, parent, candidate, excluded=()):
+    """An evaluated set: per instance id, the click on which IoU 0.90 was reached."""
+    samples = [SimpleNamespace(sample_id=i) for i in parent]
+    return EvalSet(label, label, samples, True, list(excluded),
+                   {i: [0.5] * (n - 1) + [0.95] for i, n in parent.items()},
+                   {i: [0.5] * (n - 1) + [0.95] for i, n in candidate.items()})
+
+
 def test_decide_names_the_benchmark_instances_left_out():
-    holdout = Paired("holdout", {"a": 5, "b": 5}, {"a": 3, "b": 4})
-    bench = Paired("GrabCut", {"g1": 2}, {"g1": 2})
-    ev = Evaluation({}, holdout, [bench], {"GrabCut": ["g7", "g9"]})
+    ev = Evaluation({}, [_set("holdout", {"a": 5, "b": 5}, {"a": 3, "b": 4}),
+                         _set("GrabCut", {"g1": 2}, {"g1": 2}, excluded=["g7", "g9"])])
     promote, reason, confidence = decide_promotion(ev, FinetuneSettings(confident_holdout=0))
     assert promote and confidence == "normal"
     assert reason.endswith("left out of the benchmarks (image in the project): 2 GrabCut instance(s)")
 
 
 def test_no_thread_polls_the_training_log():
-    assert not hasattr(finetune, "_TrainProgress")
-    assert "threading" not in vars(finetune)
+    assert not hasattr(job, "_TrainProgress")
+    assert "threading" not in vars(job)
 
 
 @pytest.mark.e2e
@@ -83,13 +90,16 @@ def test_run_finetune_goes_through_the_stages_in_order(tmp_path, tiny_checkpoint
         (stage, percent, kw)), export=str(export), registry_root=str(tmp_path / "registry"),
         base_checkpoint=str(tiny_checkpoint), work_root=str(tmp_path / "jobs"))
     stages = list(dict.fromkeys(c[0] for c in calls))
-    assert stages[:4] == ["pull", "train", "evaluate", "register"] and stages[-1] == "done", stages
+    assert stages[:5] == ["pull", "evaluate_parent", "train", "evaluate_candidate", "register"], stages
+    assert stages[-1] == "done"
     assert [c[1] for c in calls] == sorted(c[1] for c in calls)           # percent never goes back
     steps = [c[2]["step"] for c in calls if c[0] == "train" and "step" in c[2]]
     assert steps and steps[-1] == 3                                        # the last step is reported
     assert result["status"] in ("promoted", "kept") and result["version"] == "p5-v001"
     assert result["train"] == {"steps": 3, "resumed": False, "device": result["train"]["device"]}
-    assert list(result["timings"]) == ["pull_s", "train_s", "evaluate_s", "total_s"]
+    assert list(result["timings"]) == ["pull_s", "evaluate_parent_s", "train_s", "evaluate_candidate_s", "register_s",
+                                       "total_s"]
+    assert calls[-1][2]["timings"] == result["timings"]                   # in job.meta: where the time went
     assert list(result["metrics"]) == ["holdout", "benchmarks", "history_runs"]
     assert not Path(tmp_path / "jobs" / "job-stages").exists()            # work folder cleaned up
 
@@ -122,3 +132,31 @@ def test_a_parent_that_reads_boxes_is_also_judged_on_the_box_alone(tmp_path, tin
     # A margin of -1 demands a box alone better than the parent's by a whole IoU of 1: refused, and named.
     assert box["candidate"] - box["parent"] < 1.0
     assert not result["promoted"] and "holdout box alone mean IoU" in result["reason"], result["reason"]
+
+
+@pytest.mark.e2e
+def test_a_second_job_on_the_same_parent_reuses_its_evaluations(tmp_path, tiny_checkpoint, monkeypatch):
+    """The parent's holdout and benchmark results come from the evaluation history (matched by
+    checkpoint hash and instance id): a second job evaluates only its candidate."""
+    from backend.labelstudio.make_export import make_export
+    from training.evaluation.history import list_runs
+
+    export = make_export(tmp_path / "export", count=5)
+    monkeypatch.setenv("LOCAL_FILES_ROOT", str(export.parent / "images"))
+    monkeypatch.setenv("SIMCLICK_EVAL_DB", str(tmp_path / "eval.sqlite"))
+    settings = FinetuneSettings(steps=1, batch_size=2, crop_size=128, checkpoint_every=1, warmup_steps=1,
+                                max_sim_rounds=0, bench_datasets="GrabCut", bench_limit=1, eval_coarse_size=128,
+                                threads=1, eval_workers=1, min_train=2, min_holdout=1, holdout_fraction=0.2,
+                                min_holdout_gain=100.0, rehearsal=0.0, seed=0)     # never promoted: same parent
+    details = []
+    for n in (1, 2):
+        result = run_finetune(5, f"job-{n}", settings, export=str(export), registry_root=str(tmp_path / "registry"),
+                              progress=lambda stage, percent, **kw: details.append((stage, kw.get("detail"))),
+                              base_checkpoint=str(tiny_checkpoint), work_root=str(tmp_path / "jobs"))
+        assert result["status"] == "kept" and result["parent"].startswith("p5-base")
+    runs = list_runs(str(tmp_path / "eval.sqlite"))
+    parent = [r for r in runs if r["model_version"] == result["parent"]]
+    assert sorted(r["dataset"] for r in parent) == ["GrabCut", "ls-p5-holdout"]     # the first job's, only
+    assert sum(r["model_version"] != result["parent"] for r in runs) == 4              # each candidate, both sets
+    hold = result["metrics"]["holdout"]["instances"]
+    assert ("evaluate_parent", f"{hold + 1} instance(s) from the history") in details

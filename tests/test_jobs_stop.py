@@ -241,10 +241,14 @@ def test_eta_from_measured_speeds_or_the_previous_jobs():
     now[0] = 20.0
     assert eta.step(20) == {"eta_s": None}                   # 2 s/step, but clicks not measured yet
     assert eta.measured == {"train_step_s": 2.0}
-    first = eta.clicks(0)                                    # the evaluation starts at t = 20 s
+    first = eta.eval_start()                                 # an evaluation pass starts at t = 20 s
     now[0] = 70.0
-    assert eta.clicks(100) == {"eta_s": 150.0}               # 0.5 s/click x 300 clicks left
+    assert eta.clicks(100) == {"eta_s": 80 * 2.0 + 150.0}    # 80 steps left; 0.5 s/click x 300 clicks left
     assert first == {"eta_s": None}
+    now[0] = 1000.0                                          # training in between: not evaluation time
+    eta.eval_start()
+    now[0] = 1010.0
+    assert eta.clicks(20) == eta.left() and eta.measured["eval_click_s"] == 0.5     # 60 s / 120 clicks
     prior = Eta(steps=100, rates={"train_step_s": 2.0, "eval_click_s": 0.5}, clock=lambda: now[0])
     prior.eval_clicks = 400
-    assert prior.left(100, 400) == {"eta_s": 400.0}          # the previous job's speeds stand in
+    assert prior.left() == {"eta_s": 400.0}                  # the previous job's speeds stand in

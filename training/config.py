@@ -52,6 +52,16 @@ class TrainConfig:
     box_alone_prob: float = 0.5                        # share of the box samples supervised on the box alone
                                                        # (their simulated clicks dropped), beside those of the
                                                        # steps with no simulated round
+    # Fine-tuning from init_checkpoint without forgetting what it knew (backend.finetune sets these):
+    rehearsal: float = 0.0                             # share of each batch drawn from the default training
+                                                       # sources (their train split: TrainVal stays held out)
+                                                       # beside `sources`, which are then never held out
+    rehearsal_root: str | None = None                  # their root (default $SIMCLICK_TRAIN_ROOT or
+                                                       # ../shared/datasets/train)
+    freeze_bn: bool = False                            # every BatchNorm on its running statistics (head too)
+    l2sp: float = 0.0                                  # per step at the peak rate, this fraction of every
+                                                       # weight's distance to its initial value is taken
+                                                       # back (L2-SP, decoupled; 0 = off)
     sim_inner_ratio: float = 0.8                       # error clicks drawn among the inner 20% of the region
     amp: bool = True                                   # bf16 autocast on CUDA (ignored on CPU)
     device: str = "auto"

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import build_model, save_checkpoint
+from model.checkpoint import build_model, read_info, save_checkpoint
 from model.config import ModelConfig
 from model.network import InteractiveSegNet, grow
 from model.pem import PrototypeLoss
 from model.predictor import Predictor, pick_device
-from training.data import (PAD_CLICK, AugmentConfig, ClickSegDataset, Mixture, add_next_clicks, collate,
+from training.data import (DEFAULT_WEIGHTS, PAD_CLICK, AugmentConfig, ClickSegDataset, Mixture, add_next_clicks, collate,
                            default_sources, focus_view, last_clicks, remap_boxes, sample_boxes, sample_focus_boxes,
                            source_from_spec, worker_init_fn)
 from training.evaluation.datasets import mixture_val_samples
@@ -63,7 +63,29 @@ def build_mixture(cfg: TrainConfig):
         sources = [source_from_spec(spec, cfg.data_root) for spec in cfg.sources]
     else:
         sources = default_sources(cfg.data_root)
-    return Mixture(sources, weights=cfg.source_weights, val_fraction=cfg.val_fraction, seed=split_seed(cfg))
+    if cfg.rehearsal <= 0:
+        return Mixture(sources, weights=cfg.source_weights, val_fraction=cfg.val_fraction, seed=split_seed(cfg))
+    return rehearsal_mixture(cfg, sources)
+
+
+def rehearsal_mixture(cfg: TrainConfig, own: list):
+    """`own` sources (all of their items train) mixed with the default training sources at a share
+    `cfg.rehearsal` of the draws: a fine-tuning run keeps seeing what the model learnt before (the
+    lever against forgetting). The default sources keep their split (val_fraction, split seed),
+    so `--datasets TrainVal` stays held out."""
+    if not cfg.sources:
+        raise ValueError("rehearsal mixes the default training sources into `sources`: set sources")
+    if not 0 < cfg.rehearsal < 1:
+        raise ValueError(f"rehearsal must be in (0, 1), not {cfg.rehearsal}")
+    base = default_sources(cfg.rehearsal_root)
+    clash = {s.name for s in own} & {s.name for s in base}
+    if clash:
+        raise ValueError(f"source names {sorted(clash)} are taken by the rehearsal sources: rename them")
+    own_w = np.array([float((cfg.source_weights or {}).get(s.name, DEFAULT_WEIGHTS.get(s.name, 1.0))) for s in own])
+    base_w = np.array([DEFAULT_WEIGHTS.get(s.name, 1.0) for s in base])
+    weights = np.concatenate([(1 - cfg.rehearsal) * own_w / own_w.sum(), cfg.rehearsal * base_w / base_w.sum()])
+    return Mixture(own + base, weights=weights, val_fraction=cfg.val_fraction, seed=split_seed(cfg),
+                   train_only=[s.name for s in own])
 
 
 def split_seed(cfg: TrainConfig) -> int:
@@ -141,6 +163,14 @@ def build_optimizer(cfg: TrainConfig, net: InteractiveSegNet):
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {cfg.optimizer!r}")
 
 
+def pull_toward(net, anchors: Dict[str, torch.Tensor], fraction: float) -> None:
+    """Move every parameter `fraction` of the way back to its anchor (decoupled L2-SP: the same
+    on every rank, so ranks stay identical)."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.lerp_(anchors[name], fraction)
+
+
 def _zero_rgb_grad(grad: torch.Tensor) -> torch.Tensor:
     grad = grad.clone()
     grad[:, :3] = 0
@@ -159,6 +189,13 @@ def set_train_mode(cfg: TrainConfig, net, step: int) -> None:
         # BatchNorm statistics of a batch of 8 are noisy; the ImageNet ones are a steadier base
         # (and switching from them to batch statistics when the backbone thaws would jolt it).
         net.backbone.eval()
+    if cfg.freeze_bn:
+        # Fine-tuning on one domain: batch statistics of its images would become every BatchNorm's
+        # running statistics, and the network would then normalise every other image as if it
+        # were of that domain.
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -321,8 +358,19 @@ def git_commit() -> str | None:
         return None
 
 
+def inherited_card(cfg: TrainConfig) -> dict:
+    """What a model trained from `init_checkpoint` keeps of that checkpoint's card: the inference
+    settings chosen for its weights (the "predictor" entry: zoom-in, edge snapping). Without them
+    a fine-tuned model would be evaluated and served with the predictor's bare defaults."""
+    if not cfg.init_checkpoint:
+        return {}
+    predictor = read_info(cfg.init_checkpoint).get("predictor")
+    return {"predictor": dict(predictor)} if predictor else {}
+
+
 def card(cfg: TrainConfig, mixture, step: int, seconds: float, device, metrics: dict | None) -> dict:
     return {
+        **inherited_card(cfg),
         "version": cfg.version or f"{Path(cfg.out_dir).name}-s{step}",
         "training": {
             "config": cfg.to_dict(), "steps": step, "hours": round(seconds / 3600, 3),
@@ -404,6 +452,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distrib
         net = net.to(memory_format=torch.channels_last)
     pem = PrototypeLoss(net.config.decoder_channels, cfg.pem_beta).to(device) if cfg.pem_weight > 0 else None
     distributed.broadcast_model(dctx, net, pem)
+    # L2-SP: the initial weights (also on resume: build_net loads the same init_checkpoint)
+    anchors = {n: p.detach().clone() for n, p in net.named_parameters()} if cfg.l2sp > 0 else {}
     optimizer = build_optimizer(cfg, net)
     mixture = build_mixture(cfg)
     state_path = out / "state.safetensors"
@@ -469,6 +519,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distrib
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_mult"]
             stats = train_step(cfg, net, pem, optimizer, batch, step, device, dctx)
+            if anchors:
+                pull_toward(net, anchors, cfg.l2sp * lr / cfg.lr)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             elapsed += dt

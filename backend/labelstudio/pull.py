@@ -19,6 +19,7 @@ every region rewritten as brush RLE) that training.data.LabelStudioSource reads.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -305,21 +306,27 @@ def build_dataset(tasks: List[dict], fetcher, out_dir: os.PathLike | str, *, hol
     return report
 
 
-def holdout_pairs(out_dir: os.PathLike | str) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """(image, mask) of every holdout region, for training.evaluation.samples_from_arrays."""
+def holdout_instances(out_dir: os.PathLike | str) -> List[Tuple[str, np.ndarray, np.ndarray]]:
+    """(id, image, mask) of every holdout region, for training.evaluation.samples_from_arrays. The
+    id names the task and hashes the image file and the mask, so the same region has the same id
+    in every job of the project (a parent's earlier results on it are reused) and an edited one
+    gets a new id."""
     out = Path(out_dir)
-    pairs = []
+    instances = []
     for task in json.loads((out / "holdout.json").read_text()):
         path = out / "images" / task["data"]["image"]
+        file_bytes = path.read_bytes()
         image = load_image(path)
         for ann in task["annotations"]:
             for res in ann["result"]:
                 mask = decode_ls_brush(res)
-                if mask.shape == image.shape[:2]:
-                    pairs.append((image, mask))
-                    continue
-                with Image.open(path) as pil:      # drawn on the pixels before EXIF rotation
-                    raw = to_rgb8(np.asarray(pil.convert("RGB")))
-                if raw.shape[:2] == mask.shape:
-                    pairs.append((raw, mask))
-    return pairs
+                if mask.shape != image.shape[:2]:
+                    with Image.open(path) as pil:      # drawn on the pixels before EXIF rotation
+                        raw = to_rgb8(np.asarray(pil.convert("RGB")))
+                    if raw.shape[:2] != mask.shape:
+                        continue
+                    image = raw
+                digest = hashlib.sha1(file_bytes + repr(mask.shape).encode() + np.packbits(mask).tobytes())
+                instances.append((f"t{task['id']}-{digest.hexdigest()[:12]}", image, mask))
+    return instances
+

@@ -51,7 +51,9 @@ class Mixture:
 
     def __init__(self, sources: Sequence[InstanceSource],
                  weights: Optional[Union[Mapping[str, float], Sequence[float]]] = None,
-                 val_fraction: float = 0.05, seed: int = 0):
+                 val_fraction: float = 0.05, seed: int = 0, train_only: Sequence[str] = ()):
+        """``train_only``: names of sources none of whose items is held out (a fine-tuning job's
+        own annotations, mixed with base data whose validation split must stay held out)."""
         if not sources:
             raise ValueError("a mixture needs at least one source")
         names = [s.name for s in sources]
@@ -72,11 +74,15 @@ class Mixture:
                 raise ValueError("weights must match sources")
         if (self.weights < 0).any():
             raise ValueError("weights must be >= 0")
-        self.val_keys = assign_splits((it.split_key for src in self.sources for it in src.items),
-                                      self.seed, self.val_fraction)
+        unknown_only = set(train_only) - set(names)
+        if unknown_only:
+            raise ValueError(f"train_only names sources that are not in the mixture: {sorted(unknown_only)}")
+        self.val_keys = assign_splits((it.split_key for src in self.sources if src.name not in train_only
+                                       for it in src.items), self.seed, self.val_fraction)
         self._split_items: Dict[str, List[np.ndarray]] = {s: [] for s in SPLITS}
         for src in self.sources:
-            flags = np.array([it.split_key in self.val_keys for it in src.items], dtype=bool)
+            flags = np.array([src.name not in train_only and it.split_key in self.val_keys for it in src.items],
+                             dtype=bool)
             self._split_items["val"].append(np.nonzero(flags)[0])
             self._split_items["train"].append(np.nonzero(~flags)[0])
 

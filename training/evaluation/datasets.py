@@ -8,6 +8,7 @@ the repository.
 from __future__ import annotations
 
 import itertools
+import re
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -194,23 +195,55 @@ def canonical_name(name: str) -> str:
             return known
     if key in _ALIASES:
         return _ALIASES[key]
-    raise KeyError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    raise KeyError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}, or NAME=/folder for a folder "
+                   "of your own (images/ + masks/)")
+
+
+def dataset_name(spec: str) -> str:
+    """The name a data set spec is reported and recorded under: a known benchmark's canonical
+    name ('berkeley' -> 'Berkeley'), or for 'NAME=/folder' with a name of the user's own, that
+    name (KeyError for an unknown name without a folder, or a name that is not a plain word)."""
+    name, sep, _ = spec.partition("=")
+    try:
+        return canonical_name(name)
+    except KeyError:
+        if not sep:
+            raise
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise KeyError(f"data set name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    return name
+
+
+def any_folder(folder: Path) -> Iterator[Sample]:
+    """A data set of the user's own: images/ + masks/ (the Berkeley layout: mask > 127 or a palette
+    index > 0 is the object), img/ + gt/ (DAVIS, COCO-MVal) or data_GT/ + boundary_GT/ (GrabCut's
+    trimaps), image and mask paired by file stem."""
+    for images, masks, reader in (("images", "masks", read_binary_mask), ("img", "gt", read_binary_mask),
+                                  ("data_GT", "boundary_GT", read_trimap)):
+        if (folder / images).is_dir() and (folder / masks).is_dir():
+            return _paired(folder / images, folder / masks, reader)
+    raise FileNotFoundError(f"{folder}: expected images/ and masks/ (or img/ and gt/, or data_GT/ and "
+                            "boundary_GT/) with an image and a mask of the same file stem per instance")
 
 
 def load_dataset(name: str, data_root: Optional[Path] = None, limit: Optional[int] = None,
-                 folder: Optional[Path] = None) -> List[Sample]:
-    """The samples of one benchmark. `name` may be 'Name=/explicit/folder'."""
+                 folder: Optional[Path] = None, skip: int = 0) -> List[Sample]:
+    """The samples of one data set, the first `skip` left out, then at most `limit`. `name` may
+    be 'Name=/explicit/folder': a benchmark's name reads that folder in the benchmark's layout,
+    any other name reads a folder of the user's own (`any_folder`)."""
     if "=" in name:
         name, explicit = name.split("=", 1)
-        folder = Path(explicit)
-    name = canonical_name(name)
-    loader, candidates = DATASETS[name]
-    if folder is None:
-        folder = _find(Path(data_root) if data_root else default_data_root(), candidates, name)
-    samples = loader(Path(folder))
-    if limit is not None:
-        samples = itertools.islice(samples, limit)
+        folder = Path(explicit).expanduser()
+    shown = dataset_name(name + ("=" if folder is not None else ""))
+    if shown in DATASETS:
+        loader, candidates = DATASETS[shown]
+        if folder is None:
+            folder = _find(Path(data_root) if data_root else default_data_root(), candidates, shown)
+    else:
+        loader = any_folder
+    assert folder is not None           # a name of the user's own always comes with its folder
+    samples = itertools.islice(loader(Path(folder)), skip, None if limit is None else skip + limit)
     out = list(samples)
     if not out:
-        raise FileNotFoundError(f"{name}: no samples under {folder}")
+        raise FileNotFoundError(f"{shown}: no samples under {folder}" + (f" after the first {skip}" if skip else ""))
     return out

@@ -131,6 +131,26 @@ def list_runs(db: Union[None, str, Engine] = None, dataset: Optional[str] = None
         return [dict(r._mapping) for r in conn.execute(q)]
 
 
+def known_ious(checkpoint_hash: str, dataset: str, same: Dict[str, Any],
+               db: Union[None, str, Engine] = None) -> Dict[str, List[float]]:
+    """Per-instance IoU after each click (instance id -> ious) of every earlier run of this
+    checkpoint file on `dataset` whose protocol has the values in `same` (threshold, box,
+    predictor options, ...; a missing key counts as None/False), later runs winning: the
+    instances a new run of the same checkpoint can take from the history instead of clicking them
+    again. A run without the curve (Protocol.curve False) stops at IoU 0.90: its NoC@85/90 are
+    those of a full run."""
+    q = (sa.select(runs.c.per_instance, runs.c.protocol, runs.c.max_clicks).order_by(runs.c.id)
+         .where(runs.c.checkpoint_hash == checkpoint_hash, sa.func.lower(runs.c.dataset) == dataset.lower()))
+    out: Dict[str, List[float]] = {}
+    with engine_for(db).connect() as conn:
+        for per_instance, protocol, max_clicks in conn.execute(q):
+            protocol = protocol or {}
+            if max_clicks < 20 or any((protocol.get(k) or None) != (v or None) for k, v in same.items()):
+                continue
+            out.update({p["id"]: list(p["ious"]) for p in per_instance})
+    return out
+
+
 def get_run(run_id: int, db: Union[None, str, Engine] = None) -> Optional[Dict[str, Any]]:
     with engine_for(db).connect() as conn:
         r = conn.execute(sa.select(runs).where(runs.c.id == run_id)).first()
@@ -182,8 +202,9 @@ def compare(a: str, b: str, db: Union[None, str, Engine] = None) -> List[Dict[st
         for k in ("noc85", "noc90", "nof90", "spc"):
             row[k] = (x[k], y[k], None if x[k] is None or y[k] is None else y[k] - x[k])
         for n in (1, 5):
-            ma, mb = x["metrics"]["miou"][n - 1], y["metrics"]["miou"][n - 1]
-            row[f"miou@{n}"] = (ma, mb, mb - ma)
+            if x["metrics"].get("miou") and y["metrics"].get("miou"):   # a run without the curve has none
+                ma, mb = x["metrics"]["miou"][n - 1], y["metrics"]["miou"][n - 1]
+                row[f"miou@{n}"] = (ma, mb, mb - ma)
         row["instances"] = (x["instances"], y["instances"])
         row.update(_paired(x["per_instance"], y["per_instance"]))
         rows.append(row)

@@ -59,6 +59,7 @@ def summarize(all_ious: Sequence[Sequence[float]], total_seconds: float, total_c
             out[f"noc{max_clicks}_{pct(t)}"] = (float(np.mean([noc(x, t, max_clicks) for x in all_ious]))
                                                 if n else float("nan"))
         out[f"nof{max_clicks}_{pct(NOF_TARGET)}"] = int(sum(failed(x, NOF_TARGET, max_clicks) for x in all_ious))
-    out["miou"] = miou_curve(all_ious)
+    # A run stopped at the target (Protocol.curve False) has no mIoU@k curve.
+    out["miou"] = miou_curve(all_ious) if all(len(x) >= CURVE_CLICKS for x in all_ious) else []
     out["spc"] = total_seconds / total_clicks if total_clicks else float("nan")
     return out

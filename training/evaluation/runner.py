@@ -4,7 +4,7 @@ Python API (also what the fine-tuning worker calls):
 
     from training.evaluation import evaluate_dataset, samples_from_arrays, load_dataset
     result = evaluate_dataset(predictor_or_factory, load_dataset("GrabCut"), dataset="GrabCut")
-    result = evaluate_dataset(predictor, samples_from_arrays(holdout_pairs), dataset="holdout")
+    result = evaluate_dataset(predictor, samples_from_arrays([(image, mask), ...]), dataset="holdout")
     result.metrics()  # noc85, noc90, nof90, miou, spc, ...
 
 `predictor_or_factory` is either a loaded predictor (anything with `open`) or a zero-argument
@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, cast
 
 import cv2
 import numpy as np
@@ -108,7 +108,8 @@ def box_only_miou(predictor: Any, samples: Sequence[Sample]) -> float:
 
 def run_instance(predictor: Any, sample: LoadedSample, protocol: Protocol = Protocol(),
                  keep_masks: bool = False) -> InstanceResult:
-    """Click until 20 clicks are made; past 20 (max_clicks > 20) only until IoU >= 0.90."""
+    """Click until 20 clicks are made; past 20 (max_clicks > 20) only until IoU >= 0.90. Without
+    the curve (`protocol.curve` False) stop at the first click that reaches IoU 0.90."""
     gt, ignore = sample.gt, sample.ignore
     h, w = gt.shape
     clicker = RobotClicker(gt, ignore)
@@ -136,7 +137,7 @@ def run_instance(predictor: Any, sample: LoadedSample, protocol: Protocol = Prot
         ious.append(iou(gt, pred, ignore))
         if keep_masks and (k == 1 or k == CURVE_CLICKS):
             masks[k] = np.packbits(pred)
-        if k >= CURVE_CLICKS and ious[-1] >= NOF_TARGET:
+        if (k >= CURVE_CLICKS or not protocol.curve) and ious[-1] >= NOF_TARGET:
             break
     if keep_masks and CURVE_CLICKS not in masks:  # cannot happen (max_clicks >= 20), kept for safety
         masks[len(ious)] = np.packbits(pred)
@@ -178,11 +179,30 @@ def _init_worker(factory: Callable[[], Any], protocol: Protocol, keep_masks: boo
     _WORKER.update(protocol=protocol, keep_masks=keep_masks, info=_predictor_info(_WORKER["predictor"]))
 
 
-def _work(sample: Sample) -> Tuple[InstanceResult, Dict[str, Optional[str]]]:
+def _work(task: Tuple[Any, Sample]) -> Tuple[Any, InstanceResult, Dict[str, Optional[str]]]:
     if "error" in _WORKER:
         raise _WORKER["error"]
+    key, sample = task
     r = run_instance(_WORKER["predictor"], sample.load(), _WORKER["protocol"], _WORKER["keep_masks"])
-    return r, _WORKER["info"]
+    return key, r, _WORKER["info"]
+
+
+def _run_all(predictor_or_factory: Any, tasks: Sequence[Tuple[Any, Sample]], protocol: Protocol, workers: int,
+             keep_masks: bool) -> Iterator[Tuple[Any, InstanceResult, Dict[str, Optional[str]]]]:
+    """(key, result, predictor info) of every (key, sample) task, in order: in this process, or in
+    `workers` processes (one pool, each worker building its own predictor once)."""
+    if workers <= 1 or len(tasks) <= 1:
+        predictor = predictor_or_factory if hasattr(predictor_or_factory, "open") else predictor_or_factory()
+        info = _predictor_info(predictor)
+        for key, s in tasks:
+            yield key, run_instance(predictor, s.load(), protocol, keep_masks), info
+        return
+    if hasattr(predictor_or_factory, "open"):
+        raise TypeError("workers > 1 needs a picklable predictor factory, not a loaded predictor")
+    ctx = mp.get_context("spawn")  # safe with torch/CUDA and OpenCV thread pools
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker,
+                  initargs=(predictor_or_factory, protocol, keep_masks)) as pool:
+        yield from pool.imap(_work, tasks, chunksize=1)
 
 
 class _WorstK:
@@ -195,7 +215,7 @@ class _WorstK:
     def offer(self, i: int, r: InstanceResult) -> None:
         if r.masks is None:
             return
-        key = (r.noc(), -r.ious[CURVE_CLICKS - 1], -i)
+        key = (r.noc(), -r.ious[min(CURVE_CLICKS, len(r.ious)) - 1], -i)
         if self.k <= 0:
             r.masks = None
         elif len(self.heap) < self.k:
@@ -217,25 +237,35 @@ def evaluate_dataset(predictor_or_factory: Any, samples: Sequence[Sample], datas
                dynamic_ncols=True)
     start = time.perf_counter()
     try:
-        if workers <= 1 or len(samples) <= 1:
-            predictor = predictor_or_factory if hasattr(predictor_or_factory, "open") else predictor_or_factory()
-            info = _predictor_info(predictor)
-            for s in samples:
-                results.append(run_instance(predictor, s.load(), protocol, keep))
-                worst.offer(len(results) - 1, results[-1])
-                bar.update(1)
-        else:
-            if hasattr(predictor_or_factory, "open"):
-                raise TypeError("workers > 1 needs a picklable predictor factory, not a loaded predictor")
-            ctx = mp.get_context("spawn")  # safe with torch/CUDA and OpenCV thread pools
-            with ctx.Pool(min(workers, len(samples)), initializer=_init_worker,
-                          initargs=(predictor_or_factory, protocol, keep)) as pool:
-                for r, info in pool.imap(_work, samples, chunksize=1):  # noqa: B007 (read after the loop)
-                    results.append(r)
-                    worst.offer(len(results) - 1, r)
-                    bar.update(1)
+        for _, r, info in _run_all(predictor_or_factory, [(None, s) for s in samples], protocol, workers, keep):  # noqa: B007 (read after the loop)
+            results.append(r)
+            worst.offer(len(results) - 1, r)
+            bar.update(1)
     finally:
         bar.close()
     return DatasetResult(dataset, info.get("version") or "unknown", info.get("device") or "cpu", protocol,
                          results, time.perf_counter() - start, info.get("checkpoint_path"),
                          checkpoint_sha256=info.get("checkpoint_sha256"))
+
+
+def evaluate_datasets(predictor_or_factory: Any, sets: Mapping[str, Sequence[Sample]],
+                      protocol: Protocol = Protocol(), workers: int = 1,
+                      on_result: Optional[Callable[[str, InstanceResult], None]] = None) -> Dict[str, DatasetResult]:
+    """Several data sets of one model in one pass: with workers > 1 one pool serves them all, so
+    its start-up (each worker loading the model) is paid once. `on_result(dataset, result)` is
+    called in this process as each instance finishes. Each result's wall_seconds is the pass's
+    wall time shared out by predictor time."""
+    tasks = [(name, s) for name, samples in sets.items() for s in samples]
+    results: Dict[str, List[InstanceResult]] = {name: [] for name in sets}
+    info: Dict[str, Optional[str]] = {}
+    start = time.perf_counter()
+    for name, r, info in _run_all(predictor_or_factory, tasks, protocol, workers, False):  # noqa: B007 (read after the loop)
+        results[name].append(r)
+        if on_result is not None:
+            on_result(name, r)
+    wall = time.perf_counter() - start
+    busy = sum(r.seconds for rs in results.values() for r in rs) or 1.0
+    return {name: DatasetResult(name, info.get("version") or "unknown", info.get("device") or "cpu", protocol, rs,
+                                wall * sum(r.seconds for r in rs) / busy, info.get("checkpoint_path"),
+                                checkpoint_sha256=info.get("checkpoint_sha256"))
+            for name, rs in results.items()}

@@ -53,8 +53,10 @@ def _fixed_target(gt: np.ndarray, ignore: Optional[np.ndarray]) -> Target:
     return gt, ignore
 
 
-def samples_from_arrays(pairs: Iterable[Sequence[Any]], prefix: str = "sample") -> list:
-    """Samples from in-memory (image, mask) or (image, mask, ignore) tuples.
+def samples_from_arrays(pairs: Iterable[Sequence[Any]], prefix: str = "sample",
+                        ids: Optional[Sequence[str]] = None) -> list:
+    """Samples from in-memory (image, mask) or (image, mask, ignore) tuples, named `prefix` + their
+    position, or `prefix` + ids[i] (stable names: results can then be matched across runs).
 
     mask: bool or integer array (non-zero = object); a uint8 mask may mark ignored pixels 255
     only when it also uses 1 for the object (values {0, 1, 255}); pass an explicit ignore array
@@ -68,6 +70,6 @@ def samples_from_arrays(pairs: Iterable[Sequence[Any]], prefix: str = "sample") 
                 and 1 in mask and 255 in mask:
             ignore = mask == 255
             mask = mask == 1
-        out.append(Sample(f"{prefix}{i:05d}", np.asarray(image),
+        out.append(Sample(f"{prefix}{i:05d}" if ids is None else f"{prefix}{ids[i]}", np.asarray(image),
                           partial(_fixed_target, mask.astype(bool), ignore)))
     return out

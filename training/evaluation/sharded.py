@@ -34,7 +34,7 @@ from rq.job import Job
 
 from training.redisconn import connect
 
-from .datasets import canonical_name, load_dataset
+from .datasets import dataset_name, load_dataset
 from .history import engine_for, metadata, record_run, resolve_url
 from .predictors import PredictorSpec, checkpoint_hash
 from .protocol import Protocol
@@ -85,19 +85,20 @@ def split(n: int, shard_size: int) -> List[List[int]]:
 def enqueue(checkpoint: str, device: Optional[str], options: tuple, datasets: List[str], data_root: Optional[str],
             limit: Optional[int], protocol, db: Optional[str], redis_url: str, queue: str = DEFAULT_QUEUE,
             shard_size: int = 10, tag: Optional[str] = None, notes: Optional[str] = None,
-            job_timeout: int = 6 * 3600) -> Dict[str, Any]:
+            job_timeout: int = 6 * 3600, skip: int = 0) -> Dict[str, Any]:
     """Write the group and enqueue its shards; returns {"group", "jobs", "datasets"}."""
     url = resolve_url(db)                    # the workers write where this command would have
     group = uuid.uuid4().hex[:16]
     sets: List[Dict[str, Any]] = []
     for spec in datasets:
-        name = canonical_name(spec.split("=", 1)[0])
-        n = len(load_dataset(spec, Path(data_root) if data_root else None, limit))
+        name = dataset_name(spec)
+        n = len(load_dataset(spec, Path(data_root) if data_root else None, limit, skip=skip))
         sets.append({"name": name, "spec": spec, "instances": n, "shards": split(n, shard_size)})
     with engine_for(url).begin() as conn:
         conn.execute(groups.insert().values(
             group_id=group, created_at=dt.datetime.now(dt.timezone.utc), checkpoint=checkpoint,
-            spec={"device": device, "options": [list(o) for o in options], "data_root": data_root, "limit": limit},
+            spec={"device": device, "options": [list(o) for o in options], "data_root": data_root, "limit": limit,
+                  "skip": skip},
             datasets=sets, protocol=protocol.to_dict(), tag=tag, notes=notes))
     q = Queue(queue, connection=connect(redis_url))
     jobs = []
@@ -125,12 +126,12 @@ def run_shard(group: str, db: str, dataset: str, shard: int, start: int, stop: i
         g = _group(conn, group)
     spec = g["spec"]
     protocol = Protocol(**g["protocol"])
-    samples = load_dataset(dataset, spec.get("data_root"), spec.get("limit"))[start:stop]
+    samples = load_dataset(dataset, spec.get("data_root"), spec.get("limit"), skip=spec.get("skip") or 0)[start:stop]
     if len(samples) != stop - start:
         raise RuntimeError(f"{dataset}[{start}:{stop}]: {len(samples)} instances here; this worker's data "
                            f"differs from the machine that enqueued the group")
     predictor = PredictorSpec(g["checkpoint"], spec.get("device"), tuple(tuple(o) for o in spec.get("options") or ()))()
-    name = canonical_name(dataset.split("=", 1)[0])
+    name = dataset_name(dataset)
     result = evaluate_dataset(predictor, samples, dataset=name, protocol=protocol, workers=1, progress=False)
     row = dict(group_id=group, dataset=name, shard=shard, start=start, stop=stop,
                created_at=dt.datetime.now(dt.timezone.utc), model_version=result.model_version,

@@ -1,0 +1,69 @@
+"""A fine-tuning job's settings: FINETUNE_* environment variables (declared in model/settings.py,
+printed by `python -m backend.jobs --help-env`), a job's own overrides winning."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional
+
+from model.settings import (FINETUNE_BATCH_SIZE, FINETUNE_BENCH_DATASETS, FINETUNE_BENCH_LIMIT, FINETUNE_BENCH_MARGIN,
+                            FINETUNE_BOX_MARGIN, FINETUNE_CHECKPOINT_EVERY, FINETUNE_CONFIDENT_HOLDOUT,
+                            FINETUNE_CROP_SIZE, FINETUNE_DEVICE, FINETUNE_EVAL_COARSE_SIZE, FINETUNE_EVAL_WORKERS,
+                            FINETUNE_FREEZE_BN, FINETUNE_GPUS, FINETUNE_HOLDOUT_FRACTION, FINETUNE_KEEP_WORKDIR,
+                            FINETUNE_L2SP, FINETUNE_LABELS, FINETUNE_LR, FINETUNE_MIN_AREA, FINETUNE_MIN_GAIN,
+                            FINETUNE_MIN_HOLDOUT, FINETUNE_MIN_TRAIN, FINETUNE_REHEARSAL, FINETUNE_SEED,
+                            FINETUNE_SIM_ROUNDS, FINETUNE_STEPS, FINETUNE_THREADS, FINETUNE_WARMUP_STEPS, env_field,
+                            read_fields)
+
+
+@dataclass
+class FinetuneSettings:
+    """A fine-tuning job's settings (FINETUNE_*, declared in model/settings.py)."""
+    steps: int = env_field(FINETUNE_STEPS)
+    batch_size: int = env_field(FINETUNE_BATCH_SIZE)
+    crop_size: int = env_field(FINETUNE_CROP_SIZE)
+    lr: float = env_field(FINETUNE_LR)
+    warmup_steps: int = env_field(FINETUNE_WARMUP_STEPS)
+    max_sim_rounds: int = env_field(FINETUNE_SIM_ROUNDS)
+    rehearsal: float = env_field(FINETUNE_REHEARSAL)
+    freeze_bn: bool = env_field(FINETUNE_FREEZE_BN)
+    l2sp: float = env_field(FINETUNE_L2SP)
+    checkpoint_every: int = env_field(FINETUNE_CHECKPOINT_EVERY)
+    holdout_fraction: float = env_field(FINETUNE_HOLDOUT_FRACTION)
+    min_holdout: int = env_field(FINETUNE_MIN_HOLDOUT)
+    min_train: int = env_field(FINETUNE_MIN_TRAIN)
+    min_area: int = env_field(FINETUNE_MIN_AREA)
+    labels: str = env_field(FINETUNE_LABELS)
+    bench_datasets: str = env_field(FINETUNE_BENCH_DATASETS)
+    bench_limit: int = env_field(FINETUNE_BENCH_LIMIT)
+    bench_margin: float = env_field(FINETUNE_BENCH_MARGIN)
+    min_holdout_gain: float = env_field(FINETUNE_MIN_GAIN)
+    box_margin: float = env_field(FINETUNE_BOX_MARGIN)
+    confident_holdout: int = env_field(FINETUNE_CONFIDENT_HOLDOUT)
+    eval_coarse_size: int = env_field(FINETUNE_EVAL_COARSE_SIZE)
+    eval_workers: int = env_field(FINETUNE_EVAL_WORKERS)
+    device: str = env_field(FINETUNE_DEVICE)
+    threads: int = env_field(FINETUNE_THREADS)
+    gpus: int = env_field(FINETUNE_GPUS)
+    seed: int = env_field(FINETUNE_SEED)
+    keep_workdir: bool = env_field(FINETUNE_KEEP_WORKDIR)
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "FinetuneSettings":
+        """From `env` (default os.environ); a job's overrides that are not None win."""
+        values = read_fields(cls, env)
+        unknown = set(overrides) - set(values)
+        if unknown:
+            raise ValueError(f"unknown fine-tuning settings {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        s = cls(**values)
+        if s.steps < 1 or s.batch_size < 1 or s.crop_size < 32:
+            raise ValueError("FINETUNE_STEPS, FINETUNE_BATCH_SIZE must be >= 1, FINETUNE_CROP_SIZE >= 32")
+        if s.gpus < 1 or s.batch_size % s.gpus:
+            raise ValueError(f"FINETUNE_GPUS={s.gpus}: must be >= 1 and divide FINETUNE_BATCH_SIZE={s.batch_size} "
+                             "(the global batch is split evenly over the processes)")
+        if not 0 <= s.rehearsal < 1 or not 0 <= s.l2sp < 1 or s.eval_workers < 0:
+            raise ValueError("FINETUNE_REHEARSAL and FINETUNE_L2SP must be in [0, 1), FINETUNE_EVAL_WORKERS >= 0")
+        return s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
