@@ -228,12 +228,14 @@ TRAINING_RESULT_TTL = _declare(
     "TRAINING_RESULT_TTL", int, str(7 * 86400), _BOTH, "seconds finished and failed jobs stay visible")
 
 # -- fine-tuning (backend.finetune.FinetuneSettings) ----------------------------------------------
-FINETUNE_STEPS = _declare("FINETUNE_STEPS", int, "300", _WORKER, "training steps of one fine-tuning job")
+FINETUNE_STEPS = _declare("FINETUNE_STEPS", int, "150", _WORKER, "training steps of one fine-tuning job")
 FINETUNE_BATCH_SIZE = _declare("FINETUNE_BATCH_SIZE", int, "4", _WORKER, "crops per step")
-FINETUNE_CROP_SIZE = _declare("FINETUNE_CROP_SIZE", int, "320", _WORKER, "training crop side, px")
-FINETUNE_LR = _declare("FINETUNE_LR", float, "1e-4", _WORKER, "peak learning rate (backbone gets 0.1x)")
+FINETUNE_CROP_SIZE = _declare("FINETUNE_CROP_SIZE", int, "256", _WORKER, "training crop side, px")
+FINETUNE_LR = _declare("FINETUNE_LR", float, "2e-4", _WORKER, "peak learning rate (backbone gets 0.1x)")
 FINETUNE_WARMUP_STEPS = _declare("FINETUNE_WARMUP_STEPS", int, "20", _WORKER, "linear warm-up steps")
 FINETUNE_SIM_ROUNDS = _declare("FINETUNE_SIM_ROUNDS", int, "3", _WORKER, "iterative click-simulation rounds per step")
+FINETUNE_FOCUS_PROB = _declare(
+    "FINETUNE_FOCUS_PROB", float, "0.5", _WORKER, "share of steps that also train the focus view (a second pass)")
 FINETUNE_REHEARSAL = _declare(
     "FINETUNE_REHEARSAL", float, "0.5", _WORKER,
     "share of each batch drawn from the base model's training data (SIMCLICK_TRAIN_ROOT), against forgetting; "

@@ -23,7 +23,7 @@ import pytest
 import redis
 import requests
 
-from backend.bench import LABEL_CONFIG
+from backend.bench import LABEL_CONFIG, keypoint, predict_body
 from backend.labelstudio.make_export import brush_result, sod_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,6 +175,92 @@ def test_train_button_to_a_registered_version(label_studio_server, label_studio_
         rconn.delete(f"simclick:annotations:{pid}")                 # the count was lost
         again = jobs.resync_counter(rconn, pid, s, root)
         assert again["annotations_since_last_training"] == 1 and int(rconn.get(f"simclick:annotations:{pid}")) == 1
+    finally:
+        backend.terminate()
+        try:
+            backend.wait(15)
+        except subprocess.TimeoutExpired:
+            backend.kill()
+
+
+PH2 = Path(os.environ.get("SIMCLICK_DATA_ROOT", REPO.parent / "shared" / "datasets")) / "domain" / "PH2"
+
+
+@pytest.mark.skipif(not PH2.is_dir(), reason=f"no PH2 data set at {PH2}")
+def test_a_new_domain_project_is_fine_tuned_promoted_and_served(label_studio_server, label_studio_pat, rconn,
+                                                                tmp_path):
+    """Issue 21's loop on a domain the base model never saw, at a test's size: PH2 dermoscopy
+    images imported into a real Label Studio with their lesion masks as annotations (its API),
+    Train pressed, the worker fine-tunes the shipped model with the default recipe (rehearsal,
+    BatchNorm kept) on a few steps, the gate promotes it on the holdout (no benchmark: a dozen
+    tasks cannot outweigh a benchmark margin), and the backend serves the promoted version
+    without a restart: /versions names it and /predict answers with it."""
+    from backend.labelstudio.make_export import folder_pairs
+
+    ls = label_studio_server
+    url = f"redis://127.0.0.1:6379/{DB}"
+    common = dict(REDIS_URL=url, TRAINING_QUEUE=QUEUE, DATA_DIR=str(tmp_path / "data"), LABEL_STUDIO_URL=ls.url,
+                  PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    port = ls_harness.free_port()
+    blog = tmp_path / "backend.log"
+    backend = subprocess.Popen([sys.executable, "-m", "backend", "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=REPO, env=dict(os.environ, **common, LABEL_STUDIO_API_KEY=ls.token,
+                                                  MODEL_RELOAD_INTERVAL="0.5"),
+                               stdout=open(blog, "wb"), stderr=subprocess.STDOUT)
+    burl = f"http://127.0.0.1:{port}"
+    try:
+        r = ls.api("POST", "/api/projects", json={"title": "simclick-ph2-e2e", "label_config": LABEL_CONFIG})
+        assert r.status_code == 201, r.text
+        pid = r.json()["id"]
+        pairs = list(folder_pairs(PH2, 12))            # the project half of PH2 starts here
+        r = ls.api("POST", f"/api/projects/{pid}/import",
+                   files=[(p.name, (p.name, p.read_bytes(), "image/jpeg")) for _, p, _ in pairs])
+        assert r.status_code == 201, r.text
+        tasks = ls.api("GET", f"/api/tasks?project={pid}&page_size=100").json()["tasks"]
+        by_name = {t["data"]["image"].rsplit("-", 1)[-1]: t["id"] for t in tasks}
+        for k, (_stem, path, mask) in enumerate(pairs):
+            r = ls.api("POST", f"/api/tasks/{by_name[path.name]}/annotations",
+                       json={"result": [brush_result(mask, label="Object", rid=f"lesion{k}")]})
+            assert r.status_code == 201, r.text
+        ls_harness.wait_http(burl + "/health", 180, backend, blog)
+        r = ls.api("POST", "/api/ml", json={"url": burl, "project": pid, "title": "simclick", "is_interactive": True})
+        assert r.status_code == 201, r.text
+        served_before = requests.get(f"{burl}/versions", params={"project": pid}, timeout=10).json()["model_version"]
+        r = ls.api("POST", f"/api/ml/{r.json()['id']}/train", json={})
+        assert r.status_code == 200, r.text
+        job_id = _wait(lambda: next((e["job"] for e in requests.get(burl + "/webhook/events", timeout=10).json()["events"]
+                                     if e["action"] == "START_TRAINING" and e.get("job")), None),
+                       60, "the START_TRAINING webhook", blog)
+        wlog = tmp_path / "worker.log"
+        wenv = dict(os.environ, **common, LABEL_STUDIO_API_KEY=label_studio_pat, FINETUNE_STEPS="12",
+                    FINETUNE_CROP_SIZE="192", FINETUNE_WARMUP_STEPS="2", FINETUNE_LR="4e-4",
+                    FINETUNE_HOLDOUT_FRACTION="0.25", FINETUNE_BENCH_DATASETS="", FINETUNE_EVAL_COARSE_SIZE="256",
+                    FINETUNE_THREADS="2", SIMCLICK_EVAL_DB=str(tmp_path / "eval.sqlite"))
+        w = subprocess.run([sys.executable, "-m", "backend.jobs", "worker", "--burst", "--name", "e2e-ph2"],
+                           cwd=REPO, env=wenv, stdout=open(wlog, "wb"), stderr=subprocess.STDOUT, timeout=600)
+        assert w.returncode == 0, wlog.read_text(errors="replace")[-3000:]
+        status = requests.get(f"{burl}/jobs/{job_id}", timeout=10).json()
+        res = status["result"]
+        h = res["metrics"]["holdout"]
+        print(f"\nPH2 project {pid}: {res['version']} {res['status']} in {res['timings']['total_s']:.0f} s "
+              f"({res['timings']}); holdout NoC@90 {h['parent']['noc90']:.2f} -> {h['candidate']['noc90']:.2f} "
+              f"({h['better']} better, {h['worse']} worse of {h['instances']})")
+        assert res["data"]["kept"] == 12 and res["data"]["source"].startswith("Label Studio")
+        assert res["status"] == "promoted", res["reason"]
+        assert set(res["timings"]) >= {"pull_s", "evaluate_parent_s", "train_s", "evaluate_candidate_s"}
+        # served without a restart: the watcher loads the promoted version before the next request
+        _wait(lambda: requests.get(f"{burl}/versions", params={"project": pid}, timeout=10).json()["model_version"]
+              == res["version"], 30, "the promoted version to be served", blog)
+        assert served_before != res["version"]
+        _, path, mask = pairs[0]
+        ys, xs = np.nonzero(mask)
+        h_px, w_px = mask.shape
+        image_url = next(t["data"]["image"] for t in tasks if t["id"] == by_name[path.name])
+        body = predict_body(by_name[path.name], image_url, [keypoint(int(np.median(xs)), int(np.median(ys)), w_px, h_px)])
+        body["project"] = f"{pid}.0"
+        answer = requests.post(f"{burl}/predict", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["results"][0]["model_version"] == res["version"]
     finally:
         backend.terminate()
         try:

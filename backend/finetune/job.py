@@ -153,6 +153,21 @@ def skip(job: FinetuneJob, summary: dict, shortfall: str) -> dict:
     return summary
 
 
+def check_rehearsal_data(settings: FinetuneSettings) -> None:
+    """Fail before any work when rehearsal is on and the base training data is not there."""
+    if settings.rehearsal <= 0:
+        return
+    from training.data.sources import default_data_root
+
+    root = default_data_root()
+    if not (root / "BSDS500" / "images").is_dir():
+        raise FileNotFoundError(
+            f"FINETUNE_REHEARSAL={settings.rehearsal:g} mixes the base model's training data into every batch, "
+            f"but it is not under {root} (SIMCLICK_TRAIN_ROOT): mount it there, or set FINETUNE_REHEARSAL=0 "
+            "(the fine-tuned model then forgets more of what it knew, and the promotion check will refuse more "
+            "versions)")
+
+
 # -- evaluate the parent -------------------------------------------------------------------------------
 @dataclass
 class EvalPlan:
@@ -209,7 +224,7 @@ def train_config(job: FinetuneJob) -> TrainConfig:
         val_instances=0, crop_size=s.crop_size, steps=s.steps,
         batch_size=s.batch_size, num_workers=0, lr=s.lr,
         warmup_steps=min(s.warmup_steps, max(1, s.steps // 5)),
-        max_sim_rounds=s.max_sim_rounds, checkpoint_every=max(1, s.checkpoint_every),
+        max_sim_rounds=s.max_sim_rounds, focus_prob=s.focus_prob, checkpoint_every=max(1, s.checkpoint_every),
         # A few crops per step: the backbone's BatchNorm keeps its statistics (batch ones are noise).
         freeze_backbone_bn=True, freeze_bn=s.freeze_bn, l2sp=s.l2sp,
         device=s.device or "auto", seed=s.seed, version=job.name,
@@ -375,6 +390,7 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     if shortfall:
         return skip(job, summary, shortfall)
 
+    check_rehearsal_data(settings)
     plan = plan_evaluation(job, rates or {})
     evaluate_parent(job, plan)
     tcfg, trained = train_candidate(job, plan.eta)

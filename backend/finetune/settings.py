@@ -8,6 +8,7 @@ from typing import Mapping, Optional
 from model.settings import (FINETUNE_BATCH_SIZE, FINETUNE_BENCH_DATASETS, FINETUNE_BENCH_LIMIT, FINETUNE_BENCH_MARGIN,
                             FINETUNE_BOX_MARGIN, FINETUNE_CHECKPOINT_EVERY, FINETUNE_CONFIDENT_HOLDOUT,
                             FINETUNE_CROP_SIZE, FINETUNE_DEVICE, FINETUNE_EVAL_COARSE_SIZE, FINETUNE_EVAL_WORKERS,
+                            FINETUNE_FOCUS_PROB,
                             FINETUNE_FREEZE_BN, FINETUNE_GPUS, FINETUNE_HOLDOUT_FRACTION, FINETUNE_KEEP_WORKDIR,
                             FINETUNE_L2SP, FINETUNE_LABELS, FINETUNE_LR, FINETUNE_MIN_AREA, FINETUNE_MIN_GAIN,
                             FINETUNE_MIN_HOLDOUT, FINETUNE_MIN_TRAIN, FINETUNE_REHEARSAL, FINETUNE_SEED,
@@ -24,6 +25,7 @@ class FinetuneSettings:
     lr: float = env_field(FINETUNE_LR)
     warmup_steps: int = env_field(FINETUNE_WARMUP_STEPS)
     max_sim_rounds: int = env_field(FINETUNE_SIM_ROUNDS)
+    focus_prob: float = env_field(FINETUNE_FOCUS_PROB)
     rehearsal: float = env_field(FINETUNE_REHEARSAL)
     freeze_bn: bool = env_field(FINETUNE_FREEZE_BN)
     l2sp: float = env_field(FINETUNE_L2SP)
@@ -61,8 +63,9 @@ class FinetuneSettings:
         if s.gpus < 1 or s.batch_size % s.gpus:
             raise ValueError(f"FINETUNE_GPUS={s.gpus}: must be >= 1 and divide FINETUNE_BATCH_SIZE={s.batch_size} "
                              "(the global batch is split evenly over the processes)")
-        if not 0 <= s.rehearsal < 1 or not 0 <= s.l2sp < 1 or s.eval_workers < 0:
-            raise ValueError("FINETUNE_REHEARSAL and FINETUNE_L2SP must be in [0, 1), FINETUNE_EVAL_WORKERS >= 0")
+        if not 0 <= s.rehearsal < 1 or not 0 <= s.l2sp < 1 or not 0 <= s.focus_prob <= 1 or s.eval_workers < 0:
+            raise ValueError("FINETUNE_REHEARSAL and FINETUNE_L2SP must be in [0, 1), FINETUNE_FOCUS_PROB in [0, 1], "
+                             "FINETUNE_EVAL_WORKERS >= 0")
         return s
 
     def to_dict(self) -> dict:
