@@ -108,3 +108,41 @@ def test_a_model_trained_from_a_checkpoint_keeps_its_inference_settings(tmp_path
                             card(cfg, mix, 3, 1.0, torch.device("cpu"), None))
     assert read_info(child)["predictor"] == {"zoom_in": True, "edge_radius": 2.0}
     assert "predictor" not in card(cfg0, mix, 3, 1.0, torch.device("cpu"), None)
+
+
+def test_distill_loss_is_zero_when_the_student_answers_as_the_teacher():
+    from training.losses import distill_loss
+
+    t = torch.randn(2, 1, 8, 8)
+    assert distill_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    assert distill_loss(t + 1.0, t).item() > 0.01
+    valid = torch.zeros(2, 1, 8, 8)
+    valid[:, :, :4] = 1
+    off = t.clone()
+    off[:, :, 4:] += 5.0                                    # a difference only where nothing counts
+    assert distill_loss(off, t, valid).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rehearsal_samples_learn_the_teachers_answers(tmp_path):
+    """cfg.distill: the samples of the rehearsal sources (after the run's own in the mixture) get a
+    KL term toward the initial model's answer; the run's own samples do not."""
+    from training.train import build_net, build_optimizer, build_teacher, train_step
+
+    cfg0 = _tiny(tmp_path)
+    torch.manual_seed(0)
+    net0 = build_net(cfg0)
+    parent = save_checkpoint(tmp_path / "parent.safetensors", net0.state_dict(), net0.config, {"version": "p"})
+    cfg = _tiny(tmp_path, init_checkpoint=str(parent), sources=[{"type": "labelstudio", "export": "x"}],
+                rehearsal=0.5, distill=1.0, freeze_bn=True)
+    net, teacher = build_net(cfg), build_teacher(cfg, torch.device("cpu"))
+    with torch.no_grad():                                   # the student has drifted from its parent
+        for p in net.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    opt = build_optimizer(cfg, net)
+    own = {**_batch(), "source": torch.tensor([0, 0])}
+    assert train_step(cfg, net, None, opt, own, 0, torch.device("cpu"), teacher=teacher)["kd"] == 0.0
+    mixed = {**_batch(), "source": torch.tensor([0, 1])}
+    assert train_step(cfg, net, None, opt, mixed, 1, torch.device("cpu"), teacher=teacher)["kd"] > 0.0
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match="distill needs"):
+        build_teacher(_tiny(tmp_path, distill=1.0), torch.device("cpu"))

@@ -59,6 +59,8 @@ class TrainConfig:
     rehearsal_root: str | None = None                  # their root (default $SIMCLICK_TRAIN_ROOT or
                                                        # ../shared/datasets/train)
     freeze_bn: bool = False                            # every BatchNorm on its running statistics (head too)
+    distill: float = 0.0                               # rehearsal samples also learn the initial model's
+                                                       # answers (its probabilities), with this weight
     l2sp: float = 0.0                                  # per step at the peak rate, this fraction of every
                                                        # weight's distance to its initial value is taken
                                                        # back (L2-SP, decoupled; 0 = off)

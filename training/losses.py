@@ -26,4 +26,16 @@ def bce_loss(logits: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None 
     return ((per * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp_min(1)).mean()
 
 
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel KL divergence of the student's foreground probability from the teacher's (a
+    Bernoulli per pixel), mean over valid pixels: 0 when the student answers as the teacher does.
+    Its gradient in the logits is sigmoid(student) - sigmoid(teacher), as for BCE with soft targets."""
+    logits, target = logits.float(), torch.sigmoid(teacher_logits.float())
+    valid = torch.ones_like(target) if valid is None else valid.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    entropy = F.binary_cross_entropy(target, target, reduction="none")
+    per = (bce - entropy).clamp_min(0)
+    return ((per * valid).sum((1, 2, 3)) / valid.sum((1, 2, 3)).clamp_min(1)).mean()
+
+
 LOSSES = {"nfl": normalized_focal_loss, "bce": bce_loss}

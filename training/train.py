@@ -43,10 +43,11 @@ from training.evaluation.runner import box_only_miou, evaluate_dataset
 
 from . import distributed
 from .config import TrainConfig
-from .losses import LOSSES
+from .losses import LOSSES, distill_loss
 from .state import load_state, save_state
 
-LOG_FIELDS = ["step", "epoch", "loss", "seg", "focus", "pem", "iou", "lr", "grad_norm", "sec_per_step", "elapsed_h"]
+LOG_FIELDS = ["step", "epoch", "loss", "seg", "focus", "pem", "kd", "iou", "lr", "grad_norm", "sec_per_step",
+              "elapsed_h"]
 
 
 class OnStep(Protocol):
@@ -134,6 +135,18 @@ def build_net(cfg: TrainConfig) -> InteractiveSegNet:
     return InteractiveSegNet(ModelConfig.from_dict(cfg.model), pretrained=cfg.pretrained)
 
 
+def build_teacher(cfg: TrainConfig, device) -> InteractiveSegNet:
+    """The initial model, frozen, for distillation (cfg.distill): what the rehearsal samples learn
+    to keep answering."""
+    if not cfg.init_checkpoint or cfg.rehearsal <= 0:
+        raise ValueError("distill needs init_checkpoint (the teacher) and rehearsal > 0 (the samples it teaches on)")
+    teacher = build_net(cfg).to(device).eval()
+    if device.type == "cpu":
+        teacher = teacher.to(memory_format=torch.channels_last)
+    teacher.requires_grad_(False)
+    return teacher
+
+
 def build_optimizer(cfg: TrainConfig, net: InteractiveSegNet):
     """Three groups: the pretrained backbone at lr x backbone_lr_mult (FocusCut/RITM practice), the
     new head at lr, and the click inputs at lr x input_lr_mult.
@@ -208,7 +221,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 # -- one step ----------------------------------------------------------------------------------
 def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device,
-               dctx: distributed.Dist = distributed.Dist()) -> dict:
+               dctx: distributed.Dist = distributed.Dist(), teacher=None) -> dict:
     """One optimiser step on a batch.
 
     The image is encoded once (with late fusion that is the backbone pass; with early fusion only
@@ -217,6 +230,9 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device,
     click placed on the errors of the prediction before it (the user's next click) with that
     prediction fed back as the previous mask. With late fusion the points share the backbone pass,
     which is what makes more than one per crop cheap.
+
+    With a `teacher` (the initial model, cfg.distill > 0), the rehearsal samples of the batch
+    (drawn from the base training data) also learn its answers, global and focus view alike.
     """
     # One process: the streams as they always were. Several: per-sample draws (clicks, boxes,
     # dropout) from a per-rank stream, so ranks do not repeat each other's noise; what decides
@@ -275,7 +291,11 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device,
     points = max(1, cfg.click_points)
     # Own random stream: switching the focus view off for a step leaves the other draws alone.
     with_focus = cfg.focus_view and np.random.default_rng([cfg.seed, step, 11]).random() < cfg.focus_prob
-    totals = {"loss": 0.0, "seg": 0.0, "focus": 0.0, "pem": 0.0, "iou": 0.0}
+    totals = {"loss": 0.0, "seg": 0.0, "focus": 0.0, "pem": 0.0, "kd": 0.0, "iou": 0.0}
+    # Which samples rehearse the base data: the rehearsal sources follow the run's own in the mixture.
+    rehearse = (batch["source"].to(device) >= len(cfg.sources or ())) if teacher is not None else None
+    if rehearse is not None and not rehearse.any():
+        rehearse = None
     for k in range(points):
         last = k == points - 1
         with autocast:
@@ -287,6 +307,9 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device,
                 loss_seg = loss_seg + cfg.coarse_loss_weight * seg_loss(coarse_up, gt, valid)
             loss_pem = pem(out.features, gt, out.click_feats, clicks[..., 2]) if pem is not None else torch.zeros((), device=device)
             loss_focus = torch.zeros((), device=device)
+            loss_kd = torch.zeros((), device=device)
+            if rehearse is not None:
+                loss_kd = _distilled(teacher, out.logits, rehearse, image, clicks, prev, boxes, valid)
             if last and with_focus:
                 # Second view: a crop around the latest click, fed the global prediction as its previous
                 # mask, as the predictor's refine stage does at inference.
@@ -297,9 +320,12 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device,
                 fboxes = None if boxes is None else torch.from_numpy(remap_boxes(boxes.cpu(), crops, gt.shape[-1])).to(device)
                 out2 = net(fimg, fv["clicks"].to(device), fv["prev"], return_features=True, boxes=fboxes)
                 loss_focus = seg_loss(out2.logits, fv["mask"], fv["valid"])
+                if rehearse is not None:
+                    loss_kd = loss_kd + _distilled(teacher, out2.logits, rehearse, fimg, fv["clicks"].to(device),
+                                                   fv["prev"], fboxes, fv["valid"])
                 if pem is not None:
                     loss_pem = 0.5 * (loss_pem + pem(out2.features, fv["mask"], out2.click_feats, fv["clicks"][..., 2].to(device)))
-            loss = loss_seg + loss_focus + cfg.pem_weight * loss_pem
+            loss = loss_seg + loss_focus + cfg.pem_weight * loss_pem + cfg.distill * loss_kd
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss.item()}; lower the learning rate")
         # Backward per point: the point's head graph is freed at once; the shared backbone graph
@@ -309,7 +335,7 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device,
             pred = (out.logits.detach().float() > 0) & (valid > 0.5)
             truth = (gt > 0.5) & (valid > 0.5)
             iou = ((pred & truth).sum((1, 2, 3)) / (pred | truth).sum((1, 2, 3)).clamp_min(1)).mean().item()
-        for name, v in (("loss", loss), ("seg", loss_seg), ("focus", loss_focus), ("pem", loss_pem)):
+        for name, v in (("loss", loss), ("seg", loss_seg), ("focus", loss_focus), ("pem", loss_pem), ("kd", loss_kd)):
             totals[name] += float(v.detach()) / points
         totals["iou"] += iou / points
         if not last:
@@ -320,6 +346,14 @@ def train_step(cfg: TrainConfig, net, pem, optimizer, batch, step: int, device,
     optimizer.step()
     distributed.average_buffers(dctx, net, pem)              # BN statistics, PEM prototype: one model state
     return distributed.mean_stats(dctx, {**totals, "grad_norm": float(grad_norm)})
+
+
+def _distilled(teacher, logits, rehearse, image, clicks, prev, boxes, valid) -> torch.Tensor:
+    """distill_loss of the rehearsal samples' logits against the teacher's on the same input."""
+    idx = rehearse.nonzero().flatten()
+    with torch.no_grad():
+        target = teacher(image[idx], clicks[idx], prev[idx], boxes=None if boxes is None else boxes[idx]).logits
+    return distill_loss(logits[idx], target, valid[idx])
 
 
 # -- validation, export ------------------------------------------------------------------------
@@ -398,7 +432,7 @@ def plot_losses(log_path: Path, out_png: Path) -> None:
     if len(rows) < 2:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    for key in ("loss", "seg", "focus", "pem", "iou"):
+    for key in ("loss", "seg", "focus", "pem", "kd", "iou"):
         have = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
         if len(have) < 2:
             continue
@@ -454,6 +488,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distrib
     distributed.broadcast_model(dctx, net, pem)
     # L2-SP: the initial weights (also on resume: build_net loads the same init_checkpoint)
     anchors = {n: p.detach().clone() for n, p in net.named_parameters()} if cfg.l2sp > 0 else {}
+    teacher = build_teacher(cfg, device) if cfg.distill > 0 else None
     optimizer = build_optimizer(cfg, net)
     mixture = build_mixture(cfg)
     state_path = out / "state.safetensors"
@@ -518,13 +553,13 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distrib
             lr = lr_at(cfg, step)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_mult"]
-            stats = train_step(cfg, net, pem, optimizer, batch, step, device, dctx)
+            stats = train_step(cfg, net, pem, optimizer, batch, step, device, dctx, teacher)
             if anchors:
                 pull_toward(net, anchors, cfg.l2sp * lr / cfg.lr)
             now = time.perf_counter()
             dt, t_last = now - t_last, now
             elapsed += dt
-            writer.writerow([step + 1, epoch, *(f"{stats[k]:.5f}" for k in ("loss", "seg", "focus", "pem", "iou")),
+            writer.writerow([step + 1, epoch, *(f"{stats[k]:.5f}" for k in ("loss", "seg", "focus", "pem", "kd", "iou")),
                              f"{lr:.3e}", f"{stats['grad_norm']:.3f}", f"{dt:.3f}", f"{elapsed / 3600:.4f}"])
             logf.flush()
             bar.set_postfix(loss=f"{stats['loss']:.3f}", lr=f"{lr:.1e}")
@@ -532,7 +567,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distrib
             done = step + 1
             if on_step is not None and main:
                 on_step(done, cfg.steps, {"epoch": float(epoch), **{k: float(stats[k]) for k in (
-                    "loss", "seg", "focus", "pem", "iou")}, "lr": lr, "grad_norm": float(stats["grad_norm"]),
+                    "loss", "seg", "focus", "pem", "kd", "iou")}, "lr": lr, "grad_norm": float(stats["grad_norm"]),
                     "sec_per_step": dt, "elapsed_h": elapsed / 3600})
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 checkpoint(done)

@@ -110,7 +110,7 @@ def pull_annotations(job: FinetuneJob, export: Optional[str] = None, local_files
         if done_marker.exists():
             log.info("job %s: reusing the annotations pulled by an earlier attempt", job.job_id)
             return json.loads(done_marker.read_text())
-        cfg = Config.from_env(**({"local_files_root": local_files_root} if local_files_root else {}))
+        cfg = Config.from_env(local_files_root=local_files_root) if local_files_root else Config.from_env()
         fetcher = ImageFetcher(cfg)
         if export:
             tasks = pull.load_export(export)
