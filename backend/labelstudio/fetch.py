@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import logging
 import os
@@ -36,10 +35,8 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 import numpy as np
 import requests
 import urllib3
-from PIL import Image
 
-from model.images import ImageError, load_image
-
+from .. import imagecheck
 from .urls import Target, UrlError, ls_file_path, parse_http_url, short
 
 log = logging.getLogger(__name__)
@@ -300,23 +297,12 @@ class ImageFetcher:
         return self._http_get(parse(url, url), setup, url)
 
     def decode(self, data: bytes, url: str) -> np.ndarray:
-        limit = self.cfg.max_image_pixels
+        """The image, refused (413) before decoding when its real frame is over MAX_IMAGE_PIXELS
+        (backend/imagecheck.py)."""
         try:
-            with Image.open(io.BytesIO(data)) as pil:
-                w, h = pil.size
-        except Image.DecompressionBombError:
-            raise FetchError(f"image {short(url)} is over MAX_IMAGE_PIXELS={limit} pixels (its header "
-                             f"claims hundreds of millions); downscale it", 413) from None
-        except Exception as e:  # Pillow raises many types on non-images
-            raise FetchError(f"{short(url)} is not an image Pillow can read ({type(e).__name__}: {e}); "
-                             f"check that the URL points at the image file, not a web page", 422) from None
-        if w * h > limit:
-            raise FetchError(f"image {short(url)} is {w}x{h} = {w * h} pixels, over MAX_IMAGE_PIXELS="
-                             f"{limit}; downscale it or raise the limit", 413)
-        try:
-            return load_image(data)
-        except ImageError as e:
-            raise FetchError(f"cannot decode image {short(url)}: {e}", 422) from None
+            return imagecheck.decode(data, self.cfg.max_image_pixels)
+        except imagecheck.ImageRefused as e:
+            raise FetchError(f"image {short(url)} {e}", e.status) from None
 
     def secrets(self) -> list[str]:
         out = []
