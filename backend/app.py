@@ -49,7 +49,7 @@ from .labelstudio.labelconfig import LabelConfigError, parse_label_config
 from .labelstudio.masks import mask_to_polygons, mask_to_rle
 from .labelstudio.urls import UrlError, parse_http_url
 from .models import ModelRouter, Served
-from .payload import PayloadError, parse_predict, parse_prompts, scale_prompt
+from .payload import PayloadError, decode_brushes, parse_predict, parse_prompts, scale_prompt
 from .routes import bp
 from .webhook import WebhookHandler, load_enqueue
 
@@ -190,16 +190,21 @@ class Backend:
             log.info("predict batch: %d task(s), no prediction before a click", len(req.tasks))
             return {"results": [[] for _ in req.tasks], "model_version": served.version}
         try:
-            prompts = parse_prompts(req.context or [], self.cfg.max_image_pixels, self.cfg.max_clicks)
+            prompts = parse_prompts(req.context or [], self.cfg.max_image_pixels, self.cfg.max_clicks,
+                                    self.cfg.max_brush_pixels)
         except PayloadError as e:
             raise ApiError(str(e), e.status) from None
         task = req.tasks[0]
-        # Every prompt's output control and image first: a config problem costs no model run.
+        # Every prompt's output control and image first: a config problem costs no model run, and
+        # no brush stroke is decoded for a request that is refused anyway.
         try:
             targets = [(p, *req.label_config.output_for(p.label, p.to_name, self.cfg.output_format),
                         req.label_config.image_key(p.to_name)) for p in prompts]
+            decode_brushes(prompts)
         except LabelConfigError as e:
             raise ApiError(str(e)) from None
+        except PayloadError as e:
+            raise ApiError(str(e), e.status) from None
         items, scores, stats = [], [], []
         setup = self.setups.get(req.project)
         for prompt, control, label, data_key in targets:

@@ -62,6 +62,7 @@ from .payload import PayloadError, Prompt
 log = logging.getLogger(__name__)
 
 MAX_BRUSH_CLICKS = 5
+MAX_CANDIDATES = 1 << 20      # pixels of a stroke considered for its clicks (see brush_clicks)
 # A stroke whose inscribed radius is at least this fraction of sqrt(area) is a painted blob
 # (a disk gives 0.56, a square 0.5); a scribble 4x longer than wide gives 0.25, longer ones less.
 BLOB_COMPACTNESS = 0.25
@@ -249,7 +250,7 @@ class Outcome:
         f = self.frame
         fh, fw = f.shape
         out = np.zeros((height, width), bool)
-        out[f.y0:f.y1, f.x0:f.x1] = np.unpackbits(self.bits, count=fh * fw).reshape(fh, fw).astype(bool)
+        out[f.y0:f.y1, f.x0:f.x1] = np.unpackbits(self.bits, count=fh * fw).reshape(fh, fw)   # cast on assignment
         return out
 
 
@@ -273,14 +274,21 @@ def brush_clicks(stroke: np.ndarray) -> tuple[list[Click], bool]:
     Clicks sit well inside the stroke (on pixels at least half as deep as the deepest one, so
     never on its ragged edge), spread by farthest-point sampling, at most MAX_BRUSH_CLICKS.
     """
-    m = stroke.astype(np.uint8)
-    if not m.any():
+    area = int(np.count_nonzero(stroke))
+    if not area:
         return [], False
-    dist = cv2.distanceTransform(np.pad(m, 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    padded = np.pad(stroke.astype(bool, copy=False), 1).view(np.uint8)       # one copy, 0/1 bytes
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    del padded
     peak = float(dist.max())
-    area = int(m.sum())
     blob = peak >= BLOB_COMPACTNESS * math.sqrt(area)
-    ys, xs = np.nonzero(dist >= max(1.0, 0.5 * peak) if peak >= 2.0 else dist > 0)
+    inner = dist >= max(1.0, 0.5 * peak) if peak >= 2.0 else dist > 0
+    # A stroke of millions of pixels (a whole 50 MP image painted) would make coordinate arrays of
+    # 16 bytes per pixel and distance maps of 8: its candidates are taken on a grid of `step`
+    # pixels instead, about MAX_CANDIDATES of them, far finer than the clicks' spacing (8 px at least).
+    step = max(1, math.ceil(math.sqrt(np.count_nonzero(inner) / MAX_CANDIDATES)))
+    ys, xs = np.nonzero(inner[::step, ::step])
+    ys, xs = ys * step, xs * step
     first = int(np.argmax(dist[ys, xs]))
     chosen = [first]
     mind = np.hypot(xs - xs[first], ys - ys[first])
