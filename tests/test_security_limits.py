@@ -356,6 +356,27 @@ def test_fifo_under_local_files_root_does_not_block(predictor, tmp_path):
     assert out["r"].status_code == 400 and "regular file" in out["r"].get_json()["error"]
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_directory_under_local_files_root_is_400_and_leaks_no_fd(predictor, tmp_path):
+    """The attack: an image URL naming a directory under LOCAL_FILES_ROOT answered 500 and leaked a
+    file descriptor per request (after ~122 of them under `ulimit -n 128` every image failed)."""
+    root = tmp_path / "files"
+    (root / "sub").mkdir(parents=True)
+    c = client(predictor, local_files_root=root)
+    urls = ["/data/local-files/?d=", "/data/local-files/?d=sub", f"file://{root}/sub/", str(root / "sub")]
+    for url in urls:                                   # one of each first: the lazy imports open files
+        predict(c, url)
+    before = _open_fds()
+    for _ in range(10):
+        for url in urls:
+            r = predict(c, url)
+            assert r.status_code == 400 and "regular file" in r.get_json()["error"], (url, r.get_json())
+    assert _open_fds() == before, f"{_open_fds() - before} file descriptors leaked in 40 requests"
+
+
 def test_forbidden_local_path_does_not_show_the_root(predictor, tmp_path):
     root = tmp_path / "secret-layout" / "files"
     root.mkdir(parents=True)

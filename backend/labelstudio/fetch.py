@@ -501,14 +501,26 @@ class ImageFetcher:
             raise FetchError(f"no permission to read local image {short(shown)!r}", 403) from None
         except OSError as e:
             raise FetchError(f"cannot open local image {short(shown)!r} ({e.strerror})", 400) from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
+        # The descriptor is closed on every way out: a directory opens fine with O_RDONLY, and
+        # os.fdopen refusing it (IsADirectoryError) left the descriptor open, one per request.
+        try:
+            st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise FetchError(f"local image path {short(shown)!r} is not a regular file", 400)
             if st.st_size > self.cfg.max_image_bytes:
                 raise FetchError(f"image {short(shown)} is {st.st_size} bytes, over MAX_IMAGE_BYTES="
                                  f"{self.cfg.max_image_bytes}", 413)
-            return f.read(self.cfg.max_image_bytes + 1)
+            data = bytearray()
+            while len(data) <= self.cfg.max_image_bytes:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) > self.cfg.max_image_bytes:       # it grew after the fstat
+                raise FetchError(f"image {short(shown)} is over MAX_IMAGE_BYTES={self.cfg.max_image_bytes}", 413)
+            return bytes(data)
+        finally:
+            os.close(fd)
 
     def _data_uri(self, url: str) -> bytes:
         head, _, data = url.partition(",")
