@@ -41,7 +41,7 @@ from model.registry import ProjectRegistry, RegistryError, projects
 from training.redisconn import connect
 
 from .config import DEFAULT_ENQUEUE, Config
-from .engine import ByteCache, PredictTimeout, Segmenter, SharedPrompts
+from .engine import ByteCache, Deadline, PredictTimeout, Segmenter, SharedPrompts
 from .errors import ApiError, api_error, error_response
 from .jobs import cancel_job as cancel_training_job, job_info, list_jobs
 from .labelstudio.fetch import ImageFetcher, SetupInfo
@@ -176,7 +176,7 @@ class Backend:
     # -- /predict --------------------------------------------------------------------------------
     def predict(self, body) -> dict:
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.cfg.predict_timeout
+        deadline = Deadline(self.cfg.predict_timeout)     # one for all the labels of the request
         try:
             req = parse_predict(body)
         except PayloadError as e:

@@ -26,8 +26,9 @@ the stored steps (a click deleted or moved), or a state over the size bound, rep
 Memory: the sessions of every model live in one cache bounded in bytes (SESSION_CACHE_MB), sized
 by what each session holds (its working image, coarse view, mask and undo history, plus the
 answer kept here as a packed bit mask); the least recently used go first. A request may run for
-PREDICT_TIMEOUT seconds, checked between steps: past it, PredictTimeout is raised and the steps
-already run stay in the session, so the next request continues from them.
+PREDICT_TIMEOUT seconds, for all its labels together (`Deadline`), checked before each network run:
+past it, PredictTimeout is raised and the steps already run stay in the session, so the next
+request continues from them.
 
 Prompts other than keypoints:
 - a smart rectangle is given to the session as a box (`session.set_box`, on the whole image): a
@@ -167,6 +168,25 @@ class PredictTimeout(Exception):
     def __init__(self, done: int, total: int):
         super().__init__(f"{done} of {total} clicks run")
         self.done, self.total = done, total
+
+
+class Deadline:
+    """PREDICT_TIMEOUT of one request, over all its labels: once it has passed, no network run
+    starts, except the request's first one (a request that timed out before its first run would
+    never make progress; with it, each retry continues from the steps the last one kept)."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self.clock = clock
+        self.at = clock() + seconds
+        self.runs = 0
+
+    def check(self, done: int, total: int) -> None:
+        """Before a network run: PredictTimeout(done, total) when it may not start."""
+        if self.runs and self.clock() > self.at:
+            raise PredictTimeout(done, total)
+
+    def ran(self) -> None:
+        self.runs += 1
 
 
 @dataclass(frozen=True)
@@ -464,9 +484,9 @@ class Segmenter:
 
     # -- running ---------------------------------------------------------------------------------
     def segment(self, image_key: str, image: np.ndarray, prompt: Prompt,
-                deadline: float | None = None) -> Outcome:
-        """Run the prompt's steps; past `deadline` (time.monotonic()) PredictTimeout is raised
-        between two steps, with at least one network run per call."""
+                deadline: Deadline | None = None) -> Outcome:
+        """Run the prompt's steps; past `deadline` (shared by every label of a request)
+        PredictTimeout is raised before a network run, once the request has had one."""
         height, width = image.shape[:2]
         key = (self.id, image_key, prompt.to_name, prompt.label)
         cached = self.sessions.get(key)
@@ -492,6 +512,8 @@ class Segmenter:
             # state further along saves running them here.
             cached = self._continue(session_key, plan, image, common_prefix(cached.steps, plan.steps)) or cached
         if cached is None:
+            if deadline is not None:            # a new session costs the image's encoding: not past it
+                deadline.check(0, len(plan.steps))
             f = plan.frame
             session = self.predictor.open(image[f.y0:f.y1, f.x0:f.x1], prior_mask=plan.prior)
             cached = Entry(session=session, identity=plan.identity, frame=f, box=plan.box,
@@ -565,7 +587,7 @@ class Segmenter:
             log.info("a click session of %.0f MB is over SESSION_CACHE_MB: not kept, the next click "
                      "replays", entry.nbytes() / 2**20)
 
-    def _advance(self, e: Entry, steps: list, deadline: float | None) -> Outcome:
+    def _advance(self, e: Entry, steps: list, deadline: Deadline | None) -> Outcome:
         clicks = sum(len(st) for st in steps)
         boxed = e.box_prompt is not None
         k = common_prefix(e.steps, steps)
@@ -583,16 +605,22 @@ class Segmenter:
         ran = 0
         max_history = self.predictor.options.max_history
         if boxed and not e.boxed:
+            if deadline is not None:
+                deadline.check(len(e.steps), len(steps))
             x0, y0, x1, y1 = cast(tuple, e.box_prompt)      # boxed: a box prompt is there
             e.remember(e.session.set_box(x0, y0, x1, y1), self.threshold)
             e.boxed, ran = True, 1
+            if deadline is not None:
+                deadline.ran()
         for st in steps[len(e.steps):]:
-            if ran and deadline is not None and time.monotonic() > deadline:
-                raise PredictTimeout(len(e.steps), len(steps))
+            if deadline is not None:
+                deadline.check(len(e.steps), len(steps))
             # One prediction per step: a brush stroke's clicks go in together (and undo together).
             prob = e.session.add_clicks([(c.x, c.y, c.positive) for c in st])
             e.steps.append(st)
             e.depth = min(e.depth + 1, max_history)
             e.remember(prob, self.threshold)
             ran += 1
+            if deadline is not None:
+                deadline.ran()
         return Outcome(cast(np.ndarray, e.bits), e.score, e.frame, ran, clicks, boxed)

@@ -180,6 +180,32 @@ def test_download_has_a_total_deadline(predictor, body_first):
     assert took < 4.0, f"the download held the request {took:.1f} s with FETCH_TIMEOUT=1.5"
 
 
+def _labels_config(n: int) -> str:
+    labels = "".join(f'<Label value="L{i}"/>' for i in range(n))
+    return (f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}'
+            f'</BrushLabels><KeyPointLabels name="kp" toName="image" smart="true">{labels}</KeyPointLabels></View>')
+
+
+def test_predict_timeout_holds_across_labels(predictor):
+    """The attack: PREDICT_TIMEOUT=5 and one request of 100 labels x 1 keypoint answered 200 after
+    14.3 s: the deadline was checked between the clicks of a label, never between labels. Here the
+    deadline passes at once: one label runs (a request always makes progress), then 503, and each
+    retry runs one more label from where the last one stopped."""
+    c = client(predictor, predict_timeout=0.001)
+    sessions = c.application.extensions["simclick"].sessions
+    body = predict_body(1, URI, [keypoint(10 + i, 10 + i % 50, W, H, i=i, label=f"L{i}") for i in range(100)])
+    body["label_config"] = _labels_config(100)
+    statuses = []
+    for attempt in range(1, 101):
+        r = c.post("/predict", json=body)
+        statuses.append(r.status_code)
+        assert len(sessions) == attempt, f"request {attempt} ran {len(sessions)} labels in all"
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and "PREDICT_TIMEOUT" in r.get_json()["error"], r.get_json()
+    assert statuses == [503] * 99 + [200]
+
+
 def test_predict_has_a_time_budget_and_keeps_its_progress(predictor):
     c = client(predictor, predict_timeout=0.001)
     kps = [keypoint(10 + 5 * i, 20 + 3 * i, W, H, i=i) for i in range(5)]
