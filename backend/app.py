@@ -40,8 +40,9 @@ from model.predictor import Predictor
 from model.registry import ProjectRegistry, RegistryError, projects
 from training.redisconn import connect
 
+from .bytecache import ByteCache
 from .config import DEFAULT_ENQUEUE, Config
-from .engine import ByteCache, Deadline, PredictTimeout, Segmenter, SharedPrompts
+from .engine import Deadline, PredictTimeout, Segmenter, SharedPrompts
 from .errors import ApiError, api_error, error_response
 from .jobs import cancel_job as cancel_training_job, job_info, list_jobs
 from .labelstudio.fetch import ImageFetcher, SetupInfo
@@ -58,6 +59,10 @@ log = logging.getLogger("backend")
 MODEL_CLASS = "SimClick"
 MB = 2 ** 20
 MAX_JOBS_LIMIT = 1000
+# /setup is unauthenticated (without basic auth): what it may make the backend keep is bounded.
+# Label Studio sends "3.1795584533", a URL and a token of a few hundred characters.
+SETUP_FIELD_CHARS = {"project": 100, "hostname": 2048, "access_token": 8192}
+SETUPS_BYTES = 4 * MB
 __all__ = ["ApiError", "Backend", "create_app", "error_response", "make_enqueue", "make_shared_prompts",
            "result_items"]
 
@@ -111,7 +116,8 @@ class Backend:
                                   retire=lambda served: served.segmenter.forget())
         self.models.watch()          # a promotion is loaded when it happens, in the background
         self.webhooks = WebhookHandler(make_enqueue(config), config.webhook_history)
-        self.setups: dict[str, SetupInfo] = {}
+        # /setup records by project string (unauthenticated: bounded per field and in all)
+        self.setups = ByteCache(SETUPS_BYTES)
         if config.label_studio_api_key and not config.label_studio_url:
             log.warning("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever "
                         "sent to LABEL_STUDIO_URL, so it is not used")
@@ -144,7 +150,7 @@ class Backend:
 
     def secrets(self) -> list[str]:
         return (self.cfg.secrets() + self.fetcher.secrets()
-                + [s.access_token for s in list(self.setups.values()) if s.access_token])
+                + [s.access_token for s in self.setups.values() if s.access_token])
 
     # -- /setup ----------------------------------------------------------------------------------
     def setup(self, body) -> dict:
@@ -164,13 +170,16 @@ class Backend:
         token = body.get("access_token") or ""
         if not isinstance(hostname, str) or not isinstance(token, str):
             raise ApiError("hostname and access_token must be strings")
+        project = str(body.get("project") or "")
+        for name, value in (("project", project), ("hostname", hostname), ("access_token", token)):
+            if len(value) > SETUP_FIELD_CHARS[name]:
+                raise ApiError(f"/setup {name} is {len(value)} characters, over {SETUP_FIELD_CHARS[name]}")
         if hostname:
             try:
                 parse_http_url(hostname)
             except UrlError as e:
                 raise ApiError(f"hostname refused: {e}") from None
-        project = str(body.get("project") or "")
-        self.setups[project] = SetupInfo(hostname, token)
+        self.setups.put(project, SetupInfo(hostname, token), len(project) + len(hostname) + len(token) + 256)
         return {"model_version": self.models.for_project(project).version}
 
     # -- /predict --------------------------------------------------------------------------------
@@ -209,11 +218,11 @@ class Backend:
         setup = self.setups.get(req.project)
         for prompt, control, label, data_key in targets:
             url = task["data"].get(data_key)
-            image = self.image(url, setup)
+            key = self.fetcher.cache_key(url, setup, req.project)
+            image = self.image(key, url, setup)
             height, width = image.shape[:2]
             try:
-                outcome = served.segmenter.segment(str(url), image, scale_prompt(prompt, width, height),
-                                                   deadline)
+                outcome = served.segmenter.segment(key, image, scale_prompt(prompt, width, height), deadline)
             except PayloadError as e:
                 raise ApiError(str(e), e.status) from None
             except PredictTimeout as e:
@@ -239,8 +248,8 @@ class Backend:
         return {"results": [{"result": items, "score": score, "model_version": served.version}],
                 "model_version": served.version}
 
-    def image(self, url, setup) -> np.ndarray:
-        key = str(url)
+    def image(self, key: str, url, setup) -> np.ndarray:
+        """The decoded image, cached under `key` (ImageFetcher.cache_key: what decides its bytes)."""
         img = self.images.get(key)
         if img is None:
             img = self.fetcher.fetch(url, setup)

@@ -48,7 +48,6 @@ import math
 import threading
 import time
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, cast
 
@@ -58,6 +57,7 @@ import numpy as np
 from model.clicks import Click
 from model.interface import ClickPredictor, ClickSession
 
+from .bytecache import ByteCache
 from .payload import PayloadError, Prompt
 
 log = logging.getLogger(__name__)
@@ -67,72 +67,6 @@ MAX_CANDIDATES = 1 << 20      # pixels of a stroke considered for its clicks (se
 # A stroke whose inscribed radius is at least this fraction of sqrt(area) is a painted blob
 # (a disk gives 0.56, a square 0.5); a scribble 4x longer than wide gives 0.25, longer ones less.
 BLOB_COMPACTNESS = 0.25
-
-
-class ByteCache:
-    """An LRU map bounded by the bytes its values hold (the caller says how many) and by an idle
-    time-to-live; thread-safe. One holds the decoded images, one the click sessions of all models."""
-
-    def __init__(self, max_bytes: int, ttl: float, clock=time.monotonic):
-        self.max_bytes, self.ttl, self.clock = max_bytes, ttl, clock
-        self._d: OrderedDict = OrderedDict()       # key -> (last use, bytes, value)
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            item = self._d.get(key)
-            if item is None:
-                return None
-            stamp, size, value = item
-            if self.clock() - stamp > self.ttl:
-                self._drop(key)
-                return None
-            self._d[key] = (self.clock(), size, value)
-            self._d.move_to_end(key)
-            return value
-
-    def put(self, key, value, nbytes: int) -> bool:
-        """Keep `value` (or update its size); False when it alone is over the budget (not kept)."""
-        with self._lock:
-            self._drop(key)
-            if nbytes > self.max_bytes:
-                return False
-            now = self.clock()
-            self._d[key] = (now, nbytes, value)
-            self._bytes += nbytes
-            for k in [k for k, (s, _, _) in self._d.items() if now - s > self.ttl]:
-                self._drop(k)
-            while self._bytes > self.max_bytes:
-                self._drop(next(iter(self._d)))
-            return True
-
-    def pop(self, key) -> None:
-        with self._lock:
-            self._drop(key)
-
-    def discard(self, match) -> None:
-        """Drop every entry whose key satisfies match(key)."""
-        with self._lock:
-            for k in [k for k in self._d if match(k)]:
-                self._drop(k)
-
-    def _drop(self, key) -> None:
-        item = self._d.pop(key, None)
-        if item is not None:
-            self._bytes -= item[1]
-
-    def values(self) -> list:
-        with self._lock:
-            return [v for _, _, v in self._d.values()]
-
-    def stats(self) -> dict:
-        with self._lock:
-            return {"entries": len(self._d), "bytes": self._bytes, "max_bytes": self.max_bytes}
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._d)
 
 
 def held_bytes(obj, skip: tuple = ("predictor",)) -> int:
@@ -488,7 +422,8 @@ class Segmenter:
         """Run the prompt's steps; past `deadline` (shared by every label of a request)
         PredictTimeout is raised before a network run, once the request has had one."""
         height, width = image.shape[:2]
-        key = (self.id, image_key, prompt.to_name, prompt.label)
+        # A hash: the label and image tag names come from the request, and could be megabytes each.
+        key = (self.id, hashlib.sha256(json.dumps([image_key, prompt.to_name, prompt.label]).encode()).hexdigest())
         cached = self.sessions.get(key)
         remembered, shared_key = _CACHED, None
         if self.shared is not None:

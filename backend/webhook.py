@@ -52,6 +52,7 @@ class WebhookEvent:
 
 
 MAX_ID = 2 ** 63 - 1          # Label Studio's ids are database integers
+MAX_ACTION_CHARS = 64         # its actions are names like ANNOTATIONS_DELETED
 
 
 def _id(obj, what: str) -> Optional[int]:
@@ -72,6 +73,9 @@ def parse_event(body) -> WebhookEvent:
     action = body.get("action")
     if not isinstance(action, str) or not action:
         raise WebhookError("the webhook body has no 'action' string")
+    if len(action) > MAX_ACTION_CHARS:      # it is kept in the history (GET /webhook/events)
+        raise WebhookError(f"the 'action' is {len(action)} characters: not a Label Studio event "
+                           f"(at most {MAX_ACTION_CHARS})")
     for key, typ in REQUIRED.get(action, {}).items():
         if not isinstance(body.get(key), typ):
             raise WebhookError(f"{action} event without a '{key}' object")

@@ -238,7 +238,9 @@ def test_setup_token_is_the_fallback(predictor, server):
     setup.update(hostname=server.url, access_token=server.legacy_token)
     assert c.post("/setup", json=setup).status_code == 200
     backend = c.application.extensions["simclick"]
-    img = backend.image("/data/upload/1/img.jpg", backend.setups[setup["project"]])
+    info = backend.setups.get(setup["project"])
+    url = "/data/upload/1/img.jpg"
+    img = backend.image(backend.fetcher.cache_key(url, info, setup["project"]), url, info)
     assert img.shape[2] == 3 and server.requests[-1][2] == f"Token {server.legacy_token}"
 
 

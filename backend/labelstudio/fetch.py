@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ import requests
 import urllib3
 
 from .. import imagecheck
+from ..bytecache import ByteCache
 from .urls import Target, UrlError, ls_file_path, parse_http_url, short
 
 log = logging.getLogger(__name__)
@@ -255,10 +257,15 @@ class SetupInfo:
     access_token: str = ""
 
 
+# Credentials in use, one per (server, key): a /setup brings its own, so their number is bounded
+# in bytes (the least recently used is dropped; a personal access token is then exchanged again).
+AUTHS_BYTES = 2**20
+
+
 class ImageFetcher:
     def __init__(self, config):
         self.cfg = config
-        self._auths: dict[tuple[str, str], LabelStudioAuth] = {}
+        self._auths = ByteCache(AUTHS_BYTES)
         self._lock = threading.Lock()
         self.local_root = Path(config.local_files_root).resolve() if config.local_files_root else None
         self.ls_base = parse_http_url(config.label_studio_url) if config.label_studio_url else None
@@ -267,6 +274,18 @@ class ImageFetcher:
     def fetch(self, url: str, setup: SetupInfo | None = None) -> np.ndarray:
         """Return the image at a task's data URL as H x W x 3 uint8 RGB (EXIF applied)."""
         return self.decode(self.fetch_bytes(url, setup), url)
+
+    def cache_key(self, url, setup: SetupInfo | None, project: str) -> str:
+        """The key of `url`'s image (and of its click sessions) in the caches: a hash of the URL
+        and of what decides which bytes it gives. A project's /setup decides that (its hostname
+        is the server of Label Studio paths, its token the credential), except when
+        LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are both set: then the key also holds the project
+        and the server its /setup named, and one project's /setup cannot fill another's cache."""
+        parts = [str(url)]
+        if setup is not None and (setup.hostname or setup.access_token) \
+                and not (self.ls_base is not None and self.cfg.label_studio_api_key):
+            parts += [project, setup.hostname]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def fetch_bytes(self, url: str, setup: SetupInfo | None = None) -> bytes:
         if not isinstance(url, str) or not url.strip():
@@ -306,7 +325,7 @@ class ImageFetcher:
 
     def secrets(self) -> list[str]:
         out = []
-        for a in list(self._auths.values()):
+        for a in self._auths.values():
             out += a.secrets()
         return out
 
@@ -362,9 +381,11 @@ class ImageFetcher:
     def _auth(self, base: Target, key: str, source: str) -> LabelStudioAuth:
         with self._lock:
             k = (base.url.rstrip("/"), key)
-            if k not in self._auths:
-                self._auths[k] = LabelStudioAuth(base.url, key, source)
-            return self._auths[k]
+            auth = self._auths.get(k)
+            if auth is None:
+                auth = LabelStudioAuth(base.url, key, source)
+                self._auths.put(k, auth, len(k[0]) + len(k[1]) + 2048)   # + an access token, the object
+            return auth
 
     # -- transports ------------------------------------------------------------------------------
     def _http_get(self, target: Target, setup: SetupInfo | None, shown: str) -> bytes:
