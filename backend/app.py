@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 import uuid
 import weakref
@@ -51,6 +52,7 @@ from .labelstudio.masks import mask_to_polygons, mask_to_rle
 from .labelstudio.urls import UrlError, parse_http_url
 from .models import ModelRouter, Served
 from .payload import PayloadError, decode_brushes, parse_predict, parse_prompts, scale_prompt
+from .projects import KnownProjects
 from .routes import bp
 from .webhook import WebhookHandler, load_enqueue
 
@@ -63,6 +65,7 @@ MAX_JOBS_LIMIT = 1000
 # Label Studio sends "3.1795584533", a URL and a token of a few hundred characters.
 SETUP_FIELD_CHARS = {"project": 100, "hostname": 2048, "access_token": 8192}
 SETUPS_BYTES = 4 * MB
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")         # what RQ accepts (ours: train-p5-12-a1b2c3)
 __all__ = ["ApiError", "Backend", "create_app", "error_response", "make_enqueue", "make_shared_prompts",
            "result_items"]
 
@@ -115,7 +118,8 @@ class Backend:
                                   make_segmenter=self.make_segmenter,
                                   retire=lambda served: served.segmenter.forget())
         self.models.watch()          # a promotion is loaded when it happens, in the background
-        self.webhooks = WebhookHandler(make_enqueue(config), config.webhook_history)
+        self.known = KnownProjects(config.redis_url, config.redis_timeout, config.registry_root())
+        self.webhooks = WebhookHandler(make_enqueue(config), config.webhook_history, known=self.known.knows)
         # /setup records by project string (unauthenticated: bounded per field and in all)
         self.setups = ByteCache(SETUPS_BYTES)
         if config.label_studio_api_key and not config.label_studio_url:
@@ -180,6 +184,7 @@ class Backend:
             except UrlError as e:
                 raise ApiError(f"hostname refused: {e}") from None
         self.setups.put(project, SetupInfo(hostname, token), len(project) + len(hostname) + len(token) + 256)
+        self.known.add(project)              # its training webhooks may reach the queue now
         return {"model_version": self.models.for_project(project).version}
 
     # -- /predict --------------------------------------------------------------------------------
@@ -331,6 +336,7 @@ class Backend:
 
     def job(self, job_id: str) -> dict:
         """GET /jobs/<id>."""
+        _check_job_id(job_id)
         try:
             info = job_info(self.redis(), job_id)
         except ApiError:
@@ -343,6 +349,7 @@ class Backend:
 
     def cancel_job(self, job_id: str, remote_addr: str | None) -> dict:
         """POST /admin/jobs/<id>/cancel."""
+        _check_job_id(job_id)
         try:
             out = cancel_training_job(self.redis(), job_id, f"http {remote_addr}")
         except ApiError:
@@ -353,6 +360,12 @@ class Backend:
             raise _unreachable(e) from None
         log.warning("job %s: %s by %s", job_id, out["status"], remote_addr)
         return out
+
+
+def _check_job_id(job_id: str) -> None:
+    """RQ refuses other characters with a ValueError, which must not read as an unreachable queue."""
+    if not JOB_ID.fullmatch(job_id):
+        raise ApiError(f"not a job id: {job_id[:40]!r} (letters, digits, '-' and '_', at most 128)")
 
 
 def _unreachable(e: Exception) -> ApiError:

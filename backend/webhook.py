@@ -106,8 +106,10 @@ def load_enqueue(spec: str) -> Optional[Callable[..., Any]]:
 
 class WebhookHandler:
     def __init__(self, enqueue: Optional[Callable[[WebhookEvent], Any]] = None,
-                 history: int = 100):
+                 history: int = 100, known: Optional[Callable[[Any], bool]] = None):
         self.enqueue = enqueue
+        # Whether a project may reach the queue (backend/projects.py); None: every project may.
+        self.known = known
         self._recent: deque = deque(maxlen=history)
         self._lock = threading.Lock()
 
@@ -121,7 +123,12 @@ class WebhookHandler:
                 answer["training"] = "no training queue configured (TRAINING_ENQUEUE)"
             else:
                 try:
-                    job = self.enqueue(event)
+                    job: Any
+                    if self.known is not None and not self.known(event.project_id):
+                        job = {"job": None, "training": f"unknown project {event.project_id}: nothing counted or "
+                                                        f"queued (Label Studio connects a project with /setup)"}
+                    else:
+                        job = self.enqueue(event)
                     if isinstance(job, dict):   # {"job": id or None, "training": what happened}
                         answer.update(job)
                         record["job"] = job.get("job")

@@ -348,6 +348,7 @@ def test_batch_predict_returns_no_prediction(predictor, server):
 def test_webhooks_replayed(predictor):
     ENQUEUED.clear()
     c = make_app(predictor, training_enqueue=f"{__name__}:record_enqueue").test_client()
+    assert c.post("/setup", json=capture("007_POST_setup.json")["body"]).status_code == 200   # project 1
     r = c.post("/webhook", json=capture("016_POST_webhook_ANNOTATION_CREATED.json")["body"])
     assert r.status_code == 200 and r.get_json()["job"] == "job-1"
     r = c.post("/webhook", json=capture("017_POST_webhook_START_TRAINING.json")["body"])
