@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 import uuid
 import weakref
@@ -40,8 +41,9 @@ from model.predictor import Predictor
 from model.registry import ProjectRegistry, RegistryError, projects
 from training.redisconn import connect
 
+from .bytecache import ByteCache
 from .config import DEFAULT_ENQUEUE, Config
-from .engine import ByteCache, PredictTimeout, Segmenter, SharedPrompts
+from .engine import Deadline, PredictTimeout, Segmenter, SharedPrompts
 from .errors import ApiError, api_error, error_response
 from .jobs import cancel_job as cancel_training_job, job_info, list_jobs
 from .labelstudio.fetch import ImageFetcher, SetupInfo
@@ -49,7 +51,8 @@ from .labelstudio.labelconfig import LabelConfigError, parse_label_config
 from .labelstudio.masks import mask_to_polygons, mask_to_rle
 from .labelstudio.urls import UrlError, parse_http_url
 from .models import ModelRouter, Served
-from .payload import PayloadError, parse_predict, parse_prompts, scale_prompt
+from .payload import PayloadError, decode_brushes, parse_predict, parse_prompts, scale_prompt
+from .projects import KnownProjects
 from .routes import bp
 from .webhook import WebhookHandler, load_enqueue
 
@@ -58,6 +61,11 @@ log = logging.getLogger("backend")
 MODEL_CLASS = "SimClick"
 MB = 2 ** 20
 MAX_JOBS_LIMIT = 1000
+# /setup is unauthenticated (without basic auth): what it may make the backend keep is bounded.
+# Label Studio sends "3.1795584533", a URL and a token of a few hundred characters.
+SETUP_FIELD_CHARS = {"project": 100, "hostname": 2048, "access_token": 8192}
+SETUPS_BYTES = 4 * MB
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")         # what RQ accepts (ours: train-p5-12-a1b2c3)
 __all__ = ["ApiError", "Backend", "create_app", "error_response", "make_enqueue", "make_shared_prompts",
            "result_items"]
 
@@ -110,8 +118,10 @@ class Backend:
                                   make_segmenter=self.make_segmenter,
                                   retire=lambda served: served.segmenter.forget())
         self.models.watch()          # a promotion is loaded when it happens, in the background
-        self.webhooks = WebhookHandler(make_enqueue(config), config.webhook_history)
-        self.setups: dict[str, SetupInfo] = {}
+        self.known = KnownProjects(config.redis_url, config.redis_timeout, config.registry_root())
+        self.webhooks = WebhookHandler(make_enqueue(config), config.webhook_history, known=self.known.knows)
+        # /setup records by project string (unauthenticated: bounded per field and in all)
+        self.setups = ByteCache(SETUPS_BYTES)
         if config.label_studio_api_key and not config.label_studio_url:
             log.warning("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: the key is only ever "
                         "sent to LABEL_STUDIO_URL, so it is not used")
@@ -144,7 +154,7 @@ class Backend:
 
     def secrets(self) -> list[str]:
         return (self.cfg.secrets() + self.fetcher.secrets()
-                + [s.access_token for s in list(self.setups.values()) if s.access_token])
+                + [s.access_token for s in self.setups.values() if s.access_token])
 
     # -- /setup ----------------------------------------------------------------------------------
     def setup(self, body) -> dict:
@@ -164,19 +174,23 @@ class Backend:
         token = body.get("access_token") or ""
         if not isinstance(hostname, str) or not isinstance(token, str):
             raise ApiError("hostname and access_token must be strings")
+        project = str(body.get("project") or "")
+        for name, value in (("project", project), ("hostname", hostname), ("access_token", token)):
+            if len(value) > SETUP_FIELD_CHARS[name]:
+                raise ApiError(f"/setup {name} is {len(value)} characters, over {SETUP_FIELD_CHARS[name]}")
         if hostname:
             try:
                 parse_http_url(hostname)
             except UrlError as e:
                 raise ApiError(f"hostname refused: {e}") from None
-        project = str(body.get("project") or "")
-        self.setups[project] = SetupInfo(hostname, token)
+        self.setups.put(project, SetupInfo(hostname, token), len(project) + len(hostname) + len(token) + 256)
+        self.known.add(project)              # its training webhooks may reach the queue now
         return {"model_version": self.models.for_project(project).version}
 
     # -- /predict --------------------------------------------------------------------------------
     def predict(self, body) -> dict:
         t0 = time.perf_counter()
-        deadline = time.monotonic() + self.cfg.predict_timeout
+        deadline = Deadline(self.cfg.predict_timeout)     # one for all the labels of the request
         try:
             req = parse_predict(body)
         except PayloadError as e:
@@ -190,25 +204,30 @@ class Backend:
             log.info("predict batch: %d task(s), no prediction before a click", len(req.tasks))
             return {"results": [[] for _ in req.tasks], "model_version": served.version}
         try:
-            prompts = parse_prompts(req.context or [], self.cfg.max_image_pixels, self.cfg.max_clicks)
+            prompts = parse_prompts(req.context or [], self.cfg.max_image_pixels, self.cfg.max_clicks,
+                                    self.cfg.max_brush_pixels)
         except PayloadError as e:
             raise ApiError(str(e), e.status) from None
         task = req.tasks[0]
-        # Every prompt's output control and image first: a config problem costs no model run.
+        # Every prompt's output control and image first: a config problem costs no model run, and
+        # no brush stroke is decoded for a request that is refused anyway.
         try:
             targets = [(p, *req.label_config.output_for(p.label, p.to_name, self.cfg.output_format),
                         req.label_config.image_key(p.to_name)) for p in prompts]
+            decode_brushes(prompts)
         except LabelConfigError as e:
             raise ApiError(str(e)) from None
+        except PayloadError as e:
+            raise ApiError(str(e), e.status) from None
         items, scores, stats = [], [], []
         setup = self.setups.get(req.project)
         for prompt, control, label, data_key in targets:
             url = task["data"].get(data_key)
-            image = self.image(url, setup)
+            key = self.fetcher.cache_key(url, setup, req.project)
+            image = self.image(key, url, setup)
             height, width = image.shape[:2]
             try:
-                outcome = served.segmenter.segment(str(url), image, scale_prompt(prompt, width, height),
-                                                   deadline)
+                outcome = served.segmenter.segment(key, image, scale_prompt(prompt, width, height), deadline)
             except PayloadError as e:
                 raise ApiError(str(e), e.status) from None
             except PredictTimeout as e:
@@ -234,8 +253,8 @@ class Backend:
         return {"results": [{"result": items, "score": score, "model_version": served.version}],
                 "model_version": served.version}
 
-    def image(self, url, setup) -> np.ndarray:
-        key = str(url)
+    def image(self, key: str, url, setup) -> np.ndarray:
+        """The decoded image, cached under `key` (ImageFetcher.cache_key: what decides its bytes)."""
         img = self.images.get(key)
         if img is None:
             img = self.fetcher.fetch(url, setup)
@@ -317,6 +336,7 @@ class Backend:
 
     def job(self, job_id: str) -> dict:
         """GET /jobs/<id>."""
+        _check_job_id(job_id)
         try:
             info = job_info(self.redis(), job_id)
         except ApiError:
@@ -329,6 +349,7 @@ class Backend:
 
     def cancel_job(self, job_id: str, remote_addr: str | None) -> dict:
         """POST /admin/jobs/<id>/cancel."""
+        _check_job_id(job_id)
         try:
             out = cancel_training_job(self.redis(), job_id, f"http {remote_addr}")
         except ApiError:
@@ -339,6 +360,12 @@ class Backend:
             raise _unreachable(e) from None
         log.warning("job %s: %s by %s", job_id, out["status"], remote_addr)
         return out
+
+
+def _check_job_id(job_id: str) -> None:
+    """RQ refuses other characters with a ValueError, which must not read as an unreachable queue."""
+    if not JOB_ID.fullmatch(job_id):
+        raise ApiError(f"not a job id: {job_id[:40]!r} (letters, digits, '-' and '_', at most 128)")
 
 
 def _unreachable(e: Exception) -> ApiError:

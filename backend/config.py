@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from model.registry import registry_folder
 from model.settings import (ADMIN_TOKEN, BASIC_AUTH_PASS, BASIC_AUTH_USER, BOX_MARGIN, CACHE_TTL, DATA_DIR, DEVICE,
                             FETCH_TIMEOUT, IMAGE_CACHE_MB, LABEL_STUDIO_API_KEY, LABEL_STUDIO_URL, LOCAL_FILES_ROOT,
-                            LOG_LEVEL, MASK_THRESHOLD, MAX_CLICKS, MAX_CONTENT_LENGTH, MAX_IMAGE_BYTES,
+                            LOG_LEVEL, MASK_THRESHOLD, MAX_BRUSH_PIXELS, MAX_CLICKS, MAX_CONTENT_LENGTH, MAX_IMAGE_BYTES,
                             MAX_IMAGE_PIXELS, MODEL_CHECKPOINT, MODEL_REGISTRY, MODEL_RELOAD_INTERVAL,
                             OUTPUT_FORMAT, POLYGON_TOLERANCE, PREDICT_TIMEOUT, PROJECT_MODELS, REDIS_TIMEOUT,
                             REDIS_URL, SESSION_CACHE_MB, SHARED_PROMPTS, SHARED_SESSION_KB,
@@ -38,6 +38,7 @@ class Config:
     fetch_timeout: float = env_field(FETCH_TIMEOUT)
     max_image_bytes: int = env_field(MAX_IMAGE_BYTES)
     max_image_pixels: int = env_field(MAX_IMAGE_PIXELS)
+    max_brush_pixels: int = env_field(MAX_BRUSH_PIXELS)
     max_content_length: int = env_field(MAX_CONTENT_LENGTH)
     max_clicks: int = env_field(MAX_CLICKS)
     predict_timeout: float = env_field(PREDICT_TIMEOUT)
@@ -82,7 +83,7 @@ class Config:
         return cfg
 
     def validate(self) -> None:
-        positive = ["fetch_timeout", "max_image_bytes", "max_image_pixels", "max_content_length",
+        positive = ["fetch_timeout", "max_image_bytes", "max_image_pixels", "max_brush_pixels", "max_content_length",
                     "max_clicks", "predict_timeout", "session_cache_mb", "image_cache_mb", "cache_ttl",
                     "project_models", "redis_timeout"]
         for name in positive:

@@ -26,8 +26,9 @@ the stored steps (a click deleted or moved), or a state over the size bound, rep
 Memory: the sessions of every model live in one cache bounded in bytes (SESSION_CACHE_MB), sized
 by what each session holds (its working image, coarse view, mask and undo history, plus the
 answer kept here as a packed bit mask); the least recently used go first. A request may run for
-PREDICT_TIMEOUT seconds, checked between steps: past it, PredictTimeout is raised and the steps
-already run stay in the session, so the next request continues from them.
+PREDICT_TIMEOUT seconds, for all its labels together (`Deadline`), checked before each network run:
+past it, PredictTimeout is raised and the steps already run stay in the session, so the next
+request continues from them.
 
 Prompts other than keypoints:
 - a smart rectangle is given to the session as a box (`session.set_box`, on the whole image): a
@@ -47,7 +48,6 @@ import math
 import threading
 import time
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, cast
 
@@ -57,80 +57,16 @@ import numpy as np
 from model.clicks import Click
 from model.interface import ClickPredictor, ClickSession
 
+from .bytecache import ByteCache
 from .payload import PayloadError, Prompt
 
 log = logging.getLogger(__name__)
 
 MAX_BRUSH_CLICKS = 5
+MAX_CANDIDATES = 1 << 20      # pixels of a stroke considered for its clicks (see brush_clicks)
 # A stroke whose inscribed radius is at least this fraction of sqrt(area) is a painted blob
 # (a disk gives 0.56, a square 0.5); a scribble 4x longer than wide gives 0.25, longer ones less.
 BLOB_COMPACTNESS = 0.25
-
-
-class ByteCache:
-    """An LRU map bounded by the bytes its values hold (the caller says how many) and by an idle
-    time-to-live; thread-safe. One holds the decoded images, one the click sessions of all models."""
-
-    def __init__(self, max_bytes: int, ttl: float, clock=time.monotonic):
-        self.max_bytes, self.ttl, self.clock = max_bytes, ttl, clock
-        self._d: OrderedDict = OrderedDict()       # key -> (last use, bytes, value)
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            item = self._d.get(key)
-            if item is None:
-                return None
-            stamp, size, value = item
-            if self.clock() - stamp > self.ttl:
-                self._drop(key)
-                return None
-            self._d[key] = (self.clock(), size, value)
-            self._d.move_to_end(key)
-            return value
-
-    def put(self, key, value, nbytes: int) -> bool:
-        """Keep `value` (or update its size); False when it alone is over the budget (not kept)."""
-        with self._lock:
-            self._drop(key)
-            if nbytes > self.max_bytes:
-                return False
-            now = self.clock()
-            self._d[key] = (now, nbytes, value)
-            self._bytes += nbytes
-            for k in [k for k, (s, _, _) in self._d.items() if now - s > self.ttl]:
-                self._drop(k)
-            while self._bytes > self.max_bytes:
-                self._drop(next(iter(self._d)))
-            return True
-
-    def pop(self, key) -> None:
-        with self._lock:
-            self._drop(key)
-
-    def discard(self, match) -> None:
-        """Drop every entry whose key satisfies match(key)."""
-        with self._lock:
-            for k in [k for k in self._d if match(k)]:
-                self._drop(k)
-
-    def _drop(self, key) -> None:
-        item = self._d.pop(key, None)
-        if item is not None:
-            self._bytes -= item[1]
-
-    def values(self) -> list:
-        with self._lock:
-            return [v for _, _, v in self._d.values()]
-
-    def stats(self) -> dict:
-        with self._lock:
-            return {"entries": len(self._d), "bytes": self._bytes, "max_bytes": self.max_bytes}
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._d)
 
 
 def held_bytes(obj, skip: tuple = ("predictor",)) -> int:
@@ -166,6 +102,25 @@ class PredictTimeout(Exception):
     def __init__(self, done: int, total: int):
         super().__init__(f"{done} of {total} clicks run")
         self.done, self.total = done, total
+
+
+class Deadline:
+    """PREDICT_TIMEOUT of one request, over all its labels: once it has passed, no network run
+    starts, except the request's first one (a request that timed out before its first run would
+    never make progress; with it, each retry continues from the steps the last one kept)."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self.clock = clock
+        self.at = clock() + seconds
+        self.runs = 0
+
+    def check(self, done: int, total: int) -> None:
+        """Before a network run: PredictTimeout(done, total) when it may not start."""
+        if self.runs and self.clock() > self.at:
+            raise PredictTimeout(done, total)
+
+    def ran(self) -> None:
+        self.runs += 1
 
 
 @dataclass(frozen=True)
@@ -249,7 +204,7 @@ class Outcome:
         f = self.frame
         fh, fw = f.shape
         out = np.zeros((height, width), bool)
-        out[f.y0:f.y1, f.x0:f.x1] = np.unpackbits(self.bits, count=fh * fw).reshape(fh, fw).astype(bool)
+        out[f.y0:f.y1, f.x0:f.x1] = np.unpackbits(self.bits, count=fh * fw).reshape(fh, fw)   # cast on assignment
         return out
 
 
@@ -273,14 +228,21 @@ def brush_clicks(stroke: np.ndarray) -> tuple[list[Click], bool]:
     Clicks sit well inside the stroke (on pixels at least half as deep as the deepest one, so
     never on its ragged edge), spread by farthest-point sampling, at most MAX_BRUSH_CLICKS.
     """
-    m = stroke.astype(np.uint8)
-    if not m.any():
+    area = int(np.count_nonzero(stroke))
+    if not area:
         return [], False
-    dist = cv2.distanceTransform(np.pad(m, 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    padded = np.pad(stroke.astype(bool, copy=False), 1).view(np.uint8)       # one copy, 0/1 bytes
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    del padded
     peak = float(dist.max())
-    area = int(m.sum())
     blob = peak >= BLOB_COMPACTNESS * math.sqrt(area)
-    ys, xs = np.nonzero(dist >= max(1.0, 0.5 * peak) if peak >= 2.0 else dist > 0)
+    inner = dist >= max(1.0, 0.5 * peak) if peak >= 2.0 else dist > 0
+    # A stroke of millions of pixels (a whole 50 MP image painted) would make coordinate arrays of
+    # 16 bytes per pixel and distance maps of 8: its candidates are taken on a grid of `step`
+    # pixels instead, about MAX_CANDIDATES of them, far finer than the clicks' spacing (8 px at least).
+    step = max(1, math.ceil(math.sqrt(np.count_nonzero(inner) / MAX_CANDIDATES)))
+    ys, xs = np.nonzero(inner[::step, ::step])
+    ys, xs = ys * step, xs * step
     first = int(np.argmax(dist[ys, xs]))
     chosen = [first]
     mind = np.hypot(xs - xs[first], ys - ys[first])
@@ -456,11 +418,12 @@ class Segmenter:
 
     # -- running ---------------------------------------------------------------------------------
     def segment(self, image_key: str, image: np.ndarray, prompt: Prompt,
-                deadline: float | None = None) -> Outcome:
-        """Run the prompt's steps; past `deadline` (time.monotonic()) PredictTimeout is raised
-        between two steps, with at least one network run per call."""
+                deadline: Deadline | None = None) -> Outcome:
+        """Run the prompt's steps; past `deadline` (shared by every label of a request)
+        PredictTimeout is raised before a network run, once the request has had one."""
         height, width = image.shape[:2]
-        key = (self.id, image_key, prompt.to_name, prompt.label)
+        # A hash: the label and image tag names come from the request, and could be megabytes each.
+        key = (self.id, hashlib.sha256(json.dumps([image_key, prompt.to_name, prompt.label]).encode()).hexdigest())
         cached = self.sessions.get(key)
         remembered, shared_key = _CACHED, None
         if self.shared is not None:
@@ -484,6 +447,8 @@ class Segmenter:
             # state further along saves running them here.
             cached = self._continue(session_key, plan, image, common_prefix(cached.steps, plan.steps)) or cached
         if cached is None:
+            if deadline is not None:            # a new session costs the image's encoding: not past it
+                deadline.check(0, len(plan.steps))
             f = plan.frame
             session = self.predictor.open(image[f.y0:f.y1, f.x0:f.x1], prior_mask=plan.prior)
             cached = Entry(session=session, identity=plan.identity, frame=f, box=plan.box,
@@ -557,7 +522,7 @@ class Segmenter:
             log.info("a click session of %.0f MB is over SESSION_CACHE_MB: not kept, the next click "
                      "replays", entry.nbytes() / 2**20)
 
-    def _advance(self, e: Entry, steps: list, deadline: float | None) -> Outcome:
+    def _advance(self, e: Entry, steps: list, deadline: Deadline | None) -> Outcome:
         clicks = sum(len(st) for st in steps)
         boxed = e.box_prompt is not None
         k = common_prefix(e.steps, steps)
@@ -575,16 +540,22 @@ class Segmenter:
         ran = 0
         max_history = self.predictor.options.max_history
         if boxed and not e.boxed:
+            if deadline is not None:
+                deadline.check(len(e.steps), len(steps))
             x0, y0, x1, y1 = cast(tuple, e.box_prompt)      # boxed: a box prompt is there
             e.remember(e.session.set_box(x0, y0, x1, y1), self.threshold)
             e.boxed, ran = True, 1
+            if deadline is not None:
+                deadline.ran()
         for st in steps[len(e.steps):]:
-            if ran and deadline is not None and time.monotonic() > deadline:
-                raise PredictTimeout(len(e.steps), len(steps))
+            if deadline is not None:
+                deadline.check(len(e.steps), len(steps))
             # One prediction per step: a brush stroke's clicks go in together (and undo together).
             prob = e.session.add_clicks([(c.x, c.y, c.positive) for c in st])
             e.steps.append(st)
             e.depth = min(e.depth + 1, max_history)
             e.remember(prob, self.threshold)
             ran += 1
+            if deadline is not None:
+                deadline.ran()
         return Outcome(cast(np.ndarray, e.bits), e.score, e.frame, ran, clicks, boxed)

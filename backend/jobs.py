@@ -119,8 +119,10 @@ _EXTEND = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEX
 _ACQUIRE = ("local cur = redis.call('GET', KEYS[1]) "
             "if (not cur) or cur == ARGV[1] then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return '' end "
             "return cur")
-_COUNT = ("local n = redis.call('INCR', KEYS[1]) local every = tonumber(ARGV[1]) "
-          "if every > 0 and n >= every then redis.call('SET', KEYS[1], 0) return {n, 1} end return {n, 0}")
+_COUNT = ("local n = redis.call('INCR', KEYS[1]) redis.call('EXPIRE', KEYS[1], ARGV[2]) "
+          "local every = tonumber(ARGV[1]) "
+          "if every > 0 and n >= every then redis.call('SET', KEYS[1], 0, 'EX', ARGV[2]) return {n, 1} end "
+          "return {n, 0}")
 
 
 class ProjectLock:
@@ -224,15 +226,19 @@ def enqueue_training(conn, project: Any, *, settings: Optional[JobSettings] = No
             log.info("project %s: %s folded into pending job %s", pid, trigger, cur)
             return cur, False
         seq = conn.incr(_key("jobseq", pid))
+        # Every key a webhook makes expires (an unauthenticated request must not grow Redis for good):
+        # the sequence only makes ids readable (the suffix makes them unique), the pending pointer
+        # and a job that no worker started go after TRAINING_RESULT_TTL.
+        conn.expire(_key("jobseq", pid), s.result_ttl)
         # The suffix keeps ids unique if Redis is ever flushed (the registry keys reservations by job id).
         job_id = f"train-p{pid}-{seq}-{uuid.uuid4().hex[:6]}"
         Queue(s.queue, connection=conn).enqueue_call(
             func=run_training_job, args=(pid,), kwargs={"overrides": overrides or None, "export": export},
-            timeout=s.job_timeout, result_ttl=s.result_ttl, failure_ttl=s.result_ttl, job_id=job_id,
+            timeout=s.job_timeout, result_ttl=s.result_ttl, failure_ttl=s.result_ttl, ttl=s.result_ttl, job_id=job_id,
             description=f"fine-tune project {pid} ({trigger})",
             meta={"project": pid, "stage": "queued", "percent": 0, "trigger": trigger,
                   "enqueued": time.time()})
-        conn.set(pending, job_id)
+        conn.set(pending, job_id, ex=s.result_ttl)
         log.info("project %s: %s enqueued job %s on %s", pid, trigger, job_id, s.queue)
         return job_id, True
 
@@ -268,7 +274,7 @@ def enqueue_webhook(event, *, redis_url: Optional[str] = None, queue: Optional[s
         elif not _has_mask_region(event.payload.get("annotation")):
             answer = {"job": None, "training": "not counted: cancelled or no mask region"}
         else:
-            n, due = conn.eval(_COUNT, 1, _key("annotations", pid), s.train_every)
+            n, due = conn.eval(_COUNT, 1, _key("annotations", pid), s.train_every, s.result_ttl)
             if due:
                 job_id, created = enqueue_training(conn, pid, settings=s, trigger=f"{n} annotations")
                 answer = {"job": job_id, "training": f"{n} annotations: "

@@ -25,6 +25,7 @@ only when it changes.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import weakref
@@ -50,6 +51,19 @@ def _read_pointer(reg):
         return reg.pointer()
     except (OSError, ValueError):
         return None
+
+
+# An absolute path in a message: "/" after the start, a space, a quote or a bracket.
+_ABSOLUTE_PATH = re.compile(r"(?<![^\s'\"(\[])/[^\s'\":;,)\]]+")
+
+
+def _without_paths(text: str, reg) -> str:
+    """A reason for GET /versions and /health, which any client reads: the registry's files named
+    relative to the project's versions folder (p5-v002/model.safetensors), any other absolute path
+    by its file name only. The log keeps the full reason."""
+    for folder in dict.fromkeys([str(reg.versions_dir.resolve()), str(reg.versions_dir)]):
+        text = text.replace(folder + "/", "").replace(folder, "versions/")
+    return _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name, text)
 
 
 @dataclass
@@ -223,7 +237,7 @@ class ModelRouter:
                     served = self._load_version(reg, name, pointer.get("sha256") if name == wanted else None)
                 except Exception as e:
                     log.error("project %s: cannot serve version %r: %s", pid, name, e)
-                    problems.append(f"{name}: {e}")
+                    problems.append(f"{name}: {_without_paths(str(e), reg)}")
                     continue
             return served, self._note(wanted, served, problems)
         return current, self._note(wanted, current, problems)

@@ -18,7 +18,7 @@ import numpy as np
 from model.clicks import Click
 
 from .labelstudio.labelconfig import LabelConfig, parse_label_config
-from .labelstudio.masks import MaskFormatError, rle_to_mask
+from .labelstudio.masks import MaskFormatError, check_rle, rle_bytes, rle_to_mask
 
 
 class PayloadError(ValueError):
@@ -42,8 +42,9 @@ class Prompt:
     to_name: str
     clicks: list = field(default_factory=list)        # keypoints, in the order they were placed
     box: tuple | None = None                          # (x0, y0, x1, y1) continuous pixels
-    brush: np.ndarray | None = None                   # bool H x W at (orig_h, orig_w)
+    brush: np.ndarray | None = None                   # bool H x W at (orig_h, orig_w), by decode_brushes
     size: tuple | None = None                         # (original_width, original_height) sent
+    strokes: list = field(default_factory=list)       # brush RLEs (bytes, header checked), not decoded yet
 
 
 @dataclass
@@ -124,19 +125,23 @@ def _size(region: dict, max_pixels: int | None) -> tuple[int, int]:
     return w, h
 
 
-def parse_prompts(results: list, max_pixels: int | None = None, max_regions: int | None = None) -> list[Prompt]:
+def parse_prompts(results: list, max_pixels: int | None = None, max_regions: int | None = None,
+                  max_brush_pixels: int | None = None) -> list[Prompt]:
     """Group the context regions by (image, label) into prompts, in order of first appearance.
 
     Pixel coordinates here are relative to the (original_width, original_height) the region was
-    drawn on; `scale_prompt` maps them onto the image actually downloaded. Refused before any
-    decoding: regions declaring more than `max_pixels` pixels (413), more than `max_regions` smart
-    regions (each may cost a network run).
+    drawn on; `scale_prompt` maps them onto the image actually downloaded. Brush strokes are kept
+    as RLE, their headers checked: `decode_brushes` decodes them once the labels are known to be
+    valid. Refused before any decoding: regions declaring more than `max_pixels` pixels (413),
+    brush strokes declaring more than `max_brush_pixels` in all (413: each decodes to a mask of
+    the size it declares), more than `max_regions` smart regions (each may cost a network run).
     """
     smart = sum(1 for r in results if str(r.get("type") or "").lower() in SMART_TYPES)
     if max_regions is not None and smart > max_regions:
         raise PayloadError(f"{smart} smart regions (keypoints, rectangles, brush strokes) in one request, "
                            f"over MAX_CLICKS={max_regions}: delete some keypoints, or raise MAX_CLICKS")
     prompts: dict[tuple, Prompt] = {}
+    brush_pixels = 0
     for i, region in enumerate(results):
         rtype = str(region.get("type") or "").lower()
         value = region.get("value")
@@ -192,12 +197,33 @@ def parse_prompts(results: list, max_pixels: int | None = None, max_regions: int
         else:
             if value.get("format", "rle") != "rle":
                 raise PayloadError(f"brush value.format must be 'rle', got {value.get('format')!r}")
+            brush_pixels += w * h
+            if max_brush_pixels is not None and brush_pixels > max_brush_pixels:
+                raise PayloadError(f"the brush strokes of this request declare over MAX_BRUSH_PIXELS="
+                                   f"{max_brush_pixels} pixels in all (each decodes to a mask of its "
+                                   f"original_width x original_height); send fewer strokes", 413)
             try:
-                m = rle_to_mask(value.get("rle"), h, w)
+                data = rle_bytes(value.get("rle"))
+                check_rle(data, h, w)
             except MaskFormatError as e:
                 raise PayloadError(f"brush stroke of label {label!r}: {e}") from None
-            p.brush = m if p.brush is None else (p.brush | m)
+            p.strokes.append(data)
     return list(prompts.values())
+
+
+def decode_brushes(prompts: list[Prompt]) -> None:
+    """Decode each prompt's brush strokes into its one mask (`brush`, the strokes added up)."""
+    for p in prompts:
+        if not p.strokes:
+            continue
+        w, h = p.size or (0, 0)
+        mask = np.zeros((h, w), bool)
+        for data in p.strokes:
+            try:
+                rle_to_mask(data, h, w, out=mask)
+            except MaskFormatError as e:
+                raise PayloadError(f"brush stroke of label {p.label!r}: {e}") from None
+        p.brush, p.strokes = mask, []
 
 
 def _close(a: tuple, b: tuple) -> bool:

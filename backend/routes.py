@@ -114,15 +114,17 @@ def webhook_events():
 
 
 # -- errors: for every route of the app, not only this blueprint's (a 404 for an unknown path too) --
+# The message is logged, not the exception: a record that holds the exception holds its traceback,
+# whose frames hold the request body, for as long as any handler keeps the record.
 @bp.app_errorhandler(ApiError)
 def api_error(e: ApiError):
-    log.warning("%s %s -> %d: %s", request.method, request.path, e.status, e)
+    log.warning("%s %s -> %d: %s", request.method, request.path, e.status, str(e))
     return error_response(str(e), e.status)
 
 
 @bp.app_errorhandler(FetchError)
 def fetch_error(e: FetchError):
-    log.warning("%s %s -> %d: %s", request.method, request.path, e.status, e)
+    log.warning("%s %s -> %d: %s", request.method, request.path, e.status, str(e))
     return error_response(str(e), e.status)
 
 

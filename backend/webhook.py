@@ -52,6 +52,7 @@ class WebhookEvent:
 
 
 MAX_ID = 2 ** 63 - 1          # Label Studio's ids are database integers
+MAX_ACTION_CHARS = 64         # its actions are names like ANNOTATIONS_DELETED
 
 
 def _id(obj, what: str) -> Optional[int]:
@@ -72,6 +73,9 @@ def parse_event(body) -> WebhookEvent:
     action = body.get("action")
     if not isinstance(action, str) or not action:
         raise WebhookError("the webhook body has no 'action' string")
+    if len(action) > MAX_ACTION_CHARS:      # it is kept in the history (GET /webhook/events)
+        raise WebhookError(f"the 'action' is {len(action)} characters: not a Label Studio event "
+                           f"(at most {MAX_ACTION_CHARS})")
     for key, typ in REQUIRED.get(action, {}).items():
         if not isinstance(body.get(key), typ):
             raise WebhookError(f"{action} event without a '{key}' object")
@@ -102,8 +106,10 @@ def load_enqueue(spec: str) -> Optional[Callable[..., Any]]:
 
 class WebhookHandler:
     def __init__(self, enqueue: Optional[Callable[[WebhookEvent], Any]] = None,
-                 history: int = 100):
+                 history: int = 100, known: Optional[Callable[[Any], bool]] = None):
         self.enqueue = enqueue
+        # Whether a project may reach the queue (backend/projects.py); None: every project may.
+        self.known = known
         self._recent: deque = deque(maxlen=history)
         self._lock = threading.Lock()
 
@@ -117,7 +123,12 @@ class WebhookHandler:
                 answer["training"] = "no training queue configured (TRAINING_ENQUEUE)"
             else:
                 try:
-                    job = self.enqueue(event)
+                    job: Any
+                    if self.known is not None and not self.known(event.project_id):
+                        job = {"job": None, "training": f"unknown project {event.project_id}: nothing counted or "
+                                                        f"queued (Label Studio connects a project with /setup)"}
+                    else:
+                        job = self.enqueue(event)
                     if isinstance(job, dict):   # {"job": id or None, "training": what happened}
                         answer.update(job)
                         record["job"] = job.get("job")

@@ -117,7 +117,12 @@ def read_info(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: unreadable safetensors file: {e}") from e
     if META_KEY not in meta:
         raise CheckpointError(f"{path}: safetensors file without a SimClick config (metadata key {META_KEY!r})")
-    info = json.loads(meta[META_KEY])
+    try:
+        info = json.loads(meta[META_KEY])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its card is not JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: its card is a JSON {type(info).__name__}, not an object")
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {info.get('format')!r}")
     return info
@@ -127,20 +132,34 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, ModelConfig, dict]:
     """-> (state_dict in fp32, ModelConfig, info)."""
     path = Path(path)
     info = read_info(path)
-    config = ModelConfig.from_dict(info["model"])
+    if "model" not in info:
+        raise CheckpointError(f"{path}: its card has no 'model' (the network's config)")
+    try:
+        config = ModelConfig.from_dict(info["model"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: bad model config in its card: {e}") from None
     state = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            t = f.get_tensor(k)
-            state[k] = t.float() if t.is_floating_point() else t
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                state[k] = t.float() if t.is_floating_point() else t
+    except Exception as e:        # safetensors' own error types: a truncated or corrupt file
+        raise CheckpointError(f"{path}: unreadable tensors: {e}") from None
     return state, config, info
 
 
 def build_model(path: str | os.PathLike):
     """Load a checkpoint into a fresh InteractiveSegNet (strict: every tensor must match)."""
     state, config, info = load_checkpoint(path)
-    net = InteractiveSegNet(config, pretrained=False)
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        net = InteractiveSegNet(config, pretrained=False)
+    except (RuntimeError, ValueError) as e:      # a config the network cannot be built from
+        raise CheckpointError(f"{path}: cannot build its network: {e}") from None
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:     # a tensor of another shape than the config's
+        raise CheckpointError(f"{path}: weights do not match the config: {str(e).strip().splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the config: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")

@@ -57,11 +57,34 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"the model config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        check_types(cls, d, "model config")
         d = dict(d)
         if "aspp_rates" in d:
             d["aspp_rates"] = tuple(d["aspp_rates"])
         return cls(**d)
+
+
+def check_types(cls, values: dict, what: str) -> None:
+    """Each value has the type of its field's default (an int passes for a float, a list of ints for
+    a tuple): a card read from a file is checked before anything is built from it ("384" as an
+    input size failed deep inside the network's constructor)."""
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        v, want = values[f.name], type(f.default)
+        if want is tuple:
+            ok = isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+        elif want is bool:
+            ok = isinstance(v, bool)
+        elif want in (int, float):
+            ok = isinstance(v, (int, float) if want is float else int) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, want)
+        if not ok:
+            raise ValueError(f"{what} {f.name!r} must be {want.__name__}, got {v!r}")

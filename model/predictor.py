@@ -23,9 +23,9 @@ import torch
 
 from . import focus
 from .box_seed import deepest_point, grabcut_seed
-from .checkpoint import build_model, file_sha256, resolve
+from .checkpoint import CheckpointError, build_model, file_sha256, resolve
 from .clicks import Click
-from .config import ModelConfig
+from .config import ModelConfig, check_types
 from .fold import fold_batchnorm
 from .guided_filter import guided_filter
 from .images import to_rgb8
@@ -106,7 +106,14 @@ class Predictor:
         # The card's "predictor" entry holds the inference settings chosen for these weights (on the
         # validation split); explicit options override them.
         known = {f.name for f in fields(PredictorOptions)}
-        chosen = {k: v for k, v in (info.get("predictor") or {}).items() if k in known}
+        card = info.get("predictor") or {}
+        if not isinstance(card, dict):
+            raise CheckpointError(f"{path}: the card's 'predictor' is not an object")
+        chosen = {k: v for k, v in card.items() if k in known}
+        try:
+            check_types(PredictorOptions, chosen, "the card's predictor option")
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         return cls(net, info, device=device, options=PredictorOptions(**{**chosen, **options}))
 
     def with_options(self, **changes) -> "Predictor":

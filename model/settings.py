@@ -131,6 +131,10 @@ FETCH_TIMEOUT = _declare(
     "seconds one image download may take in all: connect, redirects, token exchange and body")
 MAX_IMAGE_BYTES = _declare("MAX_IMAGE_BYTES", int, str(64 * 2**20), _BOTH, "largest image download, bytes")
 MAX_IMAGE_PIXELS = _declare("MAX_IMAGE_PIXELS", int, "50000000", _BOTH, "largest image, width x height")
+MAX_BRUSH_PIXELS = _declare(
+    "MAX_BRUSH_PIXELS", int, "100000000", _BACKEND,
+    "most pixels the brush strokes of one /predict may declare in all (original_width x original_height "
+    "of each: a stroke decodes to a mask of that size); more is a 413 before any is decoded")
 MAX_CONTENT_LENGTH = _declare(
     "MAX_CONTENT_LENGTH", int, str(32 * 2**20), _BACKEND,
     "largest request body, bytes (brush strokes of big images arrive as RLE)")

@@ -97,3 +97,63 @@ def label_studio_pat(label_studio_server):
     r = label_studio_server.api("POST", "/api/token/")
     assert r.status_code == 201, f"cannot create a personal access token: {r.status_code} {r.text[:300]}"
     return r.json()["token"]
+
+
+# -- shared by the security tests (test_security_*) -------------------------------------------------
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small convolutions on one thread: two threads on busy cores spin-wait for each other (a
+    64-px pass took 0.9 s instead of 25 ms). Restored after the module that asked for it."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_predictor(tiny_checkpoint):
+    """The small real model, coarse pass only at 64 px: the security tests are about what the
+    backend does around the model, and the machine running them may be busy."""
+    from model.predictor import Predictor
+    return Predictor.load(str(tiny_checkpoint), coarse_size=64, refine=False)
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def trim() -> None:
+    """Hand the memory this process has freed back to the system (glibc's malloc_trim), so that the
+    RSS counts what is held: freed memory the allocator kept would absorb a new allocation unseen."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def kept_mb(fn) -> float:
+    """How much more RSS this process holds after fn() than before it (MB)."""
+    trim()
+    before = rss_mb()
+    fn()
+    trim()
+    return rss_mb() - before
+
+
+def peak_growth_mb(fn):
+    """(fn(), how far this process's peak RSS rose above its RSS while fn ran, in MB). The peak is
+    reset first (Linux: 5 > /proc/self/clear_refs), so what earlier tests allocated does not count."""
+    trim()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = rss_mb()
+    result = fn()
+    return result, _status_mb("VmHWM") - before

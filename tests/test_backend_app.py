@@ -238,7 +238,9 @@ def test_setup_token_is_the_fallback(predictor, server):
     setup.update(hostname=server.url, access_token=server.legacy_token)
     assert c.post("/setup", json=setup).status_code == 200
     backend = c.application.extensions["simclick"]
-    img = backend.image("/data/upload/1/img.jpg", backend.setups[setup["project"]])
+    info = backend.setups.get(setup["project"])
+    url = "/data/upload/1/img.jpg"
+    img = backend.image(backend.fetcher.cache_key(url, info, setup["project"]), url, info)
     assert img.shape[2] == 3 and server.requests[-1][2] == f"Token {server.legacy_token}"
 
 
@@ -346,6 +348,7 @@ def test_batch_predict_returns_no_prediction(predictor, server):
 def test_webhooks_replayed(predictor):
     ENQUEUED.clear()
     c = make_app(predictor, training_enqueue=f"{__name__}:record_enqueue").test_client()
+    assert c.post("/setup", json=capture("007_POST_setup.json")["body"]).status_code == 200   # project 1
     r = c.post("/webhook", json=capture("016_POST_webhook_ANNOTATION_CREATED.json")["body"])
     assert r.status_code == 200 and r.get_json()["job"] == "job-1"
     r = c.post("/webhook", json=capture("017_POST_webhook_START_TRAINING.json")["body"])

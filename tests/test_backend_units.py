@@ -16,7 +16,7 @@ from backend.engine import ByteCache, Frame, Segmenter, brush_clicks, common_pre
 from backend.labelstudio.fetch import FetchError, ImageFetcher, LabelStudioAuth, SetupInfo, _jwt_payload, origin
 from backend.labelstudio.labelconfig import LabelConfigError, parse_label_config
 from backend.labelstudio.masks import mask_to_polygons, mask_to_rle, polygon_to_mask, rle_to_mask
-from backend.payload import Click, PayloadError, parse_predict, parse_prompts, scale_prompt
+from backend.payload import Click, PayloadError, decode_brushes, parse_predict, parse_prompts, scale_prompt
 from backend.webhook import WebhookError, WebhookHandler, parse_event
 from model.settings import SettingError, help_text
 
@@ -160,6 +160,8 @@ def test_parse_rectangle_brush_and_grouping():
     prompts = {p.label: p for p in parse_prompts(results)}
     assert set(prompts) == {"Cat", "Dog"}
     cat = prompts["Cat"]
+    assert cat.brush is None and len(cat.strokes) == 1           # decoded once the labels are checked
+    decode_brushes(list(prompts.values()))
     assert cat.clicks == [Click(19.5, 19.5, False), Click(99.5, 49.5, True)]
     assert np.array_equal(cat.brush, stroke)
     assert prompts["Dog"].box == (50.0, 10.0, 150.0, 50.0)

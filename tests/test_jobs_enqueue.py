@@ -65,6 +65,13 @@ def train_event(project=5, stamp="2026-03-01T10:00:00Z"):
     return body
 
 
+def connect_projects(c, *ids):
+    """Label Studio connects a project with /setup; webhooks of other projects queue nothing."""
+    for pid in ids:
+        body = dict(capture("007_POST_setup.json"), project=f"{pid}.1795584533")
+        assert c.post("/setup", json=body).status_code == 200
+
+
 def queued_ids(conn):
     from rq import Queue
     return Queue(QUEUE, connection=conn).job_ids
@@ -80,6 +87,7 @@ def test_default_enqueue_follows_redis_url():
 def test_same_delivery_twice_is_one_job_and_triggers_fold(rdb, predictor, tmp_path):
     url, conn = rdb
     c = make_app(predictor, tmp_path, redis_url=url).test_client()
+    connect_projects(c, 5, 6)
     t0 = time.perf_counter()
     r1 = c.post("/webhook", json=train_event())
     fast = time.perf_counter() - t0
@@ -115,6 +123,7 @@ def test_same_delivery_twice_is_one_job_and_triggers_fold(rdb, predictor, tmp_pa
 def test_every_n_annotations_enqueues(rdb, predictor, tmp_path):
     url, conn = rdb
     c = make_app(predictor, tmp_path, redis_url=url, train_every_n_annotations=3).test_client()
+    connect_projects(c, 5)
     answers = [c.post("/webhook", json=annotation_event(i)).get_json() for i in (1, 2)]
     assert [a["job"] for a in answers] == [None, None]
     assert [a["training"] for a in answers] == ["1/3 annotations until the next fine-tuning",

@@ -1,11 +1,13 @@
-"""Fuzz /predict and /webhook (issue 11): whatever the body, the answer is never a 5xx (Redis is up,
-the images are local), the server stays up, and its memory stays flat.
+"""Fuzz /predict and /webhook (issues 11, 22): whatever the body, the answer is never a 5xx (Redis is
+up, the images are local), the server stays up, and its memory stays flat.
 
 Hypothesis mutates real Label Studio bodies (keypoints, a smart rectangle, a brush stroke, a batch
-request, the captured webhooks): 1-3 values anywhere in the tree are replaced by random JSON or by
-values known to hurt (huge and negative numbers, NaN, paths out of /data, broken URLs, sizes over the
-limits). Derandomized (a fixed seed), no example database: the same run on every machine. The real
-app with a small real model and the real Redis (db 14) behind /webhook.
+request, the captured webhooks, bodies with several regions and labels, images in every format the
+backend reads and some it refuses: ICO, an ICO hiding a PNG over the limit, 16-bit and float TIFF,
+16-bit PNG, animated GIF and WebP, ICNS): 1-3 values anywhere in the tree are replaced by random
+JSON or by values known to hurt (huge and negative numbers, NaN, paths out of /data, broken URLs,
+sizes over the limits, those images). Derandomized (a fixed seed), no example database: the same run
+on every machine. The real app with a small real model and the real Redis (db 14) behind /webhook.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from backend.app import create_app
 from backend.bench import keypoint, predict_body
 from backend.config import Config
 from backend.labelstudio.masks import mask_to_rle
+from backend.membench import data_uri, ico_bomb
 
 FIX = Path(__file__).parent / "fixtures" / "labelstudio"
 REDIS_DB = 14
@@ -44,6 +47,33 @@ def _uri() -> str:
 URI = _uri()
 
 
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _image_uris() -> list:
+    """The 128x96 test image in the formats an attacker would pick, and an ICO bomb."""
+    rgb = Image.open(io.BytesIO(base64.b64decode(URI.split(",", 1)[1]))).convert("RGB")
+    ramp16 = Image.fromarray((np.arange(W * H).reshape(H, W) * 5).astype(np.uint16))
+    floats = Image.fromarray(np.linspace(0, 1, W * H, dtype=np.float32).reshape(H, W), "F")
+    frames = [rgb, rgb.rotate(180)]
+    files = [_encoded(rgb, "ICO", sizes=[(W, H)]), ico_bomb(8000), _encoded(ramp16, "TIFF"),
+             _encoded(floats, "TIFF"), _encoded(ramp16, "PNG"), _encoded(rgb, "ICNS"),
+             _encoded(rgb, "GIF", save_all=True, append_images=frames[1:]),
+             _encoded(rgb, "WEBP", save_all=True, append_images=frames[1:], lossless=True)]
+    return [data_uri(f, "image/x") for f in files]
+
+
+IMAGES = _image_uris()
+TWO_LABELS = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
+              '<Label value="Object"/><Label value="Other"/></BrushLabels><KeyPointLabels name="kp" '
+              'toName="image" smart="true"><Label value="Object"/><Label value="Other"/></KeyPointLabels>'
+              '<RectangleLabels name="rect" toName="image" smart="true"><Label value="Object"/>'
+              '<Label value="Other"/></RectangleLabels></View>')
+
+
 def _capture(name):
     return json.loads((FIX / name).read_text())["body"]
 
@@ -59,9 +89,17 @@ def _predict_bodies() -> list:
              "value": {"format": "rle", "rle": mask_to_rle(stroke), "brushlabels": ["Object"]}}
     batch = predict_body(1, URI, [])
     batch["params"]["context"] = None
+    other = copy.deepcopy(brush)
+    other["value"]["brushlabels"] = ["Other"]
+    several = predict_body(1, URI, [keypoint(64, 50, W, H), keypoint(20, 20, W, H, i=1, label="Other"),
+                                    rect, other, keypoint(70, 40, W, H, False, 2)])
+    several["label_config"] = TWO_LABELS
+    strokes = predict_body(1, URI, [brush, copy.deepcopy(brush), other])
+    strokes["label_config"] = TWO_LABELS
     return [predict_body(1, URI, [keypoint(64, 50, W, H), keypoint(70, 40, W, H, False, 1)]),
-            predict_body(1, URI, [rect]), predict_body(1, URI, [brush]), batch,
-            _capture("012_POST_predict_interactive.json")]
+            predict_body(1, URI, [rect]), predict_body(1, URI, [brush]), batch, several, strokes,
+            _capture("012_POST_predict_interactive.json")] + \
+        [predict_body(1, uri, [keypoint(64, 50, W, H)]) for uri in IMAGES]
 
 
 def _webhook_bodies() -> list:
@@ -75,7 +113,7 @@ NUMBERS = [-1, 0, 1, 2 ** 63, 10 ** 100, 10 ** 400, -10 ** 400, 1e308, -0.0, 1e-
 URLS = ["", "é" * 40, "\x00", "../../etc/passwd", "/data/../api/projects/", "/data/upload/%2e%2e/api/",
         "/data/local-files/?d=../../etc/passwd", "http://127.0.0.1:9/x.png", "http://h:1:2/",
         "http://a\\@127.0.0.1:9/", "http://u:p@127.0.0.1:9/", "file:///etc/passwd", "data:image/png;base64,!!!",
-        "data:,x", "s3://b/k.png", "/dev/zero", "http://[::1/", "ftp://127.0.0.1/x"]
+        "data:,x", "s3://b/k.png", "/dev/zero", "http://[::1/", "ftp://127.0.0.1/x"] + IMAGES
 OTHER = [[], {}, [[[[]]]], [0, 0, 0, 16, 255], list(range(300)), "keypointlabels", "brushlabels",
          "rectanglelabels", "rle", "START_TRAINING", "ANNOTATION_CREATED"]
 NASTY = st.sampled_from(NUMBERS + URLS + OTHER)
@@ -146,7 +184,12 @@ def app(tiny_checkpoint, tmp_path_factory):
     cfg = Config.from_env({"REDIS_URL": f"redis://127.0.0.1:6379/{REDIS_DB}", "TRAINING_QUEUE": "simclick-test-fuzz",
                            "DATA_DIR": str(tmp_path_factory.mktemp("fuzz")), "SESSION_CACHE_MB": "32",
                            "IMAGE_CACHE_MB": "16", "FETCH_TIMEOUT": "2"})
-    yield create_app(cfg, Predictor.load(str(tiny_checkpoint), coarse_size=64, refine=False))
+    app = create_app(cfg, Predictor.load(str(tiny_checkpoint), coarse_size=64, refine=False))
+    # Label Studio connects project 1 (the captures'): its training webhooks reach the queue. (No
+    # hostname: the images stay local.)
+    setup = dict(json.loads((FIX / "007_POST_setup.json").read_text())["body"], hostname="", access_token="")
+    assert app.test_client().post("/setup", json=setup).status_code == 200
+    yield app
     conn.flushdb()
 
 

@@ -180,6 +180,32 @@ def test_download_has_a_total_deadline(predictor, body_first):
     assert took < 4.0, f"the download held the request {took:.1f} s with FETCH_TIMEOUT=1.5"
 
 
+def _labels_config(n: int) -> str:
+    labels = "".join(f'<Label value="L{i}"/>' for i in range(n))
+    return (f'<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">{labels}'
+            f'</BrushLabels><KeyPointLabels name="kp" toName="image" smart="true">{labels}</KeyPointLabels></View>')
+
+
+def test_predict_timeout_holds_across_labels(predictor):
+    """The attack: PREDICT_TIMEOUT=5 and one request of 100 labels x 1 keypoint answered 200 after
+    14.3 s: the deadline was checked between the clicks of a label, never between labels. Here the
+    deadline passes at once: one label runs (a request always makes progress), then 503, and each
+    retry runs one more label from where the last one stopped."""
+    c = client(predictor, predict_timeout=0.001)
+    sessions = c.application.extensions["simclick"].sessions
+    body = predict_body(1, URI, [keypoint(10 + i, 10 + i % 50, W, H, i=i, label=f"L{i}") for i in range(100)])
+    body["label_config"] = _labels_config(100)
+    statuses = []
+    for attempt in range(1, 101):
+        r = c.post("/predict", json=body)
+        statuses.append(r.status_code)
+        assert len(sessions) == attempt, f"request {attempt} ran {len(sessions)} labels in all"
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and "PREDICT_TIMEOUT" in r.get_json()["error"], r.get_json()
+    assert statuses == [503] * 99 + [200]
+
+
 def test_predict_has_a_time_budget_and_keeps_its_progress(predictor):
     c = client(predictor, predict_timeout=0.001)
     kps = [keypoint(10 + 5 * i, 20 + 3 * i, W, H, i=i) for i in range(5)]
@@ -354,6 +380,27 @@ def test_fifo_under_local_files_root_does_not_block(predictor, tmp_path):
         t.join(5)
         pytest.fail("reading a FIFO under LOCAL_FILES_ROOT blocked the request thread")
     assert out["r"].status_code == 400 and "regular file" in out["r"].get_json()["error"]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_directory_under_local_files_root_is_400_and_leaks_no_fd(predictor, tmp_path):
+    """The attack: an image URL naming a directory under LOCAL_FILES_ROOT answered 500 and leaked a
+    file descriptor per request (after ~122 of them under `ulimit -n 128` every image failed)."""
+    root = tmp_path / "files"
+    (root / "sub").mkdir(parents=True)
+    c = client(predictor, local_files_root=root)
+    urls = ["/data/local-files/?d=", "/data/local-files/?d=sub", f"file://{root}/sub/", str(root / "sub")]
+    for url in urls:                                   # one of each first: the lazy imports open files
+        predict(c, url)
+    before = _open_fds()
+    for _ in range(10):
+        for url in urls:
+            r = predict(c, url)
+            assert r.status_code == 400 and "regular file" in r.get_json()["error"], (url, r.get_json())
+    assert _open_fds() == before, f"{_open_fds() - before} file descriptors leaked in 40 requests"
 
 
 def test_forbidden_local_path_does_not_show_the_root(predictor, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -194,3 +195,82 @@ def test_restart_with_a_corrupt_promoted_version_serves_the_last_good_one(projec
     c = app_for(project, predictor).test_client()
     assert served_weights(c) == predictor.version
     assert "p5-v002" in c.get("/versions?project=5").get_json()["fallback"]
+
+
+# -- issue 22, item 11: a malformed card is a clean error; the fallback note shows no server paths -----
+def malformed(tiny_checkpoint, dest, how: str):
+    """A copy of the tiny checkpoint with its card (or one tensor) broken in one way."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_checkpoint), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        card = json.loads(f.metadata()["simclick"])
+    if how == "json-list":
+        meta = json.dumps([card])
+    elif how == "no-model":
+        meta = json.dumps({k: v for k, v in card.items() if k != "model"})
+    elif how == "input-size-string":
+        meta = json.dumps(dict(card, model=dict(card["model"], input_size="384")))
+    else:                                         # a tensor of the wrong shape, the card intact
+        name = next(k for k, t in tensors.items() if t.ndim == 4)
+        tensors[name] = torch.zeros(3, 3)
+        meta = json.dumps(card)
+    save_file(tensors, str(dest), metadata={"simclick": meta})
+    return dest
+
+
+CARDS = ["json-list", "no-model", "input-size-string", "wrong-shape"]
+
+
+@pytest.mark.parametrize("how", CARDS)
+def test_a_malformed_card_in_model_checkpoint_is_a_clean_error(tiny_checkpoint, tmp_path, monkeypatch, capsys, how):
+    """The attack: MODEL_CHECKPOINT naming such a file exited with a raw traceback (rc 1) instead of
+    the rc-2 "cannot load the model" message (as registry versions, the same files fell back cleanly)."""
+    from backend.__main__ import main
+    from model.checkpoint import CheckpointError
+    from model.predictor import Predictor
+
+    path = malformed(tiny_checkpoint, tmp_path / f"{how}.safetensors", how)
+    with pytest.raises(CheckpointError, match=str(path)):
+        Predictor.load(str(path))
+    monkeypatch.setenv("MODEL_CHECKPOINT", str(path))
+    assert main(["--port", "0"]) == 2                 # never serves: the load fails first
+    err = capsys.readouterr().err
+    assert "cannot load the model" in err and "Traceback" not in err, err
+
+
+def test_the_cli_exits_2_on_a_malformed_card(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    path = malformed(tiny_checkpoint, tmp_path / "list.safetensors", "json-list")
+    env = dict(os.environ, MODEL_CHECKPOINT=str(path), MODEL_REGISTRY="off")
+    p = subprocess.run([sys.executable, "-m", "backend", "--port", "0"], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 2 and "cannot load the model" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_the_fallback_note_names_versions_not_paths(project, predictor, ckpts, tiny_checkpoint, tmp_path):
+    """GET /versions (and /health) said why the promoted version is not served, with the absolute
+    path of its file on the server, to any client."""
+    v2 = project.add("p5-v002", private(ckpts["p5-v002"], project.root.parent), parent="p5-v001")
+    project.promote(v2.name)
+    for broken in ("pickle", "wrong-shape"):
+        v2.checkpoint.chmod(0o644)
+        if broken == "pickle":
+            v2.checkpoint.write_bytes(b"\x80\x04corrupt")
+        else:
+            malformed(tiny_checkpoint, v2.checkpoint, "wrong-shape")
+        sha = file_sha256(v2.checkpoint)              # registered as it is now: it passes the hashes
+        (v2.path / "version.json").write_text(json.dumps(dict(v2.info, sha256=sha)))
+        write_pointer(project, dict(project.pointer(), sha256=sha))
+        c = app_for(project, predictor).test_client()
+        assert served_weights(c) == "p5-v001"
+        note = c.get("/versions?project=5").get_json()["fallback"]
+        shown = json.dumps(c.get("/health").get_json()["projects"])
+        for text in (note, shown):
+            assert "p5-v002" in text and "p5-v001" in text, text
+            assert str(tmp_path) not in text and str(project.root) not in text, text
+            assert not re.search(r"(^|[\s'\"(])/[\w.-]+/", text), text

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
+import hashlib
 import json
 import logging
 import os
@@ -36,10 +36,9 @@ from urllib.parse import parse_qs, unquote, urljoin, urlsplit
 import numpy as np
 import requests
 import urllib3
-from PIL import Image
 
-from model.images import ImageError, load_image
-
+from .. import imagecheck
+from ..bytecache import ByteCache
 from .urls import Target, UrlError, ls_file_path, parse_http_url, short
 
 log = logging.getLogger(__name__)
@@ -258,10 +257,15 @@ class SetupInfo:
     access_token: str = ""
 
 
+# Credentials in use, one per (server, key): a /setup brings its own, so their number is bounded
+# in bytes (the least recently used is dropped; a personal access token is then exchanged again).
+AUTHS_BYTES = 2**20
+
+
 class ImageFetcher:
     def __init__(self, config):
         self.cfg = config
-        self._auths: dict[tuple[str, str], LabelStudioAuth] = {}
+        self._auths = ByteCache(AUTHS_BYTES)
         self._lock = threading.Lock()
         self.local_root = Path(config.local_files_root).resolve() if config.local_files_root else None
         self.ls_base = parse_http_url(config.label_studio_url) if config.label_studio_url else None
@@ -270,6 +274,18 @@ class ImageFetcher:
     def fetch(self, url: str, setup: SetupInfo | None = None) -> np.ndarray:
         """Return the image at a task's data URL as H x W x 3 uint8 RGB (EXIF applied)."""
         return self.decode(self.fetch_bytes(url, setup), url)
+
+    def cache_key(self, url, setup: SetupInfo | None, project: str) -> str:
+        """The key of `url`'s image (and of its click sessions) in the caches: a hash of the URL
+        and of what decides which bytes it gives. A project's /setup decides that (its hostname
+        is the server of Label Studio paths, its token the credential), except when
+        LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY are both set: then the key also holds the project
+        and the server its /setup named, and one project's /setup cannot fill another's cache."""
+        parts = [str(url)]
+        if setup is not None and (setup.hostname or setup.access_token) \
+                and not (self.ls_base is not None and self.cfg.label_studio_api_key):
+            parts += [project, setup.hostname]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def fetch_bytes(self, url: str, setup: SetupInfo | None = None) -> bytes:
         if not isinstance(url, str) or not url.strip():
@@ -300,27 +316,16 @@ class ImageFetcher:
         return self._http_get(parse(url, url), setup, url)
 
     def decode(self, data: bytes, url: str) -> np.ndarray:
-        limit = self.cfg.max_image_pixels
+        """The image, refused (413) before decoding when its real frame is over MAX_IMAGE_PIXELS
+        (backend/imagecheck.py)."""
         try:
-            with Image.open(io.BytesIO(data)) as pil:
-                w, h = pil.size
-        except Image.DecompressionBombError:
-            raise FetchError(f"image {short(url)} is over MAX_IMAGE_PIXELS={limit} pixels (its header "
-                             f"claims hundreds of millions); downscale it", 413) from None
-        except Exception as e:  # Pillow raises many types on non-images
-            raise FetchError(f"{short(url)} is not an image Pillow can read ({type(e).__name__}: {e}); "
-                             f"check that the URL points at the image file, not a web page", 422) from None
-        if w * h > limit:
-            raise FetchError(f"image {short(url)} is {w}x{h} = {w * h} pixels, over MAX_IMAGE_PIXELS="
-                             f"{limit}; downscale it or raise the limit", 413)
-        try:
-            return load_image(data)
-        except ImageError as e:
-            raise FetchError(f"cannot decode image {short(url)}: {e}", 422) from None
+            return imagecheck.decode(data, self.cfg.max_image_pixels)
+        except imagecheck.ImageRefused as e:
+            raise FetchError(f"image {short(url)} {e}", e.status) from None
 
     def secrets(self) -> list[str]:
         out = []
-        for a in list(self._auths.values()):
+        for a in self._auths.values():
             out += a.secrets()
         return out
 
@@ -376,9 +381,11 @@ class ImageFetcher:
     def _auth(self, base: Target, key: str, source: str) -> LabelStudioAuth:
         with self._lock:
             k = (base.url.rstrip("/"), key)
-            if k not in self._auths:
-                self._auths[k] = LabelStudioAuth(base.url, key, source)
-            return self._auths[k]
+            auth = self._auths.get(k)
+            if auth is None:
+                auth = LabelStudioAuth(base.url, key, source)
+                self._auths.put(k, auth, len(k[0]) + len(k[1]) + 2048)   # + an access token, the object
+            return auth
 
     # -- transports ------------------------------------------------------------------------------
     def _http_get(self, target: Target, setup: SetupInfo | None, shown: str) -> bytes:
@@ -515,14 +522,26 @@ class ImageFetcher:
             raise FetchError(f"no permission to read local image {short(shown)!r}", 403) from None
         except OSError as e:
             raise FetchError(f"cannot open local image {short(shown)!r} ({e.strerror})", 400) from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
+        # The descriptor is closed on every way out: a directory opens fine with O_RDONLY, and
+        # os.fdopen refusing it (IsADirectoryError) left the descriptor open, one per request.
+        try:
+            st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise FetchError(f"local image path {short(shown)!r} is not a regular file", 400)
             if st.st_size > self.cfg.max_image_bytes:
                 raise FetchError(f"image {short(shown)} is {st.st_size} bytes, over MAX_IMAGE_BYTES="
                                  f"{self.cfg.max_image_bytes}", 413)
-            return f.read(self.cfg.max_image_bytes + 1)
+            data = bytearray()
+            while len(data) <= self.cfg.max_image_bytes:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) > self.cfg.max_image_bytes:       # it grew after the fstat
+                raise FetchError(f"image {short(shown)} is over MAX_IMAGE_BYTES={self.cfg.max_image_bytes}", 413)
+            return bytes(data)
+        finally:
+            os.close(fd)
 
     def _data_uri(self, url: str) -> bytes:
         head, _, data = url.partition(",")

@@ -10,9 +10,18 @@ can have distinct button texts and still name the same object.
 """
 from __future__ import annotations
 
-import functools
+import hashlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+
+from ..bytecache import ByteCache
+
+# Parsed configs, by the XML's hash (every /predict carries its project's config). Bounded in bytes:
+# a parsed config holds at most ~4 bytes per byte of its XML (a label "a" is 18 characters of XML
+# and a ~60-byte str in a tuple); one over the whole budget is parsed for each request, not kept.
+PARSED_BYTES = 16 * 2**20
+BYTES_PER_XML_CHAR = 4
+_parsed = ByteCache(PARSED_BYTES)
 
 
 class LabelConfigError(ValueError):
@@ -72,10 +81,18 @@ def _bool(v: str | None) -> bool:
     return (v or "").strip().lower() in ("true", "1", "yes")
 
 
-@functools.lru_cache(maxsize=64)
 def parse_label_config(xml: str) -> LabelConfig:
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError("empty label config")
+    key = hashlib.sha256(xml.encode("utf-8", "surrogatepass")).hexdigest()
+    config = _parsed.get(key)
+    if config is None:
+        config = _parse(xml)
+        _parsed.put(key, config, BYTES_PER_XML_CHAR * len(xml))
+    return config
+
+
+def _parse(xml: str) -> LabelConfig:
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
