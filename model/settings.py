@@ -247,6 +247,12 @@ FINETUNE_REHEARSAL = _declare(
 FINETUNE_FREEZE_BN = _declare(
     "FINETUNE_FREEZE_BN", bool, "true", _WORKER,
     "every BatchNorm keeps the parent's statistics (the project's images would otherwise replace them)")
+FINETUNE_DISTILL = _declare(
+    "FINETUNE_DISTILL", float, "1.0", _WORKER,
+    "weight of the parent's answers as a target on the rehearsal samples (distillation); 0 = off")
+FINETUNE_INTERPOLATE = _declare(
+    "FINETUNE_INTERPOLATE", float, "0.5", _WORKER,
+    "the candidate is parent + this x (trained - parent) (weight-space ensembling, WiSE-FT); 1 = the trained weights")
 FINETUNE_L2SP = _declare(
     "FINETUNE_L2SP", float, "0", _WORKER,
     "per step, this share of every weight's distance to the parent's is taken back (L2-SP); 0 = off")

@@ -146,3 +146,23 @@ def test_rehearsal_samples_learn_the_teachers_answers(tmp_path):
     assert all(not p.requires_grad for p in teacher.parameters())
     with pytest.raises(ValueError, match="distill needs"):
         build_teacher(_tiny(tmp_path, distill=1.0), torch.device("cpu"))
+
+
+def test_interpolated_weights_lie_between_the_parent_and_the_trained_model():
+    from training.train import interpolated
+
+    init = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    trained = {"w": torch.tensor([2.0, 4.0, -2.0]), "n": torch.tensor(7)}
+    mixed = interpolated(init, trained, 0.5)
+    assert torch.equal(mixed["w"], torch.tensor([1.0, 2.0, -1.0])) and int(mixed["n"]) == 7
+    assert torch.equal(interpolated(init, trained, 1.0)["w"], trained["w"])
+
+
+def test_finetune_settings_refuse_distillation_without_rehearsal():
+    from backend.finetune import FinetuneSettings
+
+    with pytest.raises(ValueError, match="FINETUNE_DISTILL > 0 needs FINETUNE_REHEARSAL"):
+        FinetuneSettings.from_env({}, rehearsal=0.0)
+    assert FinetuneSettings.from_env({}, rehearsal=0.0, distill=0.0).interpolate == 0.5
+    with pytest.raises(ValueError, match="FINETUNE_INTERPOLATE"):
+        FinetuneSettings.from_env({"FINETUNE_INTERPOLATE": "0"})

@@ -147,7 +147,7 @@ def test_a_second_job_on_the_same_parent_reuses_its_evaluations(tmp_path, tiny_c
     settings = FinetuneSettings(steps=1, batch_size=2, crop_size=128, checkpoint_every=1, warmup_steps=1,
                                 max_sim_rounds=0, bench_datasets="GrabCut", bench_limit=1, eval_coarse_size=128,
                                 threads=1, eval_workers=1, min_train=2, min_holdout=1, holdout_fraction=0.2,
-                                min_holdout_gain=100.0, rehearsal=0.0, seed=0)     # never promoted: same parent
+                                min_holdout_gain=100.0, rehearsal=0.0, distill=0.0, seed=0)   # never promoted
     details = []
     for n in (1, 2):
         result = run_finetune(5, f"job-{n}", settings, export=str(export), registry_root=str(tmp_path / "registry"),

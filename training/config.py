@@ -61,6 +61,8 @@ class TrainConfig:
     freeze_bn: bool = False                            # every BatchNorm on its running statistics (head too)
     distill: float = 0.0                               # rehearsal samples also learn the initial model's
                                                        # answers (its probabilities), with this weight
+    interpolate: float = 1.0                           # exported weights: init + interpolate x (trained -
+                                                       # init) (WiSE-FT; 1 = the trained weights)
     l2sp: float = 0.0                                  # per step at the peak rate, this fraction of every
                                                        # weight's distance to its initial value is taken
                                                        # back (L2-SP, decoupled; 0 = off)

@@ -184,6 +184,13 @@ def pull_toward(net, anchors: Dict[str, torch.Tensor], fraction: float) -> None:
             p.lerp_(anchors[name], fraction)
 
 
+def interpolated(init: Dict[str, torch.Tensor], trained: Dict[str, torch.Tensor], alpha: float) -> Dict[str, torch.Tensor]:
+    """init + alpha x (trained - init) for every floating tensor (weight-space ensembling, WiSE-FT:
+    a fine-tuned model mixed with the one it started from keeps more of what that one knew, at a
+    part of the gain). Integer buffers (BatchNorm's batch counter) are the trained ones."""
+    return {k: torch.lerp(init[k], v, alpha) if v.is_floating_point() else v for k, v in trained.items()}
+
+
 def _zero_rgb_grad(grad: torch.Tensor) -> torch.Tensor:
     grad = grad.clone()
     grad[:, :3] = 0
@@ -405,6 +412,7 @@ def inherited_card(cfg: TrainConfig) -> dict:
 def card(cfg: TrainConfig, mixture, step: int, seconds: float, device, metrics: dict | None) -> dict:
     return {
         **inherited_card(cfg),
+        **({"interpolated": {"alpha": cfg.interpolate, "init": cfg.init_checkpoint}} if cfg.interpolate < 1 else {}),
         "version": cfg.version or f"{Path(cfg.out_dir).name}-s{step}",
         "training": {
             "config": cfg.to_dict(), "steps": step, "hours": round(seconds / 3600, 3),
@@ -489,6 +497,11 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distrib
     # L2-SP: the initial weights (also on resume: build_net loads the same init_checkpoint)
     anchors = {n: p.detach().clone() for n, p in net.named_parameters()} if cfg.l2sp > 0 else {}
     teacher = build_teacher(cfg, device) if cfg.distill > 0 else None
+    if not 0 < cfg.interpolate <= 1:
+        raise ValueError(f"interpolate must be in (0, 1], not {cfg.interpolate}")
+    # WiSE-FT: the initial weights, to export init + interpolate x (trained - init)
+    init_state = ({k: v.detach().clone() for k, v in net.state_dict().items()}
+                  if cfg.interpolate < 1 and cfg.init_checkpoint else None)
     optimizer = build_optimizer(cfg, net)
     mixture = build_mixture(cfg)
     state_path = out / "state.safetensors"
@@ -527,12 +540,16 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device, dctx: distrib
         plot_losses(log_path, out / "loss.png")
 
     def export(step: int, metrics: dict | None, name: str) -> Path:
-        return save_checkpoint(out / name, net.state_dict(), net.config,
-                               card(cfg, mixture, step, elapsed, device, metrics))
+        state = net.state_dict() if init_state is None else interpolated(init_state, net.state_dict(), cfg.interpolate)
+        return save_checkpoint(out / name, state, net.config, card(cfg, mixture, step, elapsed, device, metrics))
 
     def run_validation(step: int) -> dict:
         nonlocal best
-        metrics = validate(net, card(cfg, mixture, step, elapsed, device, None), val_samples, device)
+        model = net
+        if init_state is not None:      # validate what is exported: the interpolated weights
+            model = plain_copy(net, device)
+            model.load_state_dict(interpolated(init_state, net.state_dict(), cfg.interpolate))
+        metrics = validate(model, card(cfg, mixture, step, elapsed, device, None), val_samples, device)
         with (out / "val.csv").open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         # Every validated step stays loadable: the shipped choice is made later, with the inference

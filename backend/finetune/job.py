@@ -213,7 +213,9 @@ def evaluate_parent(job: FinetuneJob, plan: EvalPlan) -> None:
 # -- train ---------------------------------------------------------------------------------------------
 def train_config(job: FinetuneJob) -> TrainConfig:
     """The candidate's training: from the parent, on the pulled training set, mixed with the base
-    training data (FINETUNE_REHEARSAL), every BatchNorm on the parent's statistics."""
+    training data (FINETUNE_REHEARSAL) on which it also learns the parent's answers
+    (FINETUNE_DISTILL), every BatchNorm on the parent's statistics; the candidate is the parent
+    moved FINETUNE_INTERPOLATE of the way to the trained weights."""
     s, data = job.settings, job.data
     return TrainConfig(
         out_dir=str(job.work / "train"), init_checkpoint=str(job.parent.checkpoint), data_root=str(data),
@@ -223,6 +225,9 @@ def train_config(job: FinetuneJob) -> TrainConfig:
         rehearsal=s.rehearsal, val_fraction=0.05 if s.rehearsal else 0.0, split_seed=0,
         val_instances=0, crop_size=s.crop_size, steps=s.steps,
         batch_size=s.batch_size, num_workers=0, lr=s.lr,
+        # The parent reads clicks already: its click inputs move no faster than the rest (a new
+        # model's zero-initialised ones get 10x).
+        input_lr_mult=1.0, distill=s.distill, interpolate=s.interpolate,
         warmup_steps=min(s.warmup_steps, max(1, s.steps // 5)),
         max_sim_rounds=s.max_sim_rounds, focus_prob=s.focus_prob, checkpoint_every=max(1, s.checkpoint_every),
         # A few crops per step: the backbone's BatchNorm keeps its statistics (batch ones are noise).

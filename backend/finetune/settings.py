@@ -7,9 +7,9 @@ from typing import Mapping, Optional
 
 from model.settings import (FINETUNE_BATCH_SIZE, FINETUNE_BENCH_DATASETS, FINETUNE_BENCH_LIMIT, FINETUNE_BENCH_MARGIN,
                             FINETUNE_BOX_MARGIN, FINETUNE_CHECKPOINT_EVERY, FINETUNE_CONFIDENT_HOLDOUT,
-                            FINETUNE_CROP_SIZE, FINETUNE_DEVICE, FINETUNE_EVAL_COARSE_SIZE, FINETUNE_EVAL_WORKERS,
+                            FINETUNE_CROP_SIZE, FINETUNE_DEVICE, FINETUNE_DISTILL, FINETUNE_EVAL_COARSE_SIZE, FINETUNE_EVAL_WORKERS,
                             FINETUNE_FOCUS_PROB,
-                            FINETUNE_FREEZE_BN, FINETUNE_GPUS, FINETUNE_HOLDOUT_FRACTION, FINETUNE_KEEP_WORKDIR,
+                            FINETUNE_FREEZE_BN, FINETUNE_GPUS, FINETUNE_HOLDOUT_FRACTION, FINETUNE_INTERPOLATE, FINETUNE_KEEP_WORKDIR,
                             FINETUNE_L2SP, FINETUNE_LABELS, FINETUNE_LR, FINETUNE_MIN_AREA, FINETUNE_MIN_GAIN,
                             FINETUNE_MIN_HOLDOUT, FINETUNE_MIN_TRAIN, FINETUNE_REHEARSAL, FINETUNE_SEED,
                             FINETUNE_SIM_ROUNDS, FINETUNE_STEPS, FINETUNE_THREADS, FINETUNE_WARMUP_STEPS, env_field,
@@ -28,6 +28,8 @@ class FinetuneSettings:
     focus_prob: float = env_field(FINETUNE_FOCUS_PROB)
     rehearsal: float = env_field(FINETUNE_REHEARSAL)
     freeze_bn: bool = env_field(FINETUNE_FREEZE_BN)
+    distill: float = env_field(FINETUNE_DISTILL)
+    interpolate: float = env_field(FINETUNE_INTERPOLATE)
     l2sp: float = env_field(FINETUNE_L2SP)
     checkpoint_every: int = env_field(FINETUNE_CHECKPOINT_EVERY)
     holdout_fraction: float = env_field(FINETUNE_HOLDOUT_FRACTION)
@@ -66,6 +68,9 @@ class FinetuneSettings:
         if not 0 <= s.rehearsal < 1 or not 0 <= s.l2sp < 1 or not 0 <= s.focus_prob <= 1 or s.eval_workers < 0:
             raise ValueError("FINETUNE_REHEARSAL and FINETUNE_L2SP must be in [0, 1), FINETUNE_FOCUS_PROB in [0, 1], "
                              "FINETUNE_EVAL_WORKERS >= 0")
+        if not 0 < s.interpolate <= 1 or s.distill < 0 or (s.distill > 0 and s.rehearsal <= 0):
+            raise ValueError("FINETUNE_INTERPOLATE must be in (0, 1], FINETUNE_DISTILL >= 0; distillation teaches on "
+                             "the rehearsal samples: FINETUNE_DISTILL > 0 needs FINETUNE_REHEARSAL > 0")
         return s
 
     def to_dict(self) -> dict:
