@@ -34,8 +34,8 @@ def _worker(rank, world, init_file, cfg_kw, resume, dump_dir, eval_mode):
         tt.set_train_mode = _eval_mode
     step_fn = tt.train_step
 
-    def recording_step(cfg, net, pem, optimizer, batch, step, device, dctx):
-        stats = step_fn(cfg, net, pem, optimizer, batch, step, device, dctx)
+    def recording_step(cfg, net, pem, optimizer, batch, step, device, dctx, teacher=None):
+        stats = step_fn(cfg, net, pem, optimizer, batch, step, device, dctx, teacher)
         state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         if pem is not None:
             state.update({f"pem.{k}": v.detach().clone() for k, v in pem.state_dict().items()})

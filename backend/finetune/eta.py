@@ -20,6 +20,7 @@ GUESS_CLICKS = 8    # clicks per instance before anything is known (the base mod
 class Eta:
     def __init__(self, steps: int, rates: dict, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
+        self.steps = steps                   # the run's total steps: `step` below counts from 0 to it
         self.steps_left = steps
         self.step_s: Optional[float] = rates.get("train_step_s")
         self.click_s: Optional[float] = rates.get("eval_click_s")
@@ -34,10 +35,10 @@ class Eta:
         """At training step `step` of `steps` (first call: the reference point, start-up excluded)."""
         now = self.clock()
         if self._train0 is None:
-            self._train0 = (now, step, self.steps_left + step)
+            self._train0 = (now, step)
         elif step > self._train0[1]:
             self.step_s = self.measured["train_step_s"] = (now - self._train0[0]) / (step - self._train0[1])
-        self.steps_left = max(0, self._train0[2] - step)
+        self.steps_left = max(0, self.steps - step)
         return self.left()
 
     def eval_start(self) -> dict:
