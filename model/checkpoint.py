@@ -28,6 +28,9 @@ from .settings import SIMCLICK_CHECKPOINT
 FORMAT = "simclick-checkpoint/1"
 META_KEY = "simclick"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "simclick-lite2.safetensors"
+# A routed checkpoint (model.routing) also holds its fallback network, its tensors under this prefix
+# and its config in the card's "routing"; the expert's tensors have no prefix.
+FALLBACK = "fallback."
 
 
 class CheckpointError(ValueError):
@@ -54,8 +57,12 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict, config: ModelConf
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
+    seen = set()
     for k, v in state_dict.items():
         v = v.detach().cpu().contiguous()
+        if v.data_ptr() in seen and v.numel():     # safetensors refuses shared memory (a routed
+            v = v.clone()                          # checkpoint's two networks may share tensors)
+        seen.add(v.data_ptr())
         if half and v.is_floating_point():
             v = v.half()
         tensors[k] = v
@@ -128,30 +135,40 @@ def read_info(path: str | os.PathLike) -> dict:
     return info
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict, ModelConfig, dict]:
-    """-> (state_dict in fp32, ModelConfig, info)."""
+def load_checkpoint(path: str | os.PathLike, fallback: bool = False) -> tuple[dict, ModelConfig, dict]:
+    """-> (state_dict in fp32, ModelConfig, info) of the checkpoint's network, or with `fallback`
+    of a routed checkpoint's fallback network (model.routing)."""
     path = Path(path)
     info = read_info(path)
-    if "model" not in info:
+    if fallback:
+        model = ((info.get("routing") or {}).get("fallback") or {}).get("model")
+        if not isinstance(model, dict):
+            raise CheckpointError(f"{path}: not a routed checkpoint (its card has no routing.fallback.model)")
+    elif "model" not in info:
         raise CheckpointError(f"{path}: its card has no 'model' (the network's config)")
+    else:
+        model = info["model"]
     try:
-        config = ModelConfig.from_dict(info["model"])
+        config = ModelConfig.from_dict(model)
     except ValueError as e:
         raise CheckpointError(f"{path}: bad model config in its card: {e}") from None
     state = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             for k in f.keys():
+                if k.startswith(FALLBACK) != fallback:
+                    continue
                 t = f.get_tensor(k)
-                state[k] = t.float() if t.is_floating_point() else t
+                state[k[len(FALLBACK):] if fallback else k] = t.float() if t.is_floating_point() else t
     except Exception as e:        # safetensors' own error types: a truncated or corrupt file
         raise CheckpointError(f"{path}: unreadable tensors: {e}") from None
     return state, config, info
 
 
-def build_model(path: str | os.PathLike):
-    """Load a checkpoint into a fresh InteractiveSegNet (strict: every tensor must match)."""
-    state, config, info = load_checkpoint(path)
+def build_model(path: str | os.PathLike, fallback: bool = False):
+    """Load a checkpoint (or a routed one's fallback) into a fresh InteractiveSegNet (strict: every
+    tensor must match)."""
+    state, config, info = load_checkpoint(path, fallback)
     try:
         net = InteractiveSegNet(config, pretrained=False)
     except (RuntimeError, ValueError) as e:      # a config the network cannot be built from

@@ -114,11 +114,21 @@ class Predictor:
             check_types(PredictorOptions, chosen, "the card's predictor option")
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
-        return cls(net, info, device=device, options=PredictorOptions(**{**chosen, **options}))
+        chosen_options = PredictorOptions(**{**chosen, **options})
+        if "routing" in info:      # a fine-tuned expert with its fallback (model.routing)
+            from .routing import RoutedPredictor
+            try:
+                return RoutedPredictor(net, build_model(path, fallback=True)[0], info, device=device,
+                                       options=chosen_options)
+            except (KeyError, TypeError, ValueError) as e:     # a malformed routing entry
+                if isinstance(e, CheckpointError):
+                    raise
+                raise CheckpointError(f"{path}: bad routing entry in its card: {e!r}") from None
+        return cls(net, info, device=device, options=chosen_options)
 
     def with_options(self, **changes) -> "Predictor":
         """Same weights, other options (ablations: coarse/refine/intention on or off)."""
-        p = Predictor.__new__(Predictor)
+        p = type(self).__new__(type(self))
         p.__dict__.update(self.__dict__)
         p.options = replace(self.options, **changes)
         return p

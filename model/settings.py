@@ -250,9 +250,18 @@ FINETUNE_FREEZE_BN = _declare(
 FINETUNE_DISTILL = _declare(
     "FINETUNE_DISTILL", float, "1.0", _WORKER,
     "weight of the parent's answers as a target on the rehearsal samples (distillation); 0 = off")
+FINETUNE_ROUTING = _declare(
+    "FINETUNE_ROUTING", bool, "true", _WORKER,
+    "the candidate keeps the parent for images unlike the project's (a router on the image picks the network, "
+    "model/routing.py); used when the router tells the holdout from held-out base images")
+FINETUNE_ROUTE_MIN = _declare(
+    "FINETUNE_ROUTE_MIN", float, "0.9", _WORKER,
+    "the router is used when at least this share of the holdout images goes to the fine-tuned network and of "
+    "held-out base training images to the parent")
 FINETUNE_INTERPOLATE = _declare(
     "FINETUNE_INTERPOLATE", float, "0.5", _WORKER,
-    "the candidate is parent + this x (trained - parent) (weight-space ensembling, WiSE-FT); 1 = the trained weights")
+    "without routing, the candidate is parent + this x (trained - parent) (weight-space ensembling, WiSE-FT); "
+    "1 = the trained weights")
 FINETUNE_L2SP = _declare(
     "FINETUNE_L2SP", float, "0", _WORKER,
     "per step, this share of every weight's distance to the parent's is taken back (L2-SP); 0 = off")

@@ -7,6 +7,8 @@
   train               training.train from the parent on the project's annotations mixed with the
                       base training data (rehearsal), every BatchNorm on the parent's statistics;
                       resumed from its last state when a retried job finds one;
+  route               the candidate: the trained network for images like the project's, the
+                      parent's for the rest, when a router tells them apart (candidate.py);
   evaluate_candidate  the candidate on the same instances, and the box prompt alone on the holdout;
   register, promote   an immutable registry version with the decision (decision.py), promoted if
                       it says so.
@@ -42,7 +44,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[..., None]
 
 # The percent each stage starts at (the training's share is the largest and moves step by step).
-PERCENT = {"pull": 1, "evaluate_parent": 10, "train": 20, "evaluate_candidate": 80, "register": 95, "promote": 98}
+PERCENT = {"pull": 1, "evaluate_parent": 10, "train": 20, "route": 78, "evaluate_candidate": 80, "register": 95,
+           "promote": 98}
 
 
 @dataclass
@@ -212,10 +215,9 @@ def evaluate_parent(job: FinetuneJob, plan: EvalPlan) -> None:
 
 # -- train ---------------------------------------------------------------------------------------------
 def train_config(job: FinetuneJob) -> TrainConfig:
-    """The candidate's training: from the parent, on the pulled training set, mixed with the base
-    training data (FINETUNE_REHEARSAL) on which it also learns the parent's answers
-    (FINETUNE_DISTILL), every BatchNorm on the parent's statistics; the candidate is the parent
-    moved FINETUNE_INTERPOLATE of the way to the trained weights."""
+    """The candidate's training: from the parent (a routed parent's fine-tuned network), on the
+    pulled training set, mixed with the base training data (FINETUNE_REHEARSAL) on which it also
+    learns the parent's answers (FINETUNE_DISTILL), every BatchNorm on the parent's statistics."""
     s, data = job.settings, job.data
     return TrainConfig(
         out_dir=str(job.work / "train"), init_checkpoint=str(job.parent.checkpoint), data_root=str(data),
@@ -227,7 +229,8 @@ def train_config(job: FinetuneJob) -> TrainConfig:
         batch_size=s.batch_size, num_workers=0, lr=s.lr,
         # The parent reads clicks already: its click inputs move no faster than the rest (a new
         # model's zero-initialised ones get 10x).
-        input_lr_mult=1.0, distill=s.distill, interpolate=s.interpolate,
+        # The trained weights as they are: the route stage makes the candidate from them (candidate.py).
+        input_lr_mult=1.0, distill=s.distill, interpolate=1.0,
         warmup_steps=min(s.warmup_steps, max(1, s.steps // 5)),
         max_sim_rounds=s.max_sim_rounds, focus_prob=s.focus_prob, checkpoint_every=max(1, s.checkpoint_every),
         # A few crops per step: the backbone's BatchNorm keeps its statistics (batch ones are noise).
@@ -241,7 +244,7 @@ def step_reporter(job: FinetuneJob, eta: Eta, every: float = 1.0,
     """train()'s on_step as the job's "train" progress (the step, the ETA): at most one report per
     `every` seconds (each is a Redis write), and the last step."""
     last = [float("-inf")]
-    low, high = PERCENT["train"], PERCENT["evaluate_candidate"]
+    low, high = PERCENT["train"], PERCENT["route"]
 
     def on_step(step: int, total: int, stats: dict) -> None:
         now = clock()
@@ -273,6 +276,15 @@ def train_candidate(job: FinetuneJob, eta: Eta) -> tuple[TrainConfig, dict]:
         else:
             trained = train(tcfg, resume=resume, progress=False, on_step=on_step)
     return tcfg, {**trained, "resumed": resume}
+
+
+def route_candidate(job: FinetuneJob, trained: Path) -> tuple[Path, dict]:
+    """Stage route: the routed (or interpolated) candidate (candidate.py)."""
+    from .candidate import make_candidate  # imports torch: not on the enqueue path
+
+    with _timed(job, "route_s"):
+        job.progress("route", PERCENT["route"], detail="fitting the router on the project's images")
+        return make_candidate(trained, Path(job.parent.checkpoint), job.parent.name, job.data, job.settings)
 
 
 # -- evaluate the candidate, decide ----------------------------------------------------------------------
@@ -400,7 +412,7 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     evaluate_parent(job, plan)
     tcfg, trained = train_candidate(job, plan.eta)
     summary["train"] = {"steps": trained["steps"], "resumed": trained["resumed"], "device": trained["device"]}
-    candidate = Path(trained["last_checkpoint"])
+    candidate, summary["candidate"] = route_candidate(job, Path(trained["last_checkpoint"]))
     ev = evaluate_candidate(job, plan, candidate)
     promote, reason, confidence = decide_promotion(ev, settings)
     register(job, candidate, tcfg, ev.metrics, summary["data"], report["skipped"], promote, reason, confidence,

@@ -11,7 +11,7 @@ from model.settings import (FINETUNE_BATCH_SIZE, FINETUNE_BENCH_DATASETS, FINETU
                             FINETUNE_FOCUS_PROB,
                             FINETUNE_FREEZE_BN, FINETUNE_GPUS, FINETUNE_HOLDOUT_FRACTION, FINETUNE_INTERPOLATE, FINETUNE_KEEP_WORKDIR,
                             FINETUNE_L2SP, FINETUNE_LABELS, FINETUNE_LR, FINETUNE_MIN_AREA, FINETUNE_MIN_GAIN,
-                            FINETUNE_MIN_HOLDOUT, FINETUNE_MIN_TRAIN, FINETUNE_REHEARSAL, FINETUNE_SEED,
+                            FINETUNE_MIN_HOLDOUT, FINETUNE_MIN_TRAIN, FINETUNE_REHEARSAL, FINETUNE_ROUTE_MIN, FINETUNE_ROUTING, FINETUNE_SEED,
                             FINETUNE_SIM_ROUNDS, FINETUNE_STEPS, FINETUNE_THREADS, FINETUNE_WARMUP_STEPS, env_field,
                             read_fields)
 
@@ -29,6 +29,8 @@ class FinetuneSettings:
     rehearsal: float = env_field(FINETUNE_REHEARSAL)
     freeze_bn: bool = env_field(FINETUNE_FREEZE_BN)
     distill: float = env_field(FINETUNE_DISTILL)
+    routing: bool = env_field(FINETUNE_ROUTING)
+    route_min: float = env_field(FINETUNE_ROUTE_MIN)
     interpolate: float = env_field(FINETUNE_INTERPOLATE)
     l2sp: float = env_field(FINETUNE_L2SP)
     checkpoint_every: int = env_field(FINETUNE_CHECKPOINT_EVERY)
@@ -68,6 +70,11 @@ class FinetuneSettings:
         if not 0 <= s.rehearsal < 1 or not 0 <= s.l2sp < 1 or not 0 <= s.focus_prob <= 1 or s.eval_workers < 0:
             raise ValueError("FINETUNE_REHEARSAL and FINETUNE_L2SP must be in [0, 1), FINETUNE_FOCUS_PROB in [0, 1], "
                              "FINETUNE_EVAL_WORKERS >= 0")
+        if s.routing and s.rehearsal <= 0:
+            raise ValueError("FINETUNE_ROUTING tells the project's images from the base training data: it needs "
+                             "FINETUNE_REHEARSAL > 0 (the base data mounted) or FINETUNE_ROUTING=false")
+        if not 0 < s.route_min <= 1:
+            raise ValueError("FINETUNE_ROUTE_MIN must be in (0, 1]")
         if not 0 < s.interpolate <= 1 or s.distill < 0 or (s.distill > 0 and s.rehearsal <= 0):
             raise ValueError("FINETUNE_INTERPOLATE must be in (0, 1], FINETUNE_DISTILL >= 0; distillation teaches on "
                              "the rehearsal samples: FINETUNE_DISTILL > 0 needs FINETUNE_REHEARSAL > 0")

@@ -618,6 +618,17 @@ def default_sources(data_root: Optional[PathLike] = None) -> List[InstanceSource
     return sources
 
 
+def base_image_files(data_root: Optional[PathLike] = None) -> List[Path]:
+    """Every image file of the default sources' folders under the training root, sorted (what a
+    fine-tuned model's router learns "not the project's" from)."""
+    root = assert_not_benchmark(data_root) if data_root is not None else default_data_root()
+    files: List[Path] = []
+    for folder in (root / "BSDS500" / "images", root / "COCO", root / "COCO128" / "images", root / "Weizmann" / "images"):
+        if folder.is_dir():
+            files += [p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    return sorted(files)
+
+
 def source_from_spec(spec: Mapping[str, Any], data_root: Optional[PathLike] = None) -> InstanceSource:
     """Build one source from a config dict, e.g. ``{"type": "sbd", "root": "/data/SBD", "split": "train"}``.
 
