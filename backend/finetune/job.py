@@ -156,17 +156,20 @@ def skip(job: FinetuneJob, summary: dict, shortfall: str) -> dict:
     return summary
 
 
-def check_rehearsal_data(settings: FinetuneSettings) -> None:
-    """Fail before any work when rehearsal is on and the base training data is not there."""
-    if settings.rehearsal <= 0:
+def check_base_data(settings: FinetuneSettings) -> None:
+    """Fail before any work when the base training data is needed and not there: rehearsal mixes
+    it into every batch, routing learns "not the project's" from it."""
+    uses = [name for name, on in (("FINETUNE_REHEARSAL", settings.rehearsal > 0), ("FINETUNE_ROUTING", settings.routing))
+            if on]
+    if not uses:
         return
     from training.data.sources import default_data_root
 
     root = default_data_root()
     if not (root / "BSDS500" / "images").is_dir():
         raise FileNotFoundError(
-            f"FINETUNE_REHEARSAL={settings.rehearsal:g} mixes the base model's training data into every batch, "
-            f"but it is not under {root} (SIMCLICK_TRAIN_ROOT): mount it there, or set FINETUNE_REHEARSAL=0 "
+            f"{' and '.join(uses)} use the base model's training data, but it is not under {root} "
+            "(SIMCLICK_TRAIN_ROOT): mount it there, or set FINETUNE_REHEARSAL=0 FINETUNE_ROUTING=false "
             "(the fine-tuned model then forgets more of what it knew, and the promotion check will refuse more "
             "versions)")
 
@@ -407,7 +410,7 @@ def run_finetune(project: Any, job_id: str, settings: Optional[FinetuneSettings]
     if shortfall:
         return skip(job, summary, shortfall)
 
-    check_rehearsal_data(settings)
+    check_base_data(settings)
     plan = plan_evaluation(job, rates or {})
     evaluate_parent(job, plan)
     tcfg, trained = train_candidate(job, plan.eta)

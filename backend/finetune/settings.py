@@ -70,9 +70,6 @@ class FinetuneSettings:
         if not 0 <= s.rehearsal < 1 or not 0 <= s.l2sp < 1 or not 0 <= s.focus_prob <= 1 or s.eval_workers < 0:
             raise ValueError("FINETUNE_REHEARSAL and FINETUNE_L2SP must be in [0, 1), FINETUNE_FOCUS_PROB in [0, 1], "
                              "FINETUNE_EVAL_WORKERS >= 0")
-        if s.routing and s.rehearsal <= 0:
-            raise ValueError("FINETUNE_ROUTING tells the project's images from the base training data: it needs "
-                             "FINETUNE_REHEARSAL > 0 (the base data mounted) or FINETUNE_ROUTING=false")
         if not 0 < s.route_min <= 1:
             raise ValueError("FINETUNE_ROUTE_MIN must be in (0, 1]")
         if not 0 < s.interpolate <= 1 or s.distill < 0 or (s.distill > 0 and s.rehearsal <= 0):
