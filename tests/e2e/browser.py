@@ -93,6 +93,13 @@ def open_task(d, ls, project: int, task: int) -> dict:
     return wait(lambda: image_box(d), 60, "the task image in the editor")
 
 
+def open_stream(d, ls, project: int) -> dict:
+    """The project's labeling stream (Label All Tasks): the editor without the task list, the
+    layout docs/annotators.md assumes at 1280 px; returns the first task's image box."""
+    d.get(f"{ls.url}/projects/{project}/data?labeling=1")
+    return wait(lambda: image_box(d), 60, "the task image in the labeling stream")
+
+
 def image_box(d) -> dict | None:
     return d.execute_script(
         "const i = Array.from(document.querySelectorAll('img')).find(i => i.src.startsWith('blob:') && "
