@@ -96,8 +96,8 @@ class Config:
             raise SettingError(f"BOX_MARGIN must be in [0, 2], got {self.box_margin}")
         if self.polygon_tolerance < 0:
             raise SettingError("POLYGON_TOLERANCE must be >= 0")
-        if not 1 <= self.mask_alpha <= 255:
-            raise SettingError(f"MASK_ALPHA must be in 1..255, got {self.mask_alpha}")
+        if not 128 <= self.mask_alpha <= 255:     # readers threshold at > 127 (training/data/sources.py)
+            raise SettingError(f"MASK_ALPHA must be in 128..255, got {self.mask_alpha}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.label_studio_url:

@@ -134,8 +134,12 @@ def test_mask_alpha_is_the_rle_value_and_decodes_the_same():
         rgba = np.asarray(decode_rle(rle)).reshape(30, 40, 4)          # label-studio-sdk's reading
         assert set(np.unique(rgba[..., 3]).tolist()) == {0, value}
     assert mask_to_rle(m) == mask_to_rle(m, 255)
+    from training.data.sources import decode_ls_brush        # fine-tuning reads LS exports: alpha > 127
+    result = {"value": {"rle": mask_to_rle(m, 128)}, "original_height": 30, "original_width": 40}
+    assert np.array_equal(decode_ls_brush(result), m)
     with pytest.raises(SettingError, match="MASK_ALPHA"):
-        Config.from_env({"MASK_ALPHA": "0"})
+        Config.from_env({"MASK_ALPHA": "127"})        # readers threshold the alpha at > 127
+    assert Config.from_env({"MASK_ALPHA": "255"}).mask_alpha == 255
 
 
 @pytest.mark.parametrize("xml", ["", "<View><Image", "<View><Text name='t' value='$t'/></View>"])
