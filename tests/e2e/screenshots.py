@@ -105,7 +105,7 @@ def one_object(ls, d, out, backend):
     box = browser.open_stream(d, ls, pid)
     browser.select_smart_tool(d, "rectangle-tool")
     before = browser.suggestion_request(d)
-    browser.drag_box(d, box, 60, 30, 290, 420)
+    browser.drag_box(d, box, 8, 2, 433, 318)                              # the kangaroo, tightly
     browser.wait_suggestions(d, before)
     time.sleep(0.5)
     shot(d, out, "06-box", around(box))
