@@ -160,12 +160,13 @@ def test_smart_keypoints_in_the_real_editor(label_studio_server, label_studio_pa
         n = len(predict_lines(b))
         for k, (edge, (x, y)) in enumerate(edges.items(), start=1):
             before = browser.suggestion_request(d)
-            browser.click_image(d, wide, x, y)
+            browser.click_image(d, wide, x, y, negative=edge == "left")   # Alt+click: negative with the add tool
             browser.wait(lambda before=before: browser.suggestion_request(d) != before, 10,
                          f"a request for the click at the {edge}")
             browser.wait(lambda k=k: len(predict_lines(b)) == n + k, 30, f"the backend's answer to the {edge} click")
             got = browser.keypoints(d)[-1]
             assert abs(got["x"] - x) <= 1 and abs(got["y"] - y) <= 1, (edge, got)
+            assert got["is_positive"] == (edge != "left"), (edge, got)
             browser.wait_suggestions(d, before)
         times += browser.latencies(d)
 
