@@ -61,6 +61,8 @@ log = logging.getLogger("backend")
 MODEL_CLASS = "SimClick"
 MB = 2 ** 20
 MAX_JOBS_LIMIT = 1000
+BATCH_OFF = ("batch predictions are off for SimClick: it answers clicks and boxes only (turn on Interactive "
+             "preannotations and Auto-Annotation, see docs/annotators.md)")
 # /setup is unauthenticated (without basic auth): what it may make the backend keep is bounded.
 # Label Studio sends "3.1795584533", a URL and a token of a few hundred characters.
 SETUP_FIELD_CHARS = {"project": 100, "hostname": 2048, "access_token": 8192}
@@ -197,15 +199,16 @@ class Backend:
             raise ApiError(str(e), e.status) from None
         served = self.models.for_project(req.project)
         if not req.interactive:
-            # Batch ("Retrieve predictions", or a task being opened): a click model has nothing
-            # to say before the first click. One empty prediction list per task makes Label
-            # Studio store nothing and log no error; an empty stored prediction would mark the
-            # task as predicted and hide the model from it.
-            log.info("predict batch: %d task(s), no prediction before a click", len(req.tasks))
-            return {"results": [[] for _ in req.tasks], "model_version": served.version}
+            # Batch ("Retrieve predictions", or a task being opened): off. A click model has
+            # nothing to say before the first click. One empty prediction list per task makes
+            # Label Studio store nothing and log no error; an empty stored prediction would mark
+            # the task as predicted and hide the model from it. Label Studio shows no message of
+            # a backend's, so the answer's "detail" is for whoever reads the API or this log.
+            log.info("predict batch: %d task(s): %s", len(req.tasks), BATCH_OFF)
+            return {"results": [[] for _ in req.tasks], "model_version": served.version, "detail": BATCH_OFF}
         try:
             prompts = parse_prompts(req.context or [], self.cfg.max_image_pixels, self.cfg.max_clicks,
-                                    self.cfg.max_brush_pixels)
+                                    self.cfg.max_brush_pixels, req.label_config.negative_controls)
         except PayloadError as e:
             raise ApiError(str(e), e.status) from None
         task = req.tasks[0]
@@ -245,7 +248,8 @@ class Backend:
             ow, oh = prompt.size or (width, height)
             if (ow, oh) != (width, height):
                 mask = cv2.resize(mask.astype(np.uint8), (ow, oh), interpolation=cv2.INTER_NEAREST) > 0
-            items += result_items(control, label, prompt.to_name, mask, score, self.cfg.polygon_tolerance)
+            items += result_items(control, label, prompt.to_name, mask, score, self.cfg.polygon_tolerance,
+                                  self.cfg.mask_alpha)
             scores.append(score)
         log.info("predict task=%s %s %.0f ms", task.get("id"), " ".join(stats) or "no prompts",
                  (time.perf_counter() - t0) * 1000)
@@ -391,15 +395,17 @@ def make_enqueue(config: Config):
 
 
 def result_items(control, label: str, to_name: str, mask: np.ndarray, score: float,
-                 polygon_tolerance: float = 1.5) -> list:
-    """Label Studio result regions for one object's mask: one brush region, or one polygon per
-    connected piece when the output control is PolygonLabels."""
+                 polygon_tolerance: float = 1.5, mask_alpha: int = 255) -> list:
+    """Label Studio result regions for one object's mask: one brush region (its RLE's alpha
+    `mask_alpha`, see MASK_ALPHA), or one polygon per connected piece when the output control is
+    PolygonLabels."""
     h, w = mask.shape
     base = {"from_name": control.name, "to_name": to_name, "original_width": w,
             "original_height": h, "image_rotation": 0, "score": score, "readonly": False}
     if control.tag == "BrushLabels":
         return [dict(base, id=uuid.uuid4().hex[:10], type="brushlabels",
-                     value={"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]})]
+                     value={"format": "rle", "rle": mask_to_rle(mask, mask_alpha),
+                                            "brushlabels": [label]})]
     return [dict(base, id=uuid.uuid4().hex[:10], type="polygonlabels",
                  value={"points": pts, "polygonlabels": [label], "closed": True})
             for pts in mask_to_polygons(mask, polygon_tolerance)]

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 from model.registry import registry_folder
 from model.settings import (ADMIN_TOKEN, BASIC_AUTH_PASS, BASIC_AUTH_USER, BOX_MARGIN, CACHE_TTL, DATA_DIR, DEVICE,
                             FETCH_TIMEOUT, IMAGE_CACHE_MB, LABEL_STUDIO_API_KEY, LABEL_STUDIO_URL, LOCAL_FILES_ROOT,
-                            LOG_LEVEL, MASK_THRESHOLD, MAX_BRUSH_PIXELS, MAX_CLICKS, MAX_CONTENT_LENGTH, MAX_IMAGE_BYTES,
-                            MAX_IMAGE_PIXELS, MODEL_CHECKPOINT, MODEL_REGISTRY, MODEL_RELOAD_INTERVAL,
+                            LOG_LEVEL, MASK_ALPHA, MASK_THRESHOLD, MAX_BRUSH_PIXELS, MAX_CLICKS, MAX_CONTENT_LENGTH,
+                            MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MODEL_CHECKPOINT, MODEL_REGISTRY, MODEL_RELOAD_INTERVAL,
                             OUTPUT_FORMAT, POLYGON_TOLERANCE, PREDICT_TIMEOUT, PROJECT_MODELS, REDIS_TIMEOUT,
                             REDIS_URL, SESSION_CACHE_MB, SHARED_PROMPTS, SHARED_SESSION_KB,
                             TRAIN_EVERY_N_ANNOTATIONS, TRAINING_ENQUEUE, TRAINING_QUEUE, WEBHOOK_HISTORY,
@@ -49,6 +49,7 @@ class Config:
     box_margin: float = env_field(BOX_MARGIN)
     output_format: str = env_field(OUTPUT_FORMAT)
     polygon_tolerance: float = env_field(POLYGON_TOLERANCE)
+    mask_alpha: int = env_field(MASK_ALPHA)
     basic_auth_user: str = env_field(BASIC_AUTH_USER)
     basic_auth_pass: str = env_field(BASIC_AUTH_PASS)
     admin_token: str = env_field(ADMIN_TOKEN)
@@ -95,6 +96,8 @@ class Config:
             raise SettingError(f"BOX_MARGIN must be in [0, 2], got {self.box_margin}")
         if self.polygon_tolerance < 0:
             raise SettingError("POLYGON_TOLERANCE must be >= 0")
+        if not 128 <= self.mask_alpha <= 255:     # readers threshold at > 127 (training/data/sources.py)
+            raise SettingError(f"MASK_ALPHA must be in 128..255, got {self.mask_alpha}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.label_studio_url:

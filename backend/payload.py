@@ -126,7 +126,7 @@ def _size(region: dict, max_pixels: int | None) -> tuple[int, int]:
 
 
 def parse_prompts(results: list, max_pixels: int | None = None, max_regions: int | None = None,
-                  max_brush_pixels: int | None = None) -> list[Prompt]:
+                  max_brush_pixels: int | None = None, negative_controls: frozenset = frozenset()) -> list[Prompt]:
     """Group the context regions by (image, label) into prompts, in order of first appearance.
 
     Pixel coordinates here are relative to the (original_width, original_height) the region was
@@ -135,6 +135,8 @@ def parse_prompts(results: list, max_pixels: int | None = None, max_regions: int
     valid. Refused before any decoding: regions declaring more than `max_pixels` pixels (413),
     brush strokes declaring more than `max_brush_pixels` in all (413: each decodes to a mask of
     the size it declares), more than `max_regions` smart regions (each may cost a network run).
+    A keypoint is negative when Label Studio says so (`is_positive: false`, an Alt+click) or when
+    its control (`from_name`) is one of `negative_controls` (LabelConfig.negative_controls).
     """
     smart = sum(1 for r in results if str(r.get("type") or "").lower() in SMART_TYPES)
     if max_regions is not None and smart > max_regions:
@@ -170,6 +172,8 @@ def parse_prompts(results: list, max_pixels: int | None = None, max_regions: int
             positive = region.get("is_positive", True)
             if not isinstance(positive, bool):
                 raise PayloadError(f"is_positive must be true or false, got {positive!r}")
+            control = region.get("from_name")
+            positive = positive and not (isinstance(control, str) and control in negative_controls)
             # Rounded to 1e-4 px: the percent round trip leaves float noise (59.99999999 for
             # pixel 60) that could move a disk edge or a focus crop and make a replayed sequence
             # differ from a fresh one; real sub-pixel positions (23.5) are kept.

@@ -161,6 +161,12 @@ OUTPUT_FORMAT = _declare(
 POLYGON_TOLERANCE = _declare(
     "POLYGON_TOLERANCE", float, "1.5", _BACKEND,
     "polygon simplification tolerance in pixels (cv2.approxPolyDP epsilon)")
+MASK_ALPHA = _declare(
+    "MASK_ALPHA", int, "128", _BACKEND,
+    "128..255: the alpha the brush masks are written with. Label Studio 1.23 draws a mask with the RLE's "
+    "alpha times 0.6 (the label colour's own alpha is ignored): 128 lets the image show through a "
+    "suggestion; the stored mask keeps this value (a PNG export is 128 where the mask is; readers that "
+    "threshold the alpha at > 127, as training/data/sources.py does, still see it); 255 = opaque")
 BASIC_AUTH_USER = _declare(
     "BASIC_AUTH_USER", str, "", _BACKEND,
     "with BASIC_AUTH_PASS: require HTTP basic auth (all routes but GET /health)")

@@ -17,7 +17,7 @@ import pytest
 from backend.app import create_app
 from backend.bench import keypoint
 from backend.config import Config
-from backend.labelstudio.masks import rle_to_mask
+from backend.labelstudio.masks import mask_to_rle, rle_to_mask
 from model.images import load_image, load_mask
 from training.evaluation.clicker import RobotClicker
 
@@ -173,6 +173,8 @@ def test_interactive_predict_replayed_with_legacy_token(predictor, sample, serve
     assert (item["original_width"], item["original_height"]) == (w, h)
     assert 0.5 < item["score"] <= 1.0
     assert np.array_equal(mask, expected)
+    # MASK_ALPHA (128 by default): the alpha Label Studio draws the suggestion with
+    assert item["value"]["rle"] == mask_to_rle(expected, 128)
 
 
 def test_personal_access_token_exchanged_refreshed_and_never_logged(predictor, server, caplog):
@@ -342,6 +344,7 @@ def test_batch_predict_returns_no_prediction(predictor, server):
     r = c.post("/predict", json=capture("015_POST_predict_batch.json")["body"])
     assert r.status_code == 200
     assert r.get_json()["results"] == [[]]     # one empty prediction list per task
+    assert "batch predictions are off" in r.get_json()["detail"]   # and the answer says so
     assert len(server.requests) == n          # and no image was fetched for it
 
 

@@ -104,6 +104,44 @@ def test_label_config_polygon_and_multi_label():
     assert lc.output_for(None, "img", "brush") == (lc.output_for("Dog", "img")[0], "Dog")
 
 
+def test_negative_keypoint_controls_make_negative_clicks():
+    """docs/label-configs/one-object.xml: a second smart KeyPoint, negative="true", is the remove
+    tool; its keypoints are negative whatever is_positive says, the other tool's follow is_positive."""
+    xml = (Path(__file__).resolve().parents[1] / "docs" / "label-configs" / "one-object.xml").read_text()
+    lc = parse_label_config(xml)
+    assert lc.negative_controls == {"remove"}
+    kp = [dict(_region("keypoint", {"x": x, "y": 50}, None, from_name=name), **extra)
+          for x, name, extra in ((10, "click", {}), (20, "remove", {}), (30, "click", {"is_positive": False}),
+                                 (40, "remove", {"is_positive": False}))]
+    (p,) = parse_prompts(kp, negative_controls=lc.negative_controls)
+    assert [c.positive for c in p.clicks] == [True, False, False, False]
+    assert [c.positive for c in parse_prompts(kp)[0].clicks] == [True, True, False, False]
+    kp[0]["from_name"] = ["click"]                 # not a name: not a negative control, no crash
+    assert parse_prompts(kp, negative_controls=lc.negative_controls)[0].clicks[0].positive
+    # only keypoint controls can be negative
+    lc = parse_label_config('<View><Image name="i" value="$i"/><Rectangle name="r" toName="i" negative="true"/>'
+                            '<KeyPointLabels name="k" toName="i" negative="TRUE"><Label value="A"/></KeyPointLabels>'
+                            '<BrushLabels name="b" toName="i"><Label value="A"/></BrushLabels></View>')
+    assert lc.negative_controls == {"k"}
+
+
+def test_mask_alpha_is_the_rle_value_and_decodes_the_same():
+    m = np.zeros((30, 40), bool)
+    m[5:20, 3:33] = True
+    for value in (1, 128, 255):
+        rle = mask_to_rle(m, value)
+        assert np.array_equal(rle_to_mask(rle, 30, 40), m)
+        rgba = np.asarray(decode_rle(rle)).reshape(30, 40, 4)          # label-studio-sdk's reading
+        assert set(np.unique(rgba[..., 3]).tolist()) == {0, value}
+    assert mask_to_rle(m) == mask_to_rle(m, 255)
+    from training.data.sources import decode_ls_brush        # fine-tuning reads LS exports: alpha > 127
+    result = {"value": {"rle": mask_to_rle(m, 128)}, "original_height": 30, "original_width": 40}
+    assert np.array_equal(decode_ls_brush(result), m)
+    with pytest.raises(SettingError, match="MASK_ALPHA"):
+        Config.from_env({"MASK_ALPHA": "127"})        # readers threshold the alpha at > 127
+    assert Config.from_env({"MASK_ALPHA": "255"}).mask_alpha == 255
+
+
 @pytest.mark.parametrize("xml", ["", "<View><Image", "<View><Text name='t' value='$t'/></View>"])
 def test_label_config_errors(xml):
     with pytest.raises(LabelConfigError):

@@ -2,7 +2,10 @@
 
 - the Image object tags (name -> task data key of `value="$key"`);
 - the output controls: BrushLabels (and PolygonLabels) with their toName and label names, so a
-  click for label "Cat" becomes a mask of the BrushLabels control that has `<Label value="Cat"/>`.
+  click for label "Cat" becomes a mask of the BrushLabels control that has `<Label value="Cat"/>`;
+- the smart keypoint controls marked `negative="true"`: every keypoint they make is a negative
+  click (the "remove" tool of docs/label-configs). Label Studio 1.23 draws an Alt+click negative
+  keypoint exactly like a positive one; a control of its own gives negatives their own colours.
 
 A label's name is its `alias` when it has one, else its `value`: Label Studio writes the alias in
 results (`<Label value="Cat: click" alias="Cat"/>` shows "Cat: click" and stores "Cat"), so tools
@@ -35,12 +38,18 @@ class Control:
     to_name: tuple[str, ...]
     labels: tuple[str, ...]
     smart: bool
+    negative: bool = False   # KeyPoint(Labels) negative="true": its keypoints are negative clicks
 
 
 @dataclass(frozen=True)
 class LabelConfig:
     images: dict = field(default_factory=dict)      # Image tag name -> task data key
     controls: tuple = ()                            # all labeling controls, document order
+
+    @property
+    def negative_controls(self) -> frozenset:
+        """Names of the keypoint controls whose keypoints are negative clicks."""
+        return frozenset(c.name for c in self.controls if c.negative)
 
     def image_key(self, to_name: str) -> str:
         if to_name not in self.images:
@@ -108,7 +117,8 @@ def _parse(xml: str) -> LabelConfig:
             controls.append(Control(name=name, tag=el.tag,
                                     to_name=tuple(t.strip() for t in to_names.split(",")),
                                     labels=labels, smart=_bool(el.get("smart")) or any(
-                                        _bool(lab.get("smart")) for lab in el.iter("Label"))))
+                                        _bool(lab.get("smart")) for lab in el.iter("Label")),
+                                    negative=el.tag in ("KeyPoint", "KeyPointLabels") and _bool(el.get("negative"))))
     if not images:
         raise LabelConfigError("the label config has no <Image name=... value=\"$...\"/> tag")
     return LabelConfig(images=images, controls=tuple(controls))

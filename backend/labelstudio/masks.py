@@ -26,17 +26,22 @@ class MaskFormatError(ValueError):
 RLE_SIZES = (3, 4, 8, 16)
 
 
-def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """bool H x W -> Label Studio brush RLE (RGBA, 255 where the mask is set), byte for byte what
-    label-studio-sdk's mask2rle writes: each run of n equal pixels is a series of 4n equal values,
-    in the shortest of the four sizes, series of 65536 values at most."""
+def mask_to_rle(mask: np.ndarray, value: int = 255) -> list[int]:
+    """bool H x W -> Label Studio brush RLE (RGBA, `value` in all four channels where the mask is
+    set), byte for byte what label-studio-sdk's mask2rle writes for a mask of 0 and `value`: each
+    run of n equal pixels is a series of 4n equal values, in the shortest of the four sizes, series
+    of 65536 values at most. Label Studio 1.23 draws a brush region in its label's colour with this
+    alpha (times the layer's fixed 0.6): `value` < 255 lets the image show through."""
     if mask.ndim != 2:
         raise MaskFormatError(f"mask must be 2-D, got shape {mask.shape}")
+    if not 1 <= value <= 255:
+        raise MaskFormatError(f"mask value must be in 1..255, got {value}")
     flat = np.ascontiguousarray(mask, dtype=bool).reshape(-1)
     ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), flat.size - 1)     # last pixel of each run
     bits = [f"{4 * flat.size:032b}{8 - 1:05b}", "".join(f"{s - 1:04b}" for s in RLE_SIZES)]
+    on_word = f"{value:08b}"
     for values, on in zip((np.diff(ends, prepend=-1) * 4).tolist(), flat[ends].tolist()):
-        word = "11111111" if on else "00000000"
+        word = on_word if on else "00000000"
         if values <= 8:
             bits.append(f"100{values - 1:03b}{word}")
         elif values <= 16:

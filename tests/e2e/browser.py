@@ -4,8 +4,9 @@ the screenshots of docs/annotators.md.
 
 What the helpers rely on is Label Studio 1.23's own markup: the Auto-Annotation toggle and the
 suggestion buttons have data-testid attributes, tools have aria-labels, the smart tools sit in the
-"Auto-Detect" group, the task image is the editor's blob: <img>, and the editor's store is
-window.Htx (awaitingSuggestions, suggestionsRequest).
+"Auto-Detect" group, the task image is the editor's blob: <img> over a Konva stage (window.Konva:
+keypoints are Circle nodes, a brush suggestion an Image node in a layer named by its region), and
+the editor's store is window.Htx (awaitingSuggestions, suggestionsRequest).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def find(names) -> str | None:
     return None
 
 
-def start(width: int = 1400, height: int = 1000):
-    """A headless Chromium with a fresh profile (and no background traffic)."""
+def start(width: int = 1280, height: int = 800):
+    """A headless Chromium with a fresh profile (and no background traffic), its page (viewport)
+    exactly width x height: --window-size alone gives a headless page about 140 px shorter."""
     chromium, driver = find(CHROMIUM), find(DRIVER)
     if not chromium or not driver:
         raise BrowserMissing("Chromium and chromedriver are not installed (Debian: apt-get install chromium "
@@ -48,6 +50,8 @@ def start(width: int = 1400, height: int = 1000):
         opts.add_argument(arg)
     d = webdriver.Chrome(service=Service(driver), options=opts)
     d.profile_dir = profile
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                      {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
     return d
 
 
@@ -89,12 +93,26 @@ def open_task(d, ls, project: int, task: int) -> dict:
     return wait(lambda: image_box(d), 60, "the task image in the editor")
 
 
+def open_stream(d, ls, project: int) -> dict:
+    """The project's labeling stream (Label All Tasks): the editor without the task list, the
+    layout docs/annotators.md assumes at 1280 px; returns the first task's image box."""
+    d.get(f"{ls.url}/projects/{project}/data?labeling=1")
+    return wait(lambda: image_box(d), 60, "the task image in the labeling stream")
+
+
 def image_box(d) -> dict | None:
     return d.execute_script(
         "const i = Array.from(document.querySelectorAll('img')).find(i => i.src.startsWith('blob:') && "
         "i.naturalWidth > 0 && i.getBoundingClientRect().width > 100);"
         "if (!i) return null; const r = i.getBoundingClientRect();"
         "return {left: r.left, top: r.top, width: r.width, height: r.height, w: i.naturalWidth, h: i.naturalHeight};")
+
+
+def stage_box(d) -> dict:
+    """The editor's drawing area (the Konva stage) on screen: a click outside it makes no keypoint,
+    whatever the image under it."""
+    return d.execute_script("const r = document.querySelector('.konvajs-content').getBoundingClientRect();"
+                            "return {left: r.left, top: r.top, width: r.width, height: r.height};")
 
 
 def by_testid(d, testid: str):
@@ -118,19 +136,20 @@ def smart_tools(d) -> list[str]:
                             ".map(b => b.getAttribute('aria-label'))")
 
 
-def select_smart_tool(d, label: str) -> None:
-    """Pick a tool of the Auto-Detect group: hover the group, click the tool in its flyout."""
+def select_smart_tool(d, label: str, index: int = 0) -> None:
+    """Pick a tool of the Auto-Detect group: hover the group, click the tool in its flyout (the
+    index-th of that name: one-object.xml has two keypoint tools, add then remove)."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     group = wait(lambda: [b for b in d.find_elements(By.CSS_SELECTOR, "button.lsf-tool_smart") if b.is_displayed()],
                  30, "the Auto-Detect tool group")[0]
     ActionChains(d).move_to_element(group).perform()
-    tool = wait(lambda: [b for b in d.find_elements(By.CSS_SELECTOR, f"[aria-label={label}]") if b.is_displayed()],
-                10, f"{label} in the Auto-Detect flyout")[0]
-    tool.click()
-    wait(lambda: "lsf-tool_active" in d.find_element(By.CSS_SELECTOR, f"[aria-label={label}]").get_attribute("class"),
-         10, f"{label} to be selected")
+    tools = wait(lambda: [b for b in d.find_elements(By.CSS_SELECTOR, f".lsf-toolbar__smart [aria-label={label}]")
+                          if b.is_displayed()], 10, f"{label} in the Auto-Detect flyout")
+    tools[index].click()
+    wait(lambda: "lsf-tool_active" in d.find_elements(By.CSS_SELECTOR, f".lsf-toolbar__smart [aria-label={label}]")
+         [index].get_attribute("class"), 10, f"{label} {index} to be selected")
 
 
 def _screen(box: dict, x: float, y: float) -> tuple[int, int]:
@@ -188,13 +207,60 @@ def drag_box(d, box: dict, x0: float, y0: float, x1: float, y1: float) -> None:
 
 def keypoints(d) -> list[dict]:
     """The annotation's keypoints in image pixels (pixel centres at integers, as the backend reads
-    them), in the order they were placed, with is_positive."""
+    them), in the order they were placed, with is_positive and their control (from_name)."""
     out = []
     for r in d.execute_script("return window.Htx.annotationStore.selected.serializeAnnotation()"):
         if r["type"] in ("keypoint", "keypointlabels"):
             v, w, h = r["value"], r["original_width"], r["original_height"]
-            out.append({"x": v["x"] / 100 * w - 0.5, "y": v["y"] / 100 * h - 0.5, "is_positive": r.get("is_positive", True)})
+            out.append({"x": v["x"] / 100 * w - 0.5, "y": v["y"] / 100 * h - 0.5,
+                        "is_positive": r.get("is_positive", True), "from_name": r["from_name"]})
     return out
+
+
+def keypoint_styles(d) -> list[dict]:
+    """How the editor drew the keypoints: each Konva circle of radius > 0 that is not one of the
+    suggestion's accept/reject buttons, with its fill and stroke (CSS colours) and page position."""
+    return d.execute_script("""
+        const c = document.querySelector('.konvajs-content').getBoundingClientRect();
+        return Konva.stages.flatMap(s => s.find('Circle')).filter(n => n.isVisible() && n.draggable())
+          .map(n => ({fill: n.fill(), stroke: n.stroke(), radius: n.radius(), strokeWidth: n.strokeWidth(),
+                      x: c.left + n.absolutePosition().x, y: c.top + n.absolutePosition().y}));""")
+
+
+LATENCY_JS = """
+if (!window.__simclick) {
+  window.__simclick = [];
+  // Pointer down on the stage -> the first animation frame in which the answer's suggestion is
+  // in the store and its mask image is loaded into a Konva Image of the suggestion's layer (it is
+  // painted in that frame). Also the frame in which the request left (suggestionsRequest changed).
+  document.addEventListener('pointerdown', (e) => {
+    if (!e.target.closest || !e.target.closest('.konvajs-content')) return;
+    const s = window.Htx, before = s.suggestionsRequest, t0 = e.timeStamp, m = {};
+    const tick = () => {
+      const now = performance.now(), a = s.annotationStore.selected;
+      if (m.sent === undefined && s.suggestionsRequest !== before) m.sent = now - t0;
+      const ids = a ? Array.from(a.suggestions.values()).map(r => r.cleanId) : [];
+      const drawn = ids.length > 0 && Konva.stages.some(st => st.find('Image').some(
+        n => n.getLayer() && ids.includes(n.getLayer().id()) && n.image() && n.image().complete));
+      if (m.sent !== undefined && !s.awaitingSuggestions && drawn) {
+        m.drawn = now - t0; window.__simclick.push(m); return;
+      }
+      if (now - t0 < 60000) requestAnimationFrame(tick);
+    };
+    requestAnimationFrame(tick);
+  }, true);
+}
+"""
+
+
+def measure_latency(d) -> None:
+    """From now on record, for each pointer down on the stage, the milliseconds to the request
+    (sent) and to the suggestion drawn (drawn); read them with latencies()."""
+    d.execute_script(LATENCY_JS)
+
+
+def latencies(d) -> list[dict]:
+    return d.execute_script("return window.__simclick || []")
 
 
 def accept_suggestions(d) -> None:
