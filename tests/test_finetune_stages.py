@@ -26,7 +26,7 @@ def test_step_reports_are_throttled_and_the_last_one_is_sent(tmp_path):
     for step in range(1, 6):
         on_step(step, 5, {"loss": 0.5})
     assert [(c[0], c[1], c[2]["step"], c[2]["detail"]) for c in calls] == [
-        ("train", 32, 1, "step 1/5"), ("train", 68, 4, "step 4/5"), ("train", 80, 5, "step 5/5")]
+        ("train", 31, 1, "step 1/5"), ("train", 66, 4, "step 4/5"), ("train", 78, 5, "step 5/5")]
     assert all("eta_s" in c[2] for c in calls)
 
 
@@ -49,7 +49,7 @@ def test_train_stage_reports_steps_from_either_path(tmp_path, monkeypatch, gpus)
     tcfg, trained = train_candidate(job, Eta(3, {}))
     assert trained["resumed"] is False and trained["steps"] == 3 and tcfg.steps == 3
     assert calls[0][:2] == ("train", 20) and calls[0][2]["detail"] == "starting from p5-base"
-    assert calls[-1][:2] == ("train", 80) and calls[-1][2]["step"] == 3
+    assert calls[-1][:2] == ("train", 78) and calls[-1][2]["step"] == 3
     assert "train_s" in job.timings
 
 
