@@ -248,7 +248,7 @@ def test_a_new_domain_project_is_fine_tuned_promoted_and_served(label_studio_ser
               f"({h['better']} better, {h['worse']} worse of {h['instances']})")
         assert res["data"]["kept"] == 12 and res["data"]["source"].startswith("Label Studio")
         assert res["candidate"]["kind"] == "routed", res["candidate"]      # the router told the lesions apart
-    assert res["status"] == "promoted", res["reason"]
+        assert res["status"] == "promoted", res["reason"]
         assert set(res["timings"]) >= {"pull_s", "evaluate_parent_s", "train_s", "evaluate_candidate_s"}
         # served without a restart: the watcher loads the promoted version before the next request
         _wait(lambda: requests.get(f"{burl}/versions", params={"project": pid}, timeout=10).json()["model_version"]
