@@ -182,7 +182,7 @@ def test_a_folder_of_ones_own_under_its_own_name_with_skip_and_limit(tmp_path):
 
 def test_make_export_from_a_folder_reads_back_as_the_same_masks(tmp_path):
     from backend.labelstudio.make_export import main
-    from training.data.sources import LabelStudioSource
+    from training.data.labelstudio import LabelStudioSource
 
     root = _folder(tmp_path / "lesions", 3)
     assert main(["--folder", str(root), "--out", str(tmp_path / "out"), "--skip", "1"]) == 0

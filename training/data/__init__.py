@@ -18,10 +18,10 @@ from .clicks import (NO_BOX, PAD_CLICK, InitialClickConfig, add_next_clicks, cro
                      remap_boxes, remap_clicks, sample_boxes, sample_focus_boxes, sample_initial_clicks)
 from .dataset import ClickSegDataset, collate, make_loader, worker_init_fn
 from .mixture import Mixture, assign_splits, key_hash
-from .sources import (DEFAULT_WEIGHTS, AreaFilter, BenchmarkDataError, BSDSSource, COCOSource,
-                      Instance, InstanceSource, Item, LabelStudioSource, SBDSource, SODSource,
-                      assert_not_benchmark, decode_coco_segmentation, decode_ls_brush,
-                      default_data_root, default_sources, ls_url_basename, read_bsds_segmentations,
-                      read_sbd_instances, source_from_spec)
+from .catalog import DEFAULT_WEIGHTS, base_image_files, default_sources, source_from_spec
+from .labelstudio import LabelStudioSource, ls_url_basename
+from .sources import (AreaFilter, BenchmarkDataError, BSDSSource, COCOSource, Instance, InstanceSource, Item,
+                      SBDSource, SODSource, assert_not_benchmark, decode_coco_segmentation, default_data_root,
+                      read_bsds_segmentations, read_sbd_instances)
 
 __all__ = [n for n in dir() if not n.startswith("_")]
