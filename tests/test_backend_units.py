@@ -391,17 +391,17 @@ def test_plan_box_is_a_prompt_on_the_whole_image_and_sticks_for_keypoints():
     seg = Segmenter(predictor=None, sessions=ByteCache(1 << 20, 60), box_margin=0.1)
     box = (100.0, 50.0, 200.0, 150.0)
     plan = seg.plan(Prompt(label="A", to_name="image", box=box, size=(400, 300)), 400, 300, None)
-    assert (plan.frame, plan.steps, plan.box_prompt) == (Frame(0, 0, 400, 300), [], box)
+    assert (plan.frame, plan.steps, plan.box) == (Frame(0, 0, 400, 300), [], box)
     # Keypoints later (box not resent): inside box + margin they refine it...
-    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=box, box_prompt=box)
+    cached = Entry(session=None, identity=plan.identity, box=box)
     kp = Prompt(label="A", to_name="image", clicks=[Click(120, 60, False)], size=(400, 300))
     plan2 = seg.plan(kp, 400, 300, cached)
-    assert plan2.identity == plan.identity and plan2.box_prompt == box
+    assert plan2.identity == plan.identity and plan2.box == box
     assert plan2.steps == [(Click(120, 60, False),)]
     # ...outside it, the box is dropped.
     far = Prompt(label="A", to_name="image", clicks=[Click(390, 290, True)], size=(400, 300))
     plan3 = seg.plan(far, 400, 300, cached)
-    assert plan3.box_prompt is None and plan3.box is None and plan3.steps == [(Click(390, 290, True),)]
+    assert plan3.box is None and plan3.steps == [(Click(390, 290, True),)]
 
 
 def test_plan_keeps_a_box_whose_margin_covers_the_image():
@@ -413,10 +413,10 @@ def test_plan_keeps_a_box_whose_margin_covers_the_image():
     box = (10.0, 10.0, 390.0, 290.0)
     plan = seg.plan(Prompt(label="A", to_name="image", box=box, size=(400, 300)), 400, 300, None)
     assert plan.frame == Frame(0, 0, 400, 300) and plan.box == box
-    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=plan.box, box_prompt=box)
+    cached = Entry(session=None, identity=plan.identity, box=plan.box)
     kp = Prompt(label="A", to_name="image", clicks=[Click(50, 60, False)], size=(400, 300))
     plan2 = seg.plan(kp, 400, 300, cached)
-    assert plan2.identity == plan.identity and plan2.box_prompt == box   # the same session goes on
+    assert plan2.identity == plan.identity and plan2.box == box   # the same session goes on
     assert plan2.steps == [(Click(50, 60, False),)]
 
 
