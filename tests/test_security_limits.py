@@ -31,6 +31,7 @@ from backend.labelstudio.masks import mask_to_rle
 from model.images import load_image, load_mask
 
 from .conftest import DATASETS
+from tests.security_fixtures import one_torch_thread, predictor  # noqa: F401  (fixtures, found by pytest here)
 
 W, H = 128, 96
 REDIS_DB = 14
@@ -50,25 +51,6 @@ def data_uri(data: bytes, mime="image/png") -> str:
 
 
 URI = data_uri(png())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small convolutions on one thread: two threads on busy cores spin-wait for each other (a
-    64-px pass took 0.9 s instead of 25 ms). Restored after this module."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_checkpoint):
-    """The small real model, coarse pass only at 64 px: these tests are about what the backend
-    does around the model, and the machine running them may be busy."""
-    from model.predictor import Predictor
-    return Predictor.load(str(tiny_checkpoint), coarse_size=64, refine=False)
 
 
 def client(predictor, **env):
@@ -102,7 +84,7 @@ class Server:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()

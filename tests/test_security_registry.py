@@ -16,6 +16,7 @@ from backend.config import Config
 from model.checkpoint import file_sha256
 from tests.conftest import make_tiny_checkpoint
 from model.registry import ProjectRegistry
+from tests.security_fixtures import one_torch_thread, predictor  # noqa: F401  (fixtures, found by pytest here)
 
 def _uri() -> str:
     import base64
@@ -32,25 +33,6 @@ def _uri() -> str:
 
 
 URI = _uri()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small convolutions on one thread: two threads on busy cores spin-wait for each other (a
-    64-px pass took 0.9 s instead of 25 ms). Restored after this module."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_checkpoint):
-    """The small real model, coarse pass only at 64 px: these tests are about what the backend
-    does around the model, and the machine running them may be busy."""
-    from model.predictor import Predictor
-    return Predictor.load(str(tiny_checkpoint), coarse_size=64, refine=False)
 
 
 @pytest.fixture(scope="module")
