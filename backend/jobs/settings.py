@@ -6,7 +6,7 @@ from typing import Mapping, Optional
 
 from model.settings import (REDIS_URL, TRAIN_EVERY_N_ANNOTATIONS, TRAINING_HEARTBEAT_TTL, TRAINING_JOB_TIMEOUT,
                             TRAINING_LOCK_TTL, TRAINING_QUEUE, TRAINING_RESULT_TTL, WEBHOOK_DEDUP_SECONDS,
-                            env_field, read_fields)
+                            env_field, read_with_overrides)
 
 
 @dataclass
@@ -24,7 +24,6 @@ class JobSettings:
 
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "JobSettings":
-        """From `env` (default os.environ); overrides that are not None win (unknown names are ignored)."""
-        values = read_fields(cls, env)
-        values.update({k: v for k, v in overrides.items() if v is not None and k in values})
-        return cls(**values)
+        """From `env` (default os.environ); overrides that are not None win, unknown names raise
+        (model.settings.read_with_overrides, FinetuneSettings' rule too)."""
+        return cls(**read_with_overrides(cls, env, overrides, "job queue"))
