@@ -150,7 +150,6 @@ def test_gunicorn_conf_reads_the_declared_settings(monkeypatch):
 def test_the_job_queue_and_fine_tuning_settings_take_overrides_by_one_rule():
     """An override that is not None wins, None keeps the variable's value, an unknown name raises
     (model.settings.read_with_overrides), for JobSettings and FinetuneSettings alike."""
-
     env = {"TRAINING_QUEUE": "from-env", "FINETUNE_STEPS": "12"}
     assert JobSettings.from_env(env, queue="given").queue == "given"
     assert JobSettings.from_env(env, queue=None).queue == "from-env"
