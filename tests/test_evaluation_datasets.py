@@ -130,6 +130,7 @@ def test_missing_data_set_has_a_clear_error(tmp_path):
         load_dataset("DAVIS", tmp_path)
 
 
+@pytest.mark.e2e  # slow (1.2 s of CPU): the unit tier stays within a minute (issue 24)
 @pytest.mark.skipif(not (DATASETS / "train").is_dir(), reason=f"no training data under {DATASETS}")
 def test_train_val_is_the_split_training_never_sees_with_sources_interleaved():
     from training.data import Mixture, default_sources

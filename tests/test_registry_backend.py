@@ -60,6 +60,7 @@ def wait_version(c, project, want, timeout=10.0, auth=None):
         time.sleep(0.1)
 
 
+@pytest.mark.e2e  # slow (1.1 s of CPU): the unit tier stays within a minute (issue 24)
 def test_hot_reload_versions_and_rollback(base_predictor, tiny_checkpoint, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     root = tmp_path / "registry"

@@ -193,6 +193,7 @@ def _check(r, body):
         assert r.get_json()["error"]
 
 
+@pytest.mark.e2e  # slow (5.8 s of CPU): the unit tier stays within a minute (issue 24)
 def test_fuzz_predict_and_webhook(app):
     c = app.test_client()
     for body in _predict_bodies():                  # warm up: caches, model, allocator

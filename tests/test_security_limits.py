@@ -168,6 +168,7 @@ def _labels_config(n: int) -> str:
             f'</BrushLabels><KeyPointLabels name="kp" toName="image" smart="true">{labels}</KeyPointLabels></View>')
 
 
+@pytest.mark.e2e  # slow (2.2 s of CPU): the unit tier stays within a minute (issue 24)
 def test_predict_timeout_holds_across_labels(predictor):
     """The attack: PREDICT_TIMEOUT=5 and one request of 100 labels x 1 keypoint answered 200 after
     14.3 s: the deadline was checked between the clicks of a label, never between labels. Here the
@@ -202,6 +203,7 @@ def test_predict_has_a_time_budget_and_keeps_its_progress(predictor):
 
 
 # -- 10, 11: caches sized by memory ------------------------------------------------------------------------
+@pytest.mark.e2e  # slow (1.3 s of CPU): the unit tier stays within a minute (issue 24)
 def test_sessions_of_all_models_share_one_byte_budget(predictor, tmp_path, tiny_checkpoint):
     from tests.conftest import make_tiny_checkpoint
     from model.registry import ProjectRegistry
@@ -250,6 +252,7 @@ def test_sixteen_annotators_keep_their_sessions(predictor, caplog):
 
 
 # -- 14: undo deeper than the predictor's history -----------------------------------------------------------
+@pytest.mark.e2e  # slow (1.2 s of CPU): the unit tier stays within a minute (issue 24)
 def test_undo_deeper_than_the_history_replays(tmp_path):
     from model.predictor import Predictor
 
