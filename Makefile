@@ -20,12 +20,13 @@ run: $(VENV)/.installed
 	$(PY) -m backend --host $(HOST) --port $(PORT)
 
 # Both tiers: unit and e2e (real Label Studio, Redis, PostgreSQL, browser, real training runs).
+# --durations=15: the 15 slowest tests are printed (in CI's output too: .ci/run runs make test).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The unit tier only (pytest marker `unit`: everything not marked `e2e`).
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not e2e" tests
+	$(PY) -m pytest -q --durations=15 -m "not e2e" tests
 
 # ruff and mypy, configured in pyproject.toml.
 lint: $(VENV)/.installed

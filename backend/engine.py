@@ -125,7 +125,8 @@ class Deadline:
 
 @dataclass(frozen=True)
 class Frame:
-    """The part of the image a session sees, [x0, x1) x [y0, y1) in full-resolution pixels."""
+    """[x0, x1) x [y0, y1) in full-resolution pixels: a session's image (always the whole image,
+    Frame(0, 0, width, height)), or a box grown by its margin (`Segmenter.box_frame`)."""
     x0: int
     y0: int
     x1: int
@@ -138,9 +139,10 @@ class Frame:
     def contains(self, c: Click) -> bool:
         return self.x0 - 0.5 <= c.x <= self.x1 - 0.5 and self.y0 - 0.5 <= c.y <= self.y1 - 0.5
 
-    def local(self, c: Click) -> Click:
-        h, w = self.shape
-        return Click(min(max(c.x - self.x0, 0.0), w - 1.0), min(max(c.y - self.y0, 0.0), h - 1.0),
+    def clamp(self, c: Click) -> Click:
+        """The click moved onto the frame's nearest pixel centre (scale_prompt's rounding may put
+        one a hair outside the image)."""
+        return Click(min(max(c.x, float(self.x0)), self.x1 - 1.0), min(max(c.y, float(self.y0)), self.y1 - 1.0),
                      c.positive)
 
 
@@ -149,11 +151,10 @@ Step = tuple      # the clicks of one prediction: a keypoint (one click) or a br
 
 @dataclass
 class Plan:
-    frame: Frame
-    steps: list[Step]                 # in frame coordinates
-    prior: np.ndarray | None = None   # bool, frame shape
-    box: tuple | None = None          # the smart rectangle that applies (full-res), kept for later keypoints
-    box_prompt: tuple | None = None   # that box in frame coordinates, for session.set_box
+    frame: Frame                      # the whole image
+    steps: list[Step]
+    prior: np.ndarray | None = None   # bool, image shape
+    box: tuple | None = None          # the smart rectangle that applies, kept for later keypoints; session.set_box
 
     @property
     def prior_sig(self) -> str | None:
@@ -171,14 +172,12 @@ class Plan:
 class Entry:
     session: ClickSession
     identity: tuple                         # Plan.identity of the plans it serves
-    frame: Frame
-    box: tuple | None
-    box_prompt: tuple | None
+    box: tuple | None                       # the box prompt (Plan.box)
     steps: list = field(default_factory=list)
-    bits: np.ndarray | None = None          # the mask after `steps`, frame-shaped, np.packbits
+    bits: np.ndarray | None = None          # the mask after `steps`, image-shaped, np.packbits
     score: float = 0.0                      # mean probability inside that mask
     depth: int = 0                          # how many steps the session can undo exactly
-    boxed: bool = False                     # box_prompt has been given to the session
+    boxed: bool = False                     # the box has been given to the session
     owner: int = 0                          # the id of the Segmenter (model) it belongs to
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -193,22 +192,18 @@ class Entry:
 
 @dataclass
 class Outcome:
-    bits: np.ndarray          # frame-shaped bool mask, packed
+    bits: np.ndarray          # image-shaped bool mask, packed
     score: float
-    frame: Frame
     ran: int                  # network runs (predictions) this request cost
     clicks: int               # clicks in the sequence
     box: bool = False         # the model was given the box as a prompt
 
     def full_mask(self, height: int, width: int) -> np.ndarray:
-        f = self.frame
-        fh, fw = f.shape
-        out = np.zeros((height, width), bool)
-        out[f.y0:f.y1, f.x0:f.x1] = np.unpackbits(self.bits, count=fh * fw).reshape(fh, fw)   # cast on assignment
-        return out
+        """The mask, bool height x width (the image the session was opened on)."""
+        return np.unpackbits(self.bits, count=height * width).reshape(height, width).astype(bool)
 
 
-def _same(a: Click, b: Click) -> bool:
+def _same_click(a: Click, b: Click) -> bool:
     return a.positive == b.positive and abs(a.x - b.x) < 1e-3 and abs(a.y - b.y) < 1e-3
 
 
@@ -216,7 +211,7 @@ def common_prefix(a: list, b: list) -> int:
     """How many leading steps two step sequences share."""
     n = 0
     for x, y in zip(a, b):
-        if len(x) != len(y) or not all(_same(c, d) for c, d in zip(x, y)):
+        if len(x) != len(y) or not all(_same_click(c, d) for c, d in zip(x, y)):
             break
         n += 1
     return n
@@ -373,9 +368,6 @@ class Segmenter:
         self.threshold = threshold
         self.id = next(self._ids)
 
-    def session_count(self) -> int:
-        return sum(1 for e in self.sessions.values() if e.owner == self.id)
-
     def forget(self) -> None:
         """Drop this model's sessions (it is no longer served)."""
         self.sessions.discard(lambda key: key[0] == self.id)
@@ -403,18 +395,15 @@ class Segmenter:
         if box is not None and not all(self.box_frame(box, width, height).contains(c) for c in prompt.clicks):
             box = None
         steps: list[tuple[Click, ...]] = []
-        frame, box_prompt = whole, box
         prior = None
         if prompt.brush is not None:
-            painted = prompt.brush[frame.y0:frame.y1, frame.x0:frame.x1]
-            bclicks, blob = brush_clicks(painted)
+            bclicks, blob = brush_clicks(prompt.brush)
             if bclicks:
-                steps.append(tuple(Click(c.x + frame.x0, c.y + frame.y0, True) for c in bclicks))
+                steps.append(tuple(Click(c.x, c.y, True) for c in bclicks))
             if blob:
-                prior = painted.copy()
+                prior = prompt.brush.copy()
         steps += [(c,) for c in prompt.clicks]
-        return Plan(frame=frame, steps=[tuple(frame.local(c) for c in st) for st in steps], prior=prior,
-                    box=box, box_prompt=box_prompt)
+        return Plan(frame=whole, steps=[tuple(whole.clamp(c) for c in st) for st in steps], prior=prior, box=box)
 
     # -- running ---------------------------------------------------------------------------------
     def segment(self, image_key: str, image: np.ndarray, prompt: Prompt,
@@ -434,7 +423,7 @@ class Segmenter:
         plan = self.plan(prompt, width, height, cached, remembered)
         if self.shared is not None and shared_key is not None and plan.box != (remembered if remembered is not _CACHED else None):
             self.shared.put(shared_key, plan.box)
-        if not plan.steps and plan.box_prompt is None:
+        if not plan.steps and plan.box is None:
             raise PayloadError("the smart regions give no click (an empty brush stroke?)")
         session_key = None
         if self.shared is not None and self.shared.max_session_bytes:
@@ -449,10 +438,8 @@ class Segmenter:
         if cached is None:
             if deadline is not None:            # a new session costs the image's encoding: not past it
                 deadline.check(0, len(plan.steps))
-            f = plan.frame
-            session = self.predictor.open(image[f.y0:f.y1, f.x0:f.x1], prior_mask=plan.prior)
-            cached = Entry(session=session, identity=plan.identity, frame=f, box=plan.box,
-                           box_prompt=plan.box_prompt, owner=self.id)
+            session = self.predictor.open(image, prior_mask=plan.prior)
+            cached = Entry(session=session, identity=plan.identity, box=plan.box, owner=self.id)
         with cached.lock:
             before = len(cached.steps)
             try:
@@ -498,8 +485,7 @@ class Segmenter:
         steps = [tuple(Click(float(x), float(y), bool(pos)) for x, y, pos in st) for st in meta["steps"]]
         if common_prefix(steps, plan.steps) != len(steps) or len(steps) <= have:
             return None
-        f = plan.frame
-        session = self.predictor.open(image[f.y0:f.y1, f.x0:f.x1], prior_mask=plan.prior)
+        session = self.predictor.open(image, prior_mask=plan.prior)
         if not getattr(session, "restorable", False):
             return None
         try:
@@ -507,14 +493,13 @@ class Segmenter:
         except (ValueError, KeyError, TypeError) as err:
             log.info("a shared session state does not fit (%s): replaying", err)
             return None
-        h, w = f.shape
+        h, w = plan.frame.shape
         if bits.size != (h * w + 7) // 8:
             return None
         # depth -1: the first step run here cannot be undone exactly either (the session would go
         # back to the restored mask, where the original session goes back to its float16 history,
         # and the score would be that of a 0/1 map): such an undo replays.
-        return Entry(session=session, identity=plan.identity, frame=f, box=plan.box, box_prompt=plan.box_prompt,
-                     steps=steps, bits=bits, score=float(meta["score"]), depth=-1, boxed=bool(meta["boxed"]),
+        return Entry(session=session, identity=plan.identity, box=plan.box, steps=steps, bits=bits, score=float(meta["score"]), depth=-1, boxed=bool(meta["boxed"]),
                      owner=self.id)
 
     def _keep(self, key, entry: Entry) -> None:
@@ -524,10 +509,10 @@ class Segmenter:
 
     def _advance(self, e: Entry, steps: list, deadline: Deadline | None) -> Outcome:
         clicks = sum(len(st) for st in steps)
-        boxed = e.box_prompt is not None
+        boxed = e.box is not None
         k = common_prefix(e.steps, steps)
         if k == len(steps) == len(e.steps) and e.bits is not None:
-            return Outcome(e.bits, e.score, e.frame, 0, clicks, boxed)
+            return Outcome(e.bits, e.score, 0, clicks, boxed)
         undo = len(e.steps) - k
         if undo > 0 and (k == 0 and not boxed or undo > e.depth):
             e.session.reset()       # back to the start: the history does not reach that far
@@ -542,7 +527,7 @@ class Segmenter:
         if boxed and not e.boxed:
             if deadline is not None:
                 deadline.check(len(e.steps), len(steps))
-            x0, y0, x1, y1 = cast(tuple, e.box_prompt)      # boxed: a box prompt is there
+            x0, y0, x1, y1 = cast(tuple, e.box)      # boxed: a box prompt is there
             e.remember(e.session.set_box(x0, y0, x1, y1), self.threshold)
             e.boxed, ran = True, 1
             if deadline is not None:
@@ -558,4 +543,4 @@ class Segmenter:
             ran += 1
             if deadline is not None:
                 deadline.ran()
-        return Outcome(cast(np.ndarray, e.bits), e.score, e.frame, ran, clicks, boxed)
+        return Outcome(cast(np.ndarray, e.bits), e.score, ran, clicks, boxed)

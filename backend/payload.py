@@ -165,39 +165,9 @@ def parse_prompts(results: list, max_pixels: int | None = None, max_regions: int
             raise PayloadError(f"regions of label {label!r} disagree on the image size: "
                                f"{p.size} and {(w, h)}")
         if rtype.startswith("keypoint"):
-            x = _num(value.get("x"), "keypoint value.x") / 100.0 * w - 0.5
-            y = _num(value.get("y"), "keypoint value.y") / 100.0 * h - 0.5
-            if not (-0.5 <= x <= w - 0.5 and -0.5 <= y <= h - 0.5):
-                raise PayloadError(f"keypoint at ({value.get('x')}%, {value.get('y')}%) is outside the image")
-            positive = region.get("is_positive", True)
-            if not isinstance(positive, bool):
-                raise PayloadError(f"is_positive must be true or false, got {positive!r}")
-            control = region.get("from_name")
-            positive = positive and not (isinstance(control, str) and control in negative_controls)
-            # Rounded to 1e-4 px: the percent round trip leaves float noise (59.99999999 for
-            # pixel 60) that could move a disk edge or a focus crop and make a replayed sequence
-            # differ from a fresh one; real sub-pixel positions (23.5) are kept.
-            x, y = round(min(max(x, 0.0), w - 1.0), 4), round(min(max(y, 0.0), h - 1.0), 4)
-            p.clicks.append(Click(x, y, positive))
+            p.clicks.append(_keypoint(region, value, w, h, negative_controls))
         elif rtype.startswith("rectangle"):
-            x0 = _num(value.get("x"), "rectangle value.x") / 100.0 * w
-            y0 = _num(value.get("y"), "rectangle value.y") / 100.0 * h
-            bw = _num(value.get("width"), "rectangle value.width") / 100.0 * w
-            bh = _num(value.get("height"), "rectangle value.height") / 100.0 * h
-            if bw <= 0 or bh <= 0:
-                raise PayloadError("rectangle width and height must be > 0")
-            if value.get("rotation") and _num(value.get("rotation"), "rotation") % 360 != 0:
-                th = np.deg2rad(_num(value["rotation"], "rotation"))
-                # Label Studio rotates around the top-left corner: take the rotated box's bounds.
-                xs = [x0 + dx * np.cos(th) - dy * np.sin(th) for dx, dy in ((0, 0), (bw, 0), (0, bh), (bw, bh))]
-                ys = [y0 + dx * np.sin(th) + dy * np.cos(th) for dx, dy in ((0, 0), (bw, 0), (0, bh), (bw, bh))]
-                x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-            else:
-                x1, y1 = x0 + bw, y0 + bh
-            x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(w)), min(y1, float(h))
-            if x1 - x0 < 1 or y1 - y0 < 1:
-                raise PayloadError("the rectangle lies outside the image or is under one pixel")
-            p.box = (x0, y0, x1, y1)   # the latest box of a label wins
+            p.box = _rectangle(value, w, h)   # the latest box of a label wins
         else:
             if value.get("format", "rle") != "rle":
                 raise PayloadError(f"brush value.format must be 'rle', got {value.get('format')!r}")
@@ -213,6 +183,46 @@ def parse_prompts(results: list, max_pixels: int | None = None, max_regions: int
                 raise PayloadError(f"brush stroke of label {label!r}: {e}") from None
             p.strokes.append(data)
     return list(prompts.values())
+
+
+def _keypoint(region: dict, value: dict, w: int, h: int, negative_controls: frozenset) -> Click:
+    """A keypoint region as a click in pixels of the (w, h) image it was drawn on."""
+    x = _num(value.get("x"), "keypoint value.x") / 100.0 * w - 0.5
+    y = _num(value.get("y"), "keypoint value.y") / 100.0 * h - 0.5
+    if not (-0.5 <= x <= w - 0.5 and -0.5 <= y <= h - 0.5):
+        raise PayloadError(f"keypoint at ({value.get('x')}%, {value.get('y')}%) is outside the image")
+    positive = region.get("is_positive", True)
+    if not isinstance(positive, bool):
+        raise PayloadError(f"is_positive must be true or false, got {positive!r}")
+    control = region.get("from_name")
+    positive = positive and not (isinstance(control, str) and control in negative_controls)
+    # Rounded to 1e-4 px: the percent round trip leaves float noise (59.99999999 for
+    # pixel 60) that could move a disk edge or a focus crop and make a replayed sequence
+    # differ from a fresh one; real sub-pixel positions (23.5) are kept.
+    x, y = round(min(max(x, 0.0), w - 1.0), 4), round(min(max(y, 0.0), h - 1.0), 4)
+    return Click(x, y, positive)
+
+
+def _rectangle(value: dict, w: int, h: int) -> tuple:
+    """A rectangle region as (x0, y0, x1, y1) continuous pixels, clipped to the (w, h) image."""
+    x0 = _num(value.get("x"), "rectangle value.x") / 100.0 * w
+    y0 = _num(value.get("y"), "rectangle value.y") / 100.0 * h
+    bw = _num(value.get("width"), "rectangle value.width") / 100.0 * w
+    bh = _num(value.get("height"), "rectangle value.height") / 100.0 * h
+    if bw <= 0 or bh <= 0:
+        raise PayloadError("rectangle width and height must be > 0")
+    if value.get("rotation") and _num(value.get("rotation"), "rotation") % 360 != 0:
+        th = np.deg2rad(_num(value["rotation"], "rotation"))
+        # Label Studio rotates around the top-left corner: take the rotated box's bounds.
+        xs = [x0 + dx * np.cos(th) - dy * np.sin(th) for dx, dy in ((0, 0), (bw, 0), (0, bh), (bw, bh))]
+        ys = [y0 + dx * np.sin(th) + dy * np.cos(th) for dx, dy in ((0, 0), (bw, 0), (0, bh), (bw, bh))]
+        x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    else:
+        x1, y1 = x0 + bw, y0 + bh
+    x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(w)), min(y1, float(h))
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        raise PayloadError("the rectangle lies outside the image or is under one pixel")
+    return (x0, y0, x1, y1)
 
 
 def decode_brushes(prompts: list[Prompt]) -> None:

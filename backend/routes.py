@@ -161,7 +161,7 @@ def _unauthorized(message: str, scheme: str):
     return resp
 
 
-def _same(given: bytes, secret: str) -> bool:
+def _secret_matches(given: bytes, secret: str) -> bool:
     """Constant-time comparison of bytes: the secret as UTF-8, or as latin-1 (what Python requests,
     Label Studio's client, sends basic auth in)."""
     ok = hmac.compare_digest(given, secret.encode("utf-8"))
@@ -179,7 +179,7 @@ def _basic_denied(config: Config):
     if kind.lower() == "basic":
         try:
             user, _, pw = base64.b64decode(value.strip().encode("ascii"), validate=True).partition(b":")
-            ok = _same(user, config.basic_auth_user) & _same(pw, config.basic_auth_pass)
+            ok = _secret_matches(user, config.basic_auth_user) & _secret_matches(pw, config.basic_auth_pass)
         except (ValueError, binascii.Error):      # not ASCII, not base64
             ok = False
     if ok:
@@ -193,7 +193,7 @@ def _admin_denied(config: Config):
     if config.admin_token:
         kind, _, token = request.headers.get("Authorization", "").partition(" ")
         # The WSGI server decoded the header as latin-1: encoding it back gives the bytes sent.
-        if kind.lower() == "bearer" and _same(token.strip().encode("latin-1", "replace"), config.admin_token):
+        if kind.lower() == "bearer" and _secret_matches(token.strip().encode("latin-1", "replace"), config.admin_token):
             return None
         return _unauthorized("admin routes need the admin token: send Authorization: Bearer <ADMIN_TOKEN>",
                              "Bearer")

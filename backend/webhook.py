@@ -4,7 +4,7 @@ Label Studio sends every project event to the ML backend's /webhook and waits ab
 the answer, so nothing slow happens here: training events are passed to an *enqueue* function
 (TRAINING_ENQUEUE="package.module:function", called with a WebhookEvent, returning a job id or
 None, or a dict {"job": id or None, ...} merged into the answer) that must only put a job on a
-queue. With REDIS_URL set, the default is backend.jobs:enqueue_webhook (RQ, see backend/jobs.py). Without one, events are validated, recorded and
+queue. With REDIS_URL set, the default is backend.jobs:enqueue_webhook (RQ, see backend/jobs/enqueue.py). Without one, events are validated, recorded and
 acknowledged.
 
 Events and what they carry (Label Studio 1.23):

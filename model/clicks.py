@@ -79,16 +79,6 @@ def sample_at_clicks(feature: torch.Tensor, clicks: torch.Tensor, input_hw: tupl
     return s.squeeze(2).transpose(1, 2)  # (B, M, C)
 
 
-def pack_clicks(click_lists, device=None) -> torch.Tensor:
-    """[[(y, x, positive), ...], ...] -> (B, M, 3) tensor padded with sign 0 (M >= 1)."""
-    m = max(1, max((len(c) for c in click_lists), default=0))
-    out = torch.zeros(len(click_lists), m, 3, dtype=torch.float32)
-    for i, cl in enumerate(click_lists):
-        for j, (y, x, pos) in enumerate(cl):
-            out[i, j] = torch.tensor([y, x, 1.0 if pos else -1.0])
-    return out.to(device) if device is not None else out
-
-
 def box_maps(boxes: torch.Tensor | None, batch: int, height: int, width: int,
              device=None) -> torch.Tensor:
     """(B, 4) boxes (y0, x0, y1, x1) in input pixels, end exclusive -> (B, 1, H, W) map, 1 inside.

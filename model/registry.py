@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, List, Mapping, Optional
 
+from .files import atomic_write_bytes, file_sha256, read_info
 from .settings import DATA_DIR, MODEL_REGISTRY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -104,23 +105,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# model.checkpoint imports torch: imported where needed, so that enqueueing (the backend's webhook,
-# `python -m backend.jobs enqueue`) and reading the registry stay light.
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    from model.checkpoint import atomic_write_bytes as write
-    write(path, data)
-
-
-def file_sha256(path) -> str:
-    from model.checkpoint import file_sha256 as sha
-    return sha(path)
-
-
-def read_info(path) -> dict:
-    from model.checkpoint import read_info as info
-    return info(path)
 
 
 def _write_json(path: Path, data: Any) -> None:

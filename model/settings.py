@@ -96,6 +96,20 @@ def read_fields(cls: type, env: Optional[Mapping[str, str]] = None) -> dict[str,
     return {f.name: f.metadata["setting"].read(env) for f in fields(cls) if "setting" in f.metadata}
 
 
+def read_with_overrides(cls: type, env: Optional[Mapping[str, str]], overrides: Mapping[str, Any],
+                        what: str) -> dict[str, Any]:
+    """read_fields(cls, env) with `overrides` applied by the one rule of the settings objects: an
+    override that is not None wins (None means "not given": the variable's value stays); a name
+    that is not a field raises ValueError (a misspelt override must not pass unseen). `what`
+    names the settings in that message."""
+    values = read_fields(cls, env)
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise ValueError(f"unknown {what} settings {sorted(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return values
+
+
 def variable(cls: type, field_name: str) -> str:
     """The environment variable behind a field of `cls` (for error messages)."""
     return next(f.metadata["setting"].name for f in fields(cls) if f.name == field_name)

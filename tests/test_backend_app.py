@@ -246,6 +246,7 @@ def test_setup_token_is_the_fallback(predictor, server):
     assert img.shape[2] == 3 and server.requests[-1][2] == f"Token {server.legacy_token}"
 
 
+@pytest.mark.e2e  # slow (2.0 s of CPU): the unit tier stays within a minute (issue 24)
 def test_click_sequences_reuse_undo_and_replay(predictor, sample, server, caplog):
     caplog.set_level(logging.INFO, logger="backend")
     _, image, gt = sample
@@ -284,6 +285,7 @@ def test_click_sequences_reuse_undo_and_replay(predictor, sample, server, caplog
     assert np.array_equal(got, expected)      # incremental state == a fresh session
 
 
+@pytest.mark.e2e  # slow (1.7 s of CPU): the unit tier stays within a minute (issue 24)
 def test_rectanglelabels_box_is_a_prompt_and_keypoints_refine_inside(predictor, sample, server, caplog):
     """A RectangleLabels region (the labelled smart rectangle) is the session's box: the answer is
     what session.set_box gives, and a keypoint inside the box (sent without it) refines it."""

@@ -21,6 +21,7 @@ def args(tiny_checkpoint, monkeypatch):
             "--device", "cpu", "--json"]
 
 
+@pytest.mark.e2e  # slow (1.1 s of CPU): the unit tier stays within a minute (issue 24)
 def test_bench_runs_on_the_shared_setup(args, capsys):
     assert bench.main(args) == 0
     report = json.loads(capsys.readouterr().out)
@@ -28,6 +29,7 @@ def test_bench_runs_on_the_shared_setup(args, capsys):
     assert len(report["mean_iou_per_click"]) == 2 and report["model_version"] == "tiny"
 
 
+@pytest.mark.e2e  # slow (1.1 s of CPU): the unit tier stays within a minute (issue 24)
 def test_replaybench_runs_on_the_shared_setup(args, capsys):
     assert replaybench.main(args) == 0
     report = json.loads(capsys.readouterr().out)

@@ -74,6 +74,7 @@ def post(c, regions):
     return r
 
 
+@pytest.mark.e2e  # slow (1.1 s of CPU): the unit tier stays within a minute (issue 24)
 def test_box_model_gets_the_box_as_a_prompt_and_keeps_it_for_keypoints(box_predictor, sample, server, caplog):
     caplog.set_level(logging.INFO, logger="backend")
     _, image, gt = sample
@@ -99,6 +100,7 @@ def test_box_model_gets_the_box_as_a_prompt_and_keeps_it_for_keypoints(box_predi
     assert np.count_nonzero(mask_of(r, gt.shape) != box_only) <= 0.001 * gt.size   # fp16 history
 
 
+@pytest.mark.e2e  # slow (1.1 s of CPU): the unit tier stays within a minute (issue 24)
 def test_click_only_model_gets_a_box_seed_close_to_the_object(predictor, sample, server, caplog):
     """The shipped click-only model with the object's box: one run on the GrabCut seed, a mask that
     overlaps the object (before, a centre click on the box crop: IoU ~0.4 on Berkeley)."""
@@ -113,6 +115,7 @@ def test_click_only_model_gets_a_box_seed_close_to_the_object(predictor, sample,
     assert np.count_nonzero(got & gt) / np.count_nonzero(got | gt) > 0.7
 
 
+@pytest.mark.e2e  # slow (1.8 s of CPU): the unit tier stays within a minute (issue 24)
 def test_box_covering_the_image_is_kept_for_the_next_keypoint(predictor, sample, server, caplog):
     """A click-only model; the box plus its margin covers the whole image. Before issue 14 the box
     was forgotten: the keypoint started a new session without it."""

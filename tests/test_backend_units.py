@@ -126,17 +126,20 @@ def test_negative_keypoint_controls_make_negative_clicks():
 
 
 def test_mask_alpha_is_the_rle_value_and_decodes_the_same():
+    from training.brush import decode_ls_brush        # fine-tuning's reading of an annotation
+
     m = np.zeros((30, 40), bool)
     m[5:20, 3:33] = True
-    for value in (1, 128, 255):
+    for value in (1, 127, 128, 255):
         rle = mask_to_rle(m, value)
-        assert np.array_equal(rle_to_mask(rle, 30, 40), m)
         rgba = np.asarray(decode_rle(rle)).reshape(30, 40, 4)          # label-studio-sdk's reading
         assert set(np.unique(rgba[..., 3]).tolist()) == {0, value}
+        # One rule, /predict and fine-tuning alike: a pixel is in the mask when its alpha is > 127.
+        want = m if value > 127 else np.zeros_like(m)
+        assert np.array_equal(rle_to_mask(rle, 30, 40), want)
+        result = {"value": {"rle": rle}, "original_height": 30, "original_width": 40}
+        assert np.array_equal(decode_ls_brush(result), want)
     assert mask_to_rle(m) == mask_to_rle(m, 255)
-    from training.data.sources import decode_ls_brush        # fine-tuning reads LS exports: alpha > 127
-    result = {"value": {"rle": mask_to_rle(m, 128)}, "original_height": 30, "original_width": 40}
-    assert np.array_equal(decode_ls_brush(result), m)
     with pytest.raises(SettingError, match="MASK_ALPHA"):
         Config.from_env({"MASK_ALPHA": "127"})        # readers threshold the alpha at > 127
     assert Config.from_env({"MASK_ALPHA": "255"}).mask_alpha == 255
@@ -239,6 +242,30 @@ def test_bad_brush_rle_is_a_payload_error():
 
 
 # -- RLE and polygons ------------------------------------------------------------------------------
+def test_anti_aliased_brush_edges_read_the_same_in_predict_and_fine_tuning():
+    """A stroke as the editor's canvas draws it: alpha 255 inside, a ramp 1..254 over its edge.
+    The backend's /predict reading (rle_to_mask, through the payload) and fine-tuning's
+    (decode_ls_brush, training/data/labelstudio.py and backend/labelstudio/pull.py) are one
+    decoder: the pixels of alpha > 127, the half of the ramp nearer the stroke."""
+    from training.brush import decode_ls_brush
+
+    h, w = 40, 60
+    y, x = np.mgrid[:h, :w]
+    alpha = np.clip(255 * (12 - np.hypot(x - 30, y - 20)) / 6, 0, 255).astype(np.uint8)  # r 6 solid, to 12 faint
+    assert len(np.unique(alpha)) > 20                      # a real ramp, both sides of 127
+    rle = encode_rle(np.repeat(alpha.ravel(), 4))           # label-studio-sdk's encoder: RGBA = alpha
+    want = alpha > 127
+    assert np.array_equal(decode_rle(rle).reshape(h, w, 4)[..., 3] > 127, want)    # the SDK agrees
+    assert np.array_equal(rle_to_mask(rle, h, w), want)
+    result = {"type": "brushlabels", "value": {"format": "rle", "rle": list(rle), "brushlabels": ["Object"]},
+              "original_height": h, "original_width": w}
+    assert np.array_equal(decode_ls_brush(result), want)
+    prompts = parse_prompts([{**result, "to_name": "image"}])    # /predict's reading of a smart brush stroke
+    decode_brushes(prompts)
+    assert np.array_equal(prompts[0].brush, want)
+    assert want.sum() < (alpha > 0).sum()                   # the faint half of the edge is left out
+
+
 def test_rle_round_trip_through_the_sdk():
     rng = np.random.default_rng(0)
     for h, w in ((1, 1), (32, 48), (97, 131)):
@@ -364,17 +391,17 @@ def test_plan_box_is_a_prompt_on_the_whole_image_and_sticks_for_keypoints():
     seg = Segmenter(predictor=None, sessions=ByteCache(1 << 20, 60), box_margin=0.1)
     box = (100.0, 50.0, 200.0, 150.0)
     plan = seg.plan(Prompt(label="A", to_name="image", box=box, size=(400, 300)), 400, 300, None)
-    assert (plan.frame, plan.steps, plan.box_prompt) == (Frame(0, 0, 400, 300), [], box)
+    assert (plan.frame, plan.steps, plan.box) == (Frame(0, 0, 400, 300), [], box)
     # Keypoints later (box not resent): inside box + margin they refine it...
-    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=box, box_prompt=box)
+    cached = Entry(session=None, identity=plan.identity, box=box)
     kp = Prompt(label="A", to_name="image", clicks=[Click(120, 60, False)], size=(400, 300))
     plan2 = seg.plan(kp, 400, 300, cached)
-    assert plan2.identity == plan.identity and plan2.box_prompt == box
+    assert plan2.identity == plan.identity and plan2.box == box
     assert plan2.steps == [(Click(120, 60, False),)]
     # ...outside it, the box is dropped.
     far = Prompt(label="A", to_name="image", clicks=[Click(390, 290, True)], size=(400, 300))
     plan3 = seg.plan(far, 400, 300, cached)
-    assert plan3.box_prompt is None and plan3.box is None and plan3.steps == [(Click(390, 290, True),)]
+    assert plan3.box is None and plan3.steps == [(Click(390, 290, True),)]
 
 
 def test_plan_keeps_a_box_whose_margin_covers_the_image():
@@ -386,10 +413,10 @@ def test_plan_keeps_a_box_whose_margin_covers_the_image():
     box = (10.0, 10.0, 390.0, 290.0)
     plan = seg.plan(Prompt(label="A", to_name="image", box=box, size=(400, 300)), 400, 300, None)
     assert plan.frame == Frame(0, 0, 400, 300) and plan.box == box
-    cached = Entry(session=None, identity=plan.identity, frame=plan.frame, box=plan.box, box_prompt=box)
+    cached = Entry(session=None, identity=plan.identity, box=plan.box)
     kp = Prompt(label="A", to_name="image", clicks=[Click(50, 60, False)], size=(400, 300))
     plan2 = seg.plan(kp, 400, 300, cached)
-    assert plan2.identity == plan.identity and plan2.box_prompt == box   # the same session goes on
+    assert plan2.identity == plan.identity and plan2.box == box   # the same session goes on
     assert plan2.steps == [(Click(50, 60, False),)]
 
 

@@ -52,6 +52,7 @@ def test_box_mode_starts_from_the_tight_box_and_reports_its_iou():
                                               progress=False).metrics()
 
 
+@pytest.mark.e2e  # slow (1.0 s of CPU): the unit tier stays within a minute (issue 24)
 def test_box_mode_runs_a_box_trained_network(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig(fusion="late", box_input=True, input_size=128, aspp_channels=32, decoder_channels=32)

@@ -179,7 +179,7 @@ def _blobs(rng, h, w, n):
 
 
 def test_training_robot_user_agrees_with_the_evaluation_one_on_random_masks():
-    """The robot-user rule is written twice: training.data.clicks.next_clicks (cv2's exact distance
+    """The robot-user rule is written twice: training.data.click_simulation.next_clicks (cv2's exact distance
     transform, float32, batched, clicks as (y, x, sign) rows) and RobotClicker (scipy's EDT, float64,
     one mask). They must pick the same click; where they pick different pixels, those pixels must tie
     (equal distance) and the sign must agree. They differ on purpose only with nothing left to

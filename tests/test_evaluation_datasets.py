@@ -130,6 +130,7 @@ def test_missing_data_set_has_a_clear_error(tmp_path):
         load_dataset("DAVIS", tmp_path)
 
 
+@pytest.mark.e2e  # slow (1.2 s of CPU): the unit tier stays within a minute (issue 24)
 @pytest.mark.skipif(not (DATASETS / "train").is_dir(), reason=f"no training data under {DATASETS}")
 def test_train_val_is_the_split_training_never_sees_with_sources_interleaved():
     from training.data import Mixture, default_sources
@@ -182,7 +183,7 @@ def test_a_folder_of_ones_own_under_its_own_name_with_skip_and_limit(tmp_path):
 
 def test_make_export_from_a_folder_reads_back_as_the_same_masks(tmp_path):
     from backend.labelstudio.make_export import main
-    from training.data.sources import LabelStudioSource
+    from training.data.labelstudio import LabelStudioSource
 
     root = _folder(tmp_path / "lesions", 3)
     assert main(["--folder", str(root), "--out", str(tmp_path / "out"), "--skip", "1"]) == 0

@@ -149,6 +149,7 @@ def _broken_factory():
     raise RuntimeError("cannot build this predictor")
 
 
+@pytest.mark.e2e  # slow (starts Python processes that import torch): the unit tier stays within a minute (issue 24)
 def test_a_predictor_that_fails_to_load_in_the_workers_raises_instead_of_hanging():
     samples = samples_from_arrays([(np.zeros((8, 8, 3), np.uint8), np.eye(8, dtype=bool))] * 2)
     with pytest.raises(RuntimeError, match="cannot build"):
@@ -169,6 +170,7 @@ def test_without_the_curve_an_instance_stops_at_090_with_the_same_noc():
     assert (m["noc90"], m["nof90"], m["miou"]) == (11.5, 1, [])       # no curve from stopped instances
 
 
+@pytest.mark.e2e  # slow (starts Python processes that import torch): the unit tier stays within a minute (issue 24)
 def test_several_data_sets_in_one_pool_of_workers():
     from training.evaluation.runner import evaluate_datasets
 

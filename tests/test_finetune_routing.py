@@ -53,6 +53,7 @@ def routed_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.e2e  # slow (2.5 s of CPU): the unit tier stays within a minute (issue 24)
 def test_a_routed_checkpoint_answers_each_image_with_its_network(routed_file):
     p = Predictor.load(str(routed_file))
     base = Predictor.load("default")

@@ -20,6 +20,7 @@ from backend.app import create_app
 from backend.bench import keypoint, predict_body
 from backend.config import Config
 from backend import jobs
+from backend.jobs.lock import waiting_for
 
 FIX = Path(__file__).parent / "fixtures" / "labelstudio"
 QUEUE = "simclick-test-enqueue"
@@ -198,5 +199,5 @@ def test_project_lock(rdb):
     # Owners are attempts: two attempts of one job are two owners (see test_jobs_attempts.py).
     first, second = jobs.attempt_owner("job-x"), jobs.attempt_owner("job-x")
     assert first != second and first.startswith("job-x/")
-    assert "earlier attempt of this job" in jobs._waiting_for(first, "job-x", "5")
-    assert jobs._waiting_for(first, "job-y", "5") == "project 5 is being trained by job job-x"
+    assert "earlier attempt of this job" in waiting_for(first, "job-x", "5")
+    assert waiting_for(first, "job-y", "5") == "project 5 is being trained by job job-x"

@@ -3,11 +3,22 @@ import pytest
 import torch
 
 from model.backbones import FEATURE_CHANNELS, build_backbone, lite2_weights_path, load_lite2_imagenet
-from model.clicks import disk_maps, pack_clicks, sample_at_clicks
+from model.clicks import disk_maps, sample_at_clicks
 from model.config import ModelConfig
 from model.network import InteractiveSegNet
 from model.pem import PrototypeLoss
 from model.spm import SPM
+
+
+def pack_clicks(click_lists) -> torch.Tensor:
+    """[[(y, x, positive), ...], ...] -> (B, M, 3) clicks padded with sign 0 (M >= 1): the network's
+    click tensor, written by hand."""
+    m = max(1, max((len(c) for c in click_lists), default=0))
+    out = torch.zeros(len(click_lists), m, 3, dtype=torch.float32)
+    for i, cl in enumerate(click_lists):
+        for j, (y, x, pos) in enumerate(cl):
+            out[i, j] = torch.tensor([y, x, 1.0 if pos else -1.0])
+    return out
 
 
 @pytest.mark.parametrize("backbone", ["efficientnet-lite2", "resnet50", "resnet101"])

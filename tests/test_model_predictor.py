@@ -170,6 +170,7 @@ def test_pickle_payload_is_refused_and_never_run(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.e2e  # slow (3.1 s of CPU): the unit tier stays within a minute (issue 24)
 def test_checkpoint_whose_header_length_starts_with_the_pickle_byte_loads(tmp_path, tiny_ckpt):
     """A safetensors header length is a little-endian u64: its first byte is 0x80 for one file in
     256, the byte a pickle starts with. Such a file is a good checkpoint and must load (a CI run
@@ -240,6 +241,7 @@ def test_prior_mask_is_the_starting_state(predictor):
         predictor.open(image, prior_mask=np.zeros((10, 10), bool))
 
 
+@pytest.mark.e2e  # slow (1.2 s of CPU): the unit tier stays within a minute (issue 24)
 def test_huge_image_works_at_bounded_resolution(predictor):
     image = np.zeros((6000, 8000, 3), np.uint8)
     image[2000:4000, 3000:5000] = 200
@@ -317,6 +319,7 @@ def test_predictor_on_odd_images(predictor):
         assert s.add_click(35, 25, True).shape == (50, 70)
 
 
+@pytest.mark.e2e  # slow (1.5 s of CPU): the unit tier stays within a minute (issue 24)
 def test_box_prompt_session(tmp_path):
     """A box-capable model: set_box gives a mask before any click, clicks keep the box, undo removes
     the clicks then the box; models without box input refuse it clearly."""
@@ -398,6 +401,7 @@ def test_grabcut_seed_finds_a_distinct_object_in_its_box_and_repeats_itself():
     assert grabcut_seed(image, (0.0, 0.0, 300.0, 500.0)).all()
 
 
+@pytest.mark.e2e  # slow (1.2 s of CPU): the unit tier stays within a minute (issue 24)
 def test_grabcut_seed_of_a_small_box_in_a_big_image_keeps_its_detail():
     from model.box_seed import grabcut_seed
 

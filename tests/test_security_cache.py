@@ -46,6 +46,7 @@ def client(predictor, **env):
 
 
 # -- 4: memory the caches did not count ---------------------------------------------------------------
+@pytest.mark.e2e  # slow (6.4 s of CPU): the unit tier stays within a minute (issue 24)
 def test_padded_data_uris_are_not_kept_as_cache_keys(tiny_predictor):
     """The attack: IMAGE_CACHE_MB=1, 24 requests whose data: URI was padded to 20 MB grew the RSS by
     ~500 MB while /health reported 72 bytes of images: the whole URI was the key (of the image and
@@ -64,6 +65,7 @@ def test_padded_data_uris_are_not_kept_as_cache_keys(tiny_predictor):
     assert kept < 60, f"24 padded URIs kept +{kept:.0f} MB; the caches account for {caches}"
 
 
+@pytest.mark.e2e  # slow (3.5 s of CPU): the unit tier stays within a minute (issue 24)
 def test_setup_fields_are_bounded_and_setups_are_a_bounded_cache(tiny_predictor):
     """The attack: /setup with a 20 MB project string kept 20 MB per call, without limit."""
     c = client(tiny_predictor)
@@ -87,6 +89,7 @@ def test_setup_fields_are_bounded_and_setups_are_a_bounded_cache(tiny_predictor)
     assert backend.setups.get("2999.1795584533").access_token == token
 
 
+@pytest.mark.e2e  # slow (4.0 s of CPU): the unit tier stays within a minute (issue 24)
 def test_label_configs_are_cached_within_a_byte_budget(tiny_predictor):
     """The attack: the label-config cache held up to 64 configs of up to 32 MB each (their XML as
     the key). 16 distinct 20 MB configs must not stay in memory."""
@@ -101,6 +104,7 @@ def test_label_configs_are_cached_within_a_byte_budget(tiny_predictor):
     assert kept < 60, f"16 label configs of 20 MB kept +{kept:.0f} MB"
 
 
+@pytest.mark.e2e  # slow (2.0 s of CPU): the unit tier stays within a minute (issue 24)
 def test_webhook_history_is_bounded_in_bytes(tiny_predictor):
     """GET /webhook/events keeps the last WEBHOOK_HISTORY events: 100 of them, each with a 10 MB
     'action' string, would be 1 GB."""

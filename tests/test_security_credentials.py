@@ -23,6 +23,7 @@ from model.registry import ProjectRegistry
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 from image_server import ImageServer  # noqa: E402
+from tests.security_fixtures import one_torch_thread, predictor  # noqa: F401  (fixtures, found by pytest here)
 
 W, H = 128, 96
 
@@ -39,25 +40,6 @@ PNG = _png()
 SETUP_SCHEMA = ('<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image">'
                 '<Label value="Object"/></BrushLabels><KeyPointLabels name="kp" toName="image" '
                 'smart="true"><Label value="Object" smart="true"/></KeyPointLabels></View>')
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small convolutions on one thread: two threads on busy cores spin-wait for each other (a
-    64-px pass took 0.9 s instead of 25 ms). Restored after this module."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_checkpoint):
-    """The small real model, coarse pass only at 64 px: these tests are about what the backend
-    does around the model, and the machine running them may be busy."""
-    from model.predictor import Predictor
-    return Predictor.load(str(tiny_checkpoint), coarse_size=64, refine=False)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from backend.bench import keypoint, predict_body
 from backend.config import Config
 from backend.labelstudio.masks import mask_to_rle
 from backend.membench import data_uri, ico_bomb
+from tests.security_fixtures import one_torch_thread  # noqa: F401  (fixtures, found by pytest here)
 
 FIX = Path(__file__).parent / "fixtures" / "labelstudio"
 REDIS_DB = 14
@@ -164,17 +165,6 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small convolutions on one thread: two threads on busy cores spin-wait for each other (a
-    64-px pass took 0.9 s instead of 25 ms). Restored after this module."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def app(tiny_checkpoint, tmp_path_factory):
     from model.predictor import Predictor
@@ -203,6 +193,7 @@ def _check(r, body):
         assert r.get_json()["error"]
 
 
+@pytest.mark.e2e  # slow (5.8 s of CPU): the unit tier stays within a minute (issue 24)
 def test_fuzz_predict_and_webhook(app):
     c = app.test_client()
     for body in _predict_bodies():                  # warm up: caches, model, allocator

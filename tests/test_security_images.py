@@ -47,6 +47,7 @@ def encoded(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 # -- 2: a frame bigger than the file says ---------------------------------------------------------------
+@pytest.mark.e2e  # slow (3.6 s of CPU): the unit tier stays within a minute (issue 24)
 def test_ico_hiding_a_huge_png_is_413_before_it_is_decoded(tiny_predictor):
     """The attack: an ICO whose directory says 256x256 around a 19000x19000 PNG (1.09 MB): 413 after
     3.3 s and +1,275 MB, the PNG decoded inside Image.open."""
@@ -103,6 +104,7 @@ def test_a_png_over_the_limit_is_413_without_decoding(tiny_predictor):
 
 
 # -- 3: 16- and 32-bit images ------------------------------------------------------------------------------
+@pytest.mark.e2e  # slow (4.2 s of CPU): the unit tier stays within a minute (issue 24)
 def test_sixteen_and_thirty_two_bit_images_cost_what_eight_bit_ones_cost(tiny_predictor):
     """The attack: a 16 MP 16-bit PNG (43 KB) cost +1,236 MB, a 32-bit TIFF +1,391 MB: the
     conversion to 8 bits stacked float64 copies of the image (80-92 bytes a pixel). Decoding one

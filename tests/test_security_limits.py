@@ -31,6 +31,7 @@ from backend.labelstudio.masks import mask_to_rle
 from model.images import load_image, load_mask
 
 from .conftest import DATASETS
+from tests.security_fixtures import one_torch_thread, predictor  # noqa: F401  (fixtures, found by pytest here)
 
 W, H = 128, 96
 REDIS_DB = 14
@@ -50,25 +51,6 @@ def data_uri(data: bytes, mime="image/png") -> str:
 
 
 URI = data_uri(png())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small convolutions on one thread: two threads on busy cores spin-wait for each other (a
-    64-px pass took 0.9 s instead of 25 ms). Restored after this module."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_checkpoint):
-    """The small real model, coarse pass only at 64 px: these tests are about what the backend
-    does around the model, and the machine running them may be busy."""
-    from model.predictor import Predictor
-    return Predictor.load(str(tiny_checkpoint), coarse_size=64, refine=False)
 
 
 def client(predictor, **env):
@@ -102,7 +84,7 @@ class Server:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -186,6 +168,7 @@ def _labels_config(n: int) -> str:
             f'</BrushLabels><KeyPointLabels name="kp" toName="image" smart="true">{labels}</KeyPointLabels></View>')
 
 
+@pytest.mark.e2e  # slow (2.2 s of CPU): the unit tier stays within a minute (issue 24)
 def test_predict_timeout_holds_across_labels(predictor):
     """The attack: PREDICT_TIMEOUT=5 and one request of 100 labels x 1 keypoint answered 200 after
     14.3 s: the deadline was checked between the clicks of a label, never between labels. Here the
@@ -220,6 +203,7 @@ def test_predict_has_a_time_budget_and_keeps_its_progress(predictor):
 
 
 # -- 10, 11: caches sized by memory ------------------------------------------------------------------------
+@pytest.mark.e2e  # slow (1.3 s of CPU): the unit tier stays within a minute (issue 24)
 def test_sessions_of_all_models_share_one_byte_budget(predictor, tmp_path, tiny_checkpoint):
     from tests.conftest import make_tiny_checkpoint
     from model.registry import ProjectRegistry
@@ -268,6 +252,7 @@ def test_sixteen_annotators_keep_their_sessions(predictor, caplog):
 
 
 # -- 14: undo deeper than the predictor's history -----------------------------------------------------------
+@pytest.mark.e2e  # slow (1.2 s of CPU): the unit tier stays within a minute (issue 24)
 def test_undo_deeper_than_the_history_replays(tmp_path):
     from model.predictor import Predictor
 

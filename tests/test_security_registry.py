@@ -16,6 +16,7 @@ from backend.config import Config
 from model.checkpoint import file_sha256
 from tests.conftest import make_tiny_checkpoint
 from model.registry import ProjectRegistry
+from tests.security_fixtures import one_torch_thread, predictor  # noqa: F401  (fixtures, found by pytest here)
 
 def _uri() -> str:
     import base64
@@ -32,25 +33,6 @@ def _uri() -> str:
 
 
 URI = _uri()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Small convolutions on one thread: two threads on busy cores spin-wait for each other (a
-    64-px pass took 0.9 s instead of 25 ms). Restored after this module."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def predictor(tiny_checkpoint):
-    """The small real model, coarse pass only at 64 px: these tests are about what the backend
-    does around the model, and the machine running them may be busy."""
-    from model.predictor import Predictor
-    return Predictor.load(str(tiny_checkpoint), coarse_size=64, refine=False)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +121,7 @@ def tamper_no_version(reg, ckpts):
     write_pointer(reg, {"checkpoint": "versions/p5-v001/model.safetensors"})
 
 
+@pytest.mark.e2e  # slow (3.8 s of CPU): the unit tier stays within a minute (issue 24)
 @pytest.mark.parametrize("tamper", [tamper_absolute, tamper_relative, tamper_symlinked_version,
                                     tamper_symlinked_file, tamper_sha, tamper_no_version])
 def test_a_tampered_pointer_never_serves_foreign_weights(project, predictor, ckpts, tamper, caplog):
@@ -241,6 +224,7 @@ def test_a_malformed_card_in_model_checkpoint_is_a_clean_error(tiny_checkpoint, 
     assert "cannot load the model" in err and "Traceback" not in err, err
 
 
+@pytest.mark.e2e  # slow (starts Python processes that import torch): the unit tier stays within a minute (issue 24)
 def test_the_cli_exits_2_on_a_malformed_card(tiny_checkpoint, tmp_path):
     import subprocess
     import sys
@@ -252,6 +236,7 @@ def test_the_cli_exits_2_on_a_malformed_card(tiny_checkpoint, tmp_path):
     assert p.returncode == 2 and "cannot load the model" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
+@pytest.mark.e2e  # slow (1.1 s of CPU): the unit tier stays within a minute (issue 24)
 def test_the_fallback_note_names_versions_not_paths(project, predictor, ckpts, tiny_checkpoint, tmp_path):
     """GET /versions (and /health) said why the promoted version is not served, with the absolute
     path of its file on the server, to any client."""

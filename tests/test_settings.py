@@ -145,3 +145,17 @@ def test_gunicorn_conf_reads_the_declared_settings(monkeypatch):
     monkeypatch.setenv("GUNICORN_WORKERS", "2")
     set_ = runpy.run_path(str(conf))
     assert (set_["bind"], set_["workers"]) == ("0.0.0.0:9090", 2)
+
+
+def test_the_job_queue_and_fine_tuning_settings_take_overrides_by_one_rule():
+    """An override that is not None wins, None keeps the variable's value, an unknown name raises
+    (model.settings.read_with_overrides), for JobSettings and FinetuneSettings alike."""
+    env = {"TRAINING_QUEUE": "from-env", "FINETUNE_STEPS": "12"}
+    assert JobSettings.from_env(env, queue="given").queue == "given"
+    assert JobSettings.from_env(env, queue=None).queue == "from-env"
+    assert FinetuneSettings.from_env(env, steps=30).steps == 30
+    assert FinetuneSettings.from_env(env, steps=None).steps == 12
+    with pytest.raises(ValueError, match="unknown job queue settings"):
+        JobSettings.from_env(env, queu="typo")
+    with pytest.raises(ValueError, match="unknown fine-tuning settings"):
+        FinetuneSettings.from_env(env, stpes=3)

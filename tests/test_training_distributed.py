@@ -28,10 +28,11 @@ def _eval_mode(cfg, net, step):
 def _worker(rank, world, init_file, cfg_kw, resume, dump_dir, eval_mode):
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import training.step
     import training.train as tt
 
     if eval_mode:
-        tt.set_train_mode = _eval_mode
+        training.step.set_train_mode = _eval_mode
     step_fn = tt.train_step
 
     def recording_step(cfg, net, pem, optimizer, batch, step, device, dctx, teacher=None):
@@ -119,9 +120,9 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, monkeypat
     kw = dict(batch_size=4, steps=2, max_sim_rounds=0, focus_view=False, pem_weight=0.0, click_points=1,
               optimizer="sgd", lr=0.05, warmup_steps=0, checkpoint_every=2)
     run_ranks(2, tmp_path / "two", tmp_path / "d-two", eval_mode=True, **kw)
-    import training.train as tt
+    import training.step
 
-    monkeypatch.setattr(tt, "set_train_mode", _eval_mode)
+    monkeypatch.setattr(training.step, "set_train_mode", _eval_mode)
     train(tiny_config(tmp_path / "one", **kw), progress=False)
     init = torch.load(tmp_path / "d-two" / "r0-s1.pt")["state"]
     two, one = weights(tmp_path / "two" / "state.safetensors"), weights(tmp_path / "one" / "state.safetensors")

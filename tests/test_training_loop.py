@@ -257,6 +257,7 @@ def test_focus_view_on_a_share_of_steps(tmp_path):
     assert train_step(cfg, net, None, opt, _toy_batch(), 1, torch.device("cpu"))["focus"] > 0.0
 
 
+@pytest.mark.e2e  # slow (2.3 s of CPU): the unit tier stays within a minute (issue 24)
 def test_box_alone_samples_drop_their_simulated_clicks(tmp_path):
     """box_alone_prob: a box sample chosen for it is supervised on the box alone (no clicks, no
     previous mask), also on a step with simulated rounds; without it, the simulated clicks stay."""

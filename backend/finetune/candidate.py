@@ -37,7 +37,7 @@ def project_images(data: Path, split: str) -> Iterator[np.ndarray]:
 
 def base_images() -> tuple[List[Path], List[Path]]:
     """(fit, check): base training images drawn at random (seed 0) from every source, disjoint."""
-    from training.data.sources import base_image_files
+    from training.data.catalog import base_image_files
 
     files = base_image_files()
     order = np.random.default_rng(0).permutation(len(files))

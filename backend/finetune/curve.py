@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from model.files import file_sha256, read_info, resolve
+from model.registry import ProjectRegistry
 from model.settings import LOCAL_FILES_ROOT
 
 from .evaluation import PROTOCOL, ModelSpec, eval_workers
@@ -60,7 +62,6 @@ def run_curve(export: Path, unseen: str, sizes: List[int], out: Path, unseen_ski
               unseen_limit: int | None = None, settings: FinetuneSettings | None = None,
               base_checkpoint: str | None = None, images: Path | None = None, log=print) -> Dict[str, Any]:
     """Fine-tune on each size, measure base and versions on the unseen images; the rows."""
-    from model.checkpoint import file_sha256, read_info, resolve
     from training.evaluation.datasets import dataset_name, load_dataset
 
     settings = settings or FinetuneSettings.from_env()
@@ -86,7 +87,6 @@ def run_curve(export: Path, unseen: str, sizes: List[int], out: Path, unseen_ski
         if summary["status"] != "skipped":
             h = summary["metrics"]["holdout"]
             row["holdout"] = {"instances": h["instances"], "parent": h["parent"], "candidate": h["candidate"]}
-            from model.registry import ProjectRegistry
             v = ProjectRegistry(out / "registry", f"curve{n}").get(summary["version"])
             row["unseen"] = unseen_noc(ModelSpec(str(v.checkpoint), v.name, v.info["sha256"], settings.device or None,
                                                  settings.eval_coarse_size), samples, settings, name)

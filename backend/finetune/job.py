@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
+from model.files import atomic_write_bytes, file_sha256, resolve
 from model.registry import ProjectRegistry, data_dir, default_root, project_key
 from model.settings import MODEL_CHECKPOINT
 from training.config import TrainConfig
@@ -84,8 +85,6 @@ def open_job(project: Any, job_id: str, settings: FinetuneSettings, progress: Pr
              work_root: Optional[str] = None) -> FinetuneJob:
     """The job's registry, work folder, parent (the promoted version, else the base checkpoint,
     registered once) and the name reserved for its candidate (the same for every attempt)."""
-    from model.checkpoint import resolve  # imports torch: not on the enqueue path
-
     pid = project_key(project)
     registry = ProjectRegistry(registry_root or default_root(), pid)
     work = Path(work_root or data_dir() / "jobs") / job_id
@@ -102,9 +101,7 @@ def pull_annotations(job: FinetuneJob, export: Optional[str] = None, local_files
     set and a holdout in job.data; the report (counts, split, skipped regions). An earlier
     attempt's pull is reused. `local_files_root`: where an export's /data/local-files images are
     (default LOCAL_FILES_ROOT)."""
-    from model.checkpoint import atomic_write_bytes  # imports torch: not on the enqueue path
-
-    from ..labelstudio import pull
+    from ..labelstudio import pull  # imports torch: not on the enqueue path
 
     settings, data = job.settings, job.data
     with _timed(job, "pull_s"):
@@ -189,8 +186,6 @@ def plan_evaluation(job: FinetuneJob, rates: dict) -> EvalPlan:
     """The holdout and benchmark instances with the parent's results the history has, and the
     ETA (without a speed from this host's previous job and nothing to evaluate for the parent, a
     few clicks timed now)."""
-    from model.checkpoint import file_sha256  # imports torch: not on the enqueue path
-
     parent_sha = job.parent.info.get("sha256") or file_sha256(job.parent.checkpoint)
     spec = job.spec(job.parent.checkpoint, job.parent.name, parent_sha)
     sets = evaluation.plan_sets(job.settings, job.data, job.pid, parent_sha, job.job_id)
@@ -301,8 +296,6 @@ class Evaluation:
 def evaluate_candidate(job: FinetuneJob, plan: EvalPlan, candidate: Path) -> Evaluation:
     """Stage evaluate_candidate: the candidate on every instance the parent ran, then the box
     prompt alone on the holdout (both models, when the parent reads boxes)."""
-    from model.checkpoint import file_sha256  # imports torch: not on the enqueue path
-
     with _timed(job, "evaluate_candidate_s"):
         spec = job.spec(candidate, job.name, file_sha256(candidate))
         stage, pct = "evaluate_candidate", PERCENT["evaluate_candidate"]

@@ -13,7 +13,7 @@ from model.settings import (FINETUNE_BATCH_SIZE, FINETUNE_BENCH_DATASETS, FINETU
                             FINETUNE_L2SP, FINETUNE_LABELS, FINETUNE_LR, FINETUNE_MIN_AREA, FINETUNE_MIN_GAIN,
                             FINETUNE_MIN_HOLDOUT, FINETUNE_MIN_TRAIN, FINETUNE_REHEARSAL, FINETUNE_ROUTE_MIN, FINETUNE_ROUTING, FINETUNE_SEED,
                             FINETUNE_SIM_ROUNDS, FINETUNE_STEPS, FINETUNE_THREADS, FINETUNE_WARMUP_STEPS, env_field,
-                            read_fields)
+                            read_with_overrides)
 
 
 @dataclass
@@ -56,12 +56,7 @@ class FinetuneSettings:
     @classmethod
     def from_env(cls, env: Optional[Mapping[str, str]] = None, **overrides) -> "FinetuneSettings":
         """From `env` (default os.environ); a job's overrides that are not None win."""
-        values = read_fields(cls, env)
-        unknown = set(overrides) - set(values)
-        if unknown:
-            raise ValueError(f"unknown fine-tuning settings {sorted(unknown)}")
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        s = cls(**values)
+        s = cls(**read_with_overrides(cls, env, overrides, "fine-tuning"))
         if s.steps < 1 or s.batch_size < 1 or s.crop_size < 32:
             raise ValueError("FINETUNE_STEPS, FINETUNE_BATCH_SIZE must be >= 1, FINETUNE_CROP_SIZE >= 32")
         if s.gpus < 1 or s.batch_size % s.gpus:

@@ -4,7 +4,7 @@
    access token, which the SDK exchanges and refreshes itself), or from a Label Studio JSON export
    file (offline fine-tuning: `python -m backend.jobs enqueue --export FILE`).
 2. Regions: every non-cancelled annotation's brush region (RLE decoded with the SDK's converter,
-   training.data.decode_ls_brush) or polygon region (rasterised) is one object mask.
+   training.brush.decode_ls_brush) or polygon region (rasterised) is one object mask.
 3. Images: downloaded exactly as the backend downloads them (backend.labelstudio.fetch.ImageFetcher with the
    backend's settings: LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, LOCAL_FILES_ROOT, size limits).
 4. Checks: a region is skipped, with its reason logged and kept in the report, when its mask is
@@ -36,7 +36,9 @@ from PIL import Image
 from model.checkpoint import atomic_write_bytes
 from model.images import load_image, to_rgb8
 from training.data.mixture import key_hash
-from training.data.sources import IMAGE_EXTS, decode_ls_brush, ls_url_basename
+from training.brush import decode_ls_brush
+from training.data.labelstudio import ls_url_basename
+from training.data.sources import IMAGE_EXTS
 
 from .fetch import FetchError
 from .masks import mask_to_rle, polygon_to_mask

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import AugmentConfig, augment, eval_config
-from .clicks import InitialClickConfig, sample_initial_clicks
+from .click_simulation import InitialClickConfig, sample_initial_clicks
 from .mixture import Mixture
 from .sources import Instance
 
@@ -32,7 +32,7 @@ class ClickSegDataset(Dataset):
 
     Each sample is a dict: ``image`` (3, S, S) float32 in [0, 1] (not normalised), ``mask``
     (1, S, S) float32 {0, 1}, ``valid`` (1, S, S) float32 (0 on padding), ``clicks`` (K, 3) float32
-    initial clicks (see ``training.data.clicks``), ``source`` int64 (index into
+    initial clicks (see ``training.data.click_simulation``), ``source`` int64 (index into
     ``mixture.sources``), ``index`` int64 and ``id`` str ("<source>/<item id>").
     """
 

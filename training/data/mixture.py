@@ -15,7 +15,8 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 
 import numpy as np
 
-from .sources import DEFAULT_WEIGHTS, Instance, InstanceSource
+from .catalog import DEFAULT_WEIGHTS
+from .sources import Instance, InstanceSource
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,10 @@ depends on the source:
 - :class:`SODSource`   -- one salient-object mask (on the BSDS500 image with the same id).
 - :class:`COCOSource`  -- one instance annotation (polygons or RLE), from one or more COCO jsons.
 - :class:`SBDSource`   -- one SBD image; each load picks a random instance of ``GTinst``.
-- :class:`LabelStudioSource` -- one brush result of one annotation of a Label Studio export.
+- :class:`LabelStudioSource` -- one brush result of one annotation of a Label Studio export
+  (training/data/labelstudio.py).
+
+The default sources and a config's source specs are training/data/catalog.py.
 
 Each item has a ``split_key`` naming the *image* it is drawn on (``"bsds:100075"`` for both the
 BSDS region maps and the SOD mask of that image, ``"coco:000000397133"`` for every instance of that
@@ -26,12 +29,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union, cast
 
 import cv2
 import numpy as np
@@ -468,200 +469,3 @@ class SBDSource(InstanceSource):
         if not labels:
             return None
         return self._instance(item, image, inst == labels[rng.integers(len(labels))])
-
-
-# --------------------------------------------------------------------------------------------------
-# Label Studio JSON exports (brush RLE)
-# --------------------------------------------------------------------------------------------------
-
-_LS_UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
-
-
-def ls_url_basename(url: str) -> str:
-    """File name an image URL refers to: ``/data/upload/3/ab12cd34-cat.jpg`` -> ``ab12cd34-cat.jpg``,
-    ``/data/local-files/?d=photos/cat.jpg`` -> ``cat.jpg``, ``s3://bucket/a/cat.jpg`` -> ``cat.jpg``."""
-    parsed = urllib.parse.urlparse(url)
-    query = urllib.parse.parse_qs(parsed.query)
-    path = query["d"][0] if "d" in query else parsed.path
-    return Path(urllib.parse.unquote(path)).name
-
-
-def decode_ls_brush(result: Mapping[str, Any]) -> np.ndarray:
-    """A Label Studio brush result (export ``value.rle`` or backend ``rle``) -> H x W bool."""
-    # label_studio_sdk takes ~1.7 s to import: only Label Studio brush annotations need it
-    from label_studio_sdk.converter.brush import decode_rle
-
-    value = result.get("value") or {}
-    rle = value.get("rle", result.get("rle"))
-    h, w = int(result["original_height"]), int(result["original_width"])
-    flat = decode_rle(rle)
-    if flat.size != h * w * 4:
-        raise ValueError(f"brush RLE holds {flat.size} values, expected {h}x{w}x4")
-    return flat.reshape(h, w, 4)[:, :, 3] > 127
-
-
-class LabelStudioSource(InstanceSource):
-    """Brush masks from a Label Studio JSON export (a file path or the list of task dicts).
-
-    Every non-cancelled annotation's ``brushlabels`` result with an RLE is one instance (optionally
-    only those whose label is in ``labels``). The task's image is found by ``resolver(url)`` if given,
-    else in ``image_dir`` by the URL's basename (also without Label Studio's ``xxxxxxxx-`` upload
-    prefix). Masks are decoded once at indexing (with the SDK's decoder) and kept as COCO RLE.
-    """
-
-    def __init__(self, export: Union[PathLike, Sequence[Mapping[str, Any]]], *,
-                 image_dir: Optional[PathLike] = None, resolver: Optional[Callable[[str], Optional[PathLike]]] = None,
-                 data_key: Optional[str] = None, labels: Optional[Iterable[str]] = None,
-                 name: str = "ls", namespace: str = "ls", min_area: int = 400):
-        # pycocotools is a training requirement, not a serving one: only the training sources need it
-        from pycocotools import mask as mask_utils
-
-        if isinstance(export, (str, os.PathLike)):
-            with open(assert_not_benchmark(export)) as f:
-                tasks = json.load(f)
-        else:
-            tasks = list(export)
-        if isinstance(tasks, dict):
-            tasks = [tasks]
-        if image_dir is not None:
-            image_dir = assert_not_benchmark(image_dir)
-        labels = set(labels) if labels is not None else None
-        self.stats = {"tasks": 0, "no_image": 0, "results": 0, "small": 0, "bad_rle": 0}
-        items = []
-        for task in tasks:
-            self.stats["tasks"] += 1
-            data = task.get("data", {})
-            url = data.get(data_key) if data_key else (
-                data.get("image") or next((v for v in data.values() if isinstance(v, str)
-                                           and ls_url_basename(v).lower().endswith(IMAGE_EXTS)), None))
-            path = self._resolve(url, image_dir, resolver) if url else None
-            if path is None:
-                self.stats["no_image"] += 1
-                continue
-            for ann in task.get("annotations", task.get("completions", [])):
-                if ann.get("was_cancelled"):
-                    continue
-                for r_idx, res in enumerate(ann.get("result", [])):
-                    if str(res.get("type", "")).lower() != "brushlabels":
-                        continue
-                    value = res.get("value") or {}
-                    if "rle" not in value and "rle" not in res:
-                        continue
-                    res_labels = value.get("brushlabels", res.get("brushlabels", []))
-                    if labels is not None and not labels.intersection(res_labels):
-                        continue
-                    self.stats["results"] += 1
-                    try:
-                        mask = decode_ls_brush(res)
-                    except (ValueError, KeyError, IndexError) as e:
-                        log.warning("task %s: undecodable brush result: %s", task.get("id"), e)
-                        self.stats["bad_rle"] += 1
-                        continue
-                    if int(mask.sum()) < min_area:
-                        self.stats["small"] += 1
-                        continue
-                    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-                    items.append(Item(id=f"{task.get('id')}/{ann.get('id', 0)}/{r_idx}",
-                                      split_key=f"{namespace}:{path.stem}",
-                                      payload=(path, rle)))
-        items.sort(key=lambda it: it.id)
-        if not items:
-            raise FileNotFoundError("no usable brush annotations in the Label Studio export")
-        super().__init__(name, items)
-
-    @staticmethod
-    def _resolve(url: str, image_dir: Optional[Path], resolver) -> Optional[Path]:
-        if resolver is not None:
-            p = resolver(url)
-            return assert_not_benchmark(p) if p is not None and Path(p).is_file() else None
-        if image_dir is None:
-            return None
-        name = ls_url_basename(url)
-        for cand in (name, _LS_UPLOAD_PREFIX.sub("", name)):
-            p = image_dir / cand
-            if p.is_file():
-                return assert_not_benchmark(p)
-        return None
-
-    def load(self, index: int, rng: np.random.Generator) -> Optional[Instance]:
-        item = self.items[index]
-        path, rle = item.payload
-        mask = _rle_decode(rle)
-        image = _load_image_matching(path, mask.shape)
-        if image is None:
-            log.warning("%s/%s: image %s does not match the mask size %s; skipped",
-                        self.name, item.id, path, mask.shape)
-            return None
-        return self._instance(item, image, mask)
-
-
-# --------------------------------------------------------------------------------------------------
-# Default sources and config specs
-# --------------------------------------------------------------------------------------------------
-
-DEFAULT_WEIGHTS = {"bsds": 0.25, "sod": 0.15, "coco": 0.35, "coco128": 0.15, "weizmann": 0.1}
-
-
-def default_sources(data_root: Optional[PathLike] = None) -> List[InstanceSource]:
-    """BSDS500 regions, SOD masks, the three COCO subsets, COCO128 and the Weizmann horses under the
-    shared training root (the last two only when present: older copies of the root lack them)."""
-    root = assert_not_benchmark(data_root) if data_root is not None else default_data_root()
-    sources: List[InstanceSource] = [
-        BSDSSource(root / "BSDS500"),
-        SODSource(root / "SOD", root / "BSDS500" / "images"),
-        COCOSource.from_root(root / "COCO"),
-    ]
-    for name in ("COCO128", "Weizmann"):
-        if (root / name / "instances.json").is_file():
-            sources.append(COCOSource([(root / name / "instances.json", root / name / "images")],
-                                      name=name.lower(), namespace=name.lower()))
-    return sources
-
-
-def base_image_files(data_root: Optional[PathLike] = None) -> List[Path]:
-    """Every image file of the default sources' folders under the training root, sorted (what a
-    fine-tuned model's router learns "not the project's" from)."""
-    root = assert_not_benchmark(data_root) if data_root is not None else default_data_root()
-    files: List[Path] = []
-    for folder in (root / "BSDS500" / "images", root / "COCO", root / "COCO128" / "images", root / "Weizmann" / "images"):
-        if folder.is_dir():
-            files += [p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
-    return sorted(files)
-
-
-def source_from_spec(spec: Mapping[str, Any], data_root: Optional[PathLike] = None) -> InstanceSource:
-    """Build one source from a config dict, e.g. ``{"type": "sbd", "root": "/data/SBD", "split": "train"}``.
-
-    Types: ``bsds`` (root), ``sod`` (root, image_dir), ``coco`` (root | annotations: [json or
-    [json, image_dir]]), ``sbd`` (root, split, list_file), ``labelstudio`` (export, image_dir, labels).
-    Relative paths are taken relative to ``data_root`` (default: the shared training root). Keys
-    ``weight`` and ``type`` are not passed on; ``name`` is.
-    """
-    base = Path(data_root) if data_root is not None else default_data_root()
-    kw = {k: v for k, v in spec.items() if k not in ("type", "weight")}
-
-    def p(v):
-        return None if v is None else (base / v if not Path(v).is_absolute() else Path(v))
-
-    t = spec["type"].lower()
-    if t == "bsds":
-        return BSDSSource(p(kw.pop("root", "BSDS500")), **kw)
-    if t == "sod":
-        return SODSource(p(kw.pop("root", "SOD")), p(kw.pop("image_dir", "BSDS500/images")), **kw)
-    if t == "coco":
-        if "annotations" in kw:
-            anns = [(p(a[0]), p(a[1])) if isinstance(a, (list, tuple)) else p(a) for a in kw.pop("annotations")]
-            kw.pop("root", None)
-            return COCOSource(anns, **kw)
-        return COCOSource.from_root(p(kw.pop("root", "COCO")), **kw)
-    if t == "sbd":
-        root = p(kw.pop("root"))
-        if kw.get("list_file"):
-            kw["list_file"] = p(kw["list_file"])
-        return SBDSource(root, **kw)
-    if t in ("labelstudio", "label_studio", "ls"):
-        export = p(kw.pop("export"))
-        if kw.get("image_dir"):
-            kw["image_dir"] = p(kw["image_dir"])
-        return LabelStudioSource(export, **kw)
-    raise ValueError(f"unknown source type {spec['type']!r}")
