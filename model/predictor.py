@@ -108,8 +108,9 @@ class Predictor:
         wanted = choose(runtime) if self.device.type == "cpu" else "torch"
         if wanted != "torch":
             try:
+                # as many threads as the PyTorch path would use (evaluation workers set it to 1)
                 self.compiled = compile_net(cast("InteractiveSegNet", net), wanted, cache,
-                                            self.info.get("checkpoint_sha256"), threads)
+                                            self.info.get("checkpoint_sha256"), threads or torch.get_num_threads())
             except Exception as e:   # any failure of a converter: serve with PyTorch rather than not at all
                 log.warning("inference runtime %s unavailable for %s, serving with PyTorch: %s: %s", wanted,
                             self.info.get("version", "this network"), type(e).__name__, e)

@@ -27,6 +27,7 @@ import os
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -164,31 +165,42 @@ def _publish(finals: list[Path], write: Callable[[Path], None]) -> None:
         tmp.rmdir()
 
 
+def _unreadable(path: Path, e: Exception) -> None:
+    log.warning("the converted model %s is unreadable (%s: %s): converting again", path, type(e).__name__, e)
+
+
 def _openvino(net: InteractiveSegNet, names: list[str], cache: Path | None, key: str | None,
               threads: int) -> CompiledNet:
     import openvino as ov
 
     xml = _cache_path(cache, key, "openvino", ov.__version__, ".xml")
     core = ov.Core()
+    model, source = None, "converted"
     if xml is not None and xml.is_file():
-        model, source = core.read_model(str(xml)), str(xml)
-    else:
+        try:
+            model, source = core.read_model(str(xml)), str(xml)
+        except Exception as e:
+            _unreadable(xml, e)
+    if model is None:
         t0 = time.perf_counter()
         example = _example(net)
         shapes = [(ov.PartialShape([1, t.shape[1], -1, -1]) if t.dim() == 4 else ov.PartialShape([1, -1, 3]),
                    ov.Type.f32) for t in example]
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # the tracer warns of the batch check in decode_maps: the graph serves batch 1 only
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             model = ov.convert_model(_Graph(net, names).eval(), example_input=example, input=shapes)
         for port, name in zip(model.inputs, names):
             port.get_tensor().set_names({name})
-        source = "converted"
         log.info("converted the network to OpenVINO in %.1f s", time.perf_counter() - t0)
         if xml is not None:
+            converted, target = model, xml
             # fp32 weights: compressing them to fp16 would change the answers
             _publish([xml.with_suffix(".bin"), xml],
-                     lambda d: ov.save_model(model, str(d / xml.name), compress_to_fp16=False))
+                     lambda d: ov.save_model(converted, str(d / target.name), compress_to_fp16=False))
             source = str(xml)
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}   # not bf16: see the README's speed table
+    # f32, not the bf16 the CPU plugin picks on CPUs with AMX: bf16 changes the masks (README, Speed)
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = core.compile_model(model, "CPU", config)
@@ -209,17 +221,22 @@ def _onnxruntime(net: InteractiveSegNet, names: list[str], cache: Path | None, k
     import onnxruntime as ort
 
     path = _cache_path(cache, key, "onnxruntime", ort.__version__, ".onnx")
-    if path is not None and path.is_file():
-        blob, source = path.read_bytes(), str(path)
-    else:
-        blob, source = _to_onnx(net, names), "converted"
-        if path is not None:
-            _publish([path], lambda d: (d / path.name).write_bytes(blob))
-            source = str(path)
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    session, source = None, "converted"
+    if path is not None and path.is_file():
+        try:
+            session, source = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"]), str(path)
+        except Exception as e:
+            _unreadable(path, e)
+    if session is None:
+        blob = _to_onnx(net, names)
+        if path is not None:
+            target = path
+            _publish([path], lambda d: (d / target.name).write_bytes(blob))
+            source = str(path)
+        session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
 
     def run(inputs: dict) -> np.ndarray:
         return session.run(None, inputs)[0]      # InferenceSession.run is thread-safe

@@ -310,7 +310,7 @@ INFERENCE_CACHE = _declare(
     "folder of the converted models, one per checkpoint hash and runtime; empty = $DATA_DIR/inference-cache")
 INFERENCE_THREADS = _declare(
     "INFERENCE_THREADS", int, "0", ("backend", "worker", "evaluation"),
-    "CPU threads of the OpenVINO / ONNX Runtime inference; 0 = the runtime's default (every core)")
+    "CPU threads of the OpenVINO / ONNX Runtime inference; 0 = as many as PyTorch uses (torch.get_num_threads)")
 SIMCLICK_EVAL_DB = _declare(
     "SIMCLICK_EVAL_DB", str, "", ("evaluation",),
     "evaluation history database: a SQLite path or a PostgreSQL URL; empty = data/evaluation.sqlite in the "
