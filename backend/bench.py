@@ -19,8 +19,8 @@ added: "first_click_ms" is the first stroke (with the image download), "later_cl
 second (image cached), the cost of a stroke.
 
 --runtimes: the whole measurement once per inference runtime (INFERENCE_RUNTIME: torch, openvino,
-onnxruntime, auto), back to back in this process, each with its own app; "x_first" is the first
-runtime's p50/p95 over this one's (the machine's speed varies from day to day: compare the ratio).
+onnxruntime, auto), back to back in this process, each with its own app; "speedup" is the first
+runtime's p50 (p95) over this one's (the machine's speed varies from day to day: compare the ratio).
 """
 from __future__ import annotations
 
@@ -295,14 +295,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = ap.parse_args(argv)
 
-    reports = []
+    reports: list[dict] = []
     for runtime in (args.runtimes.split(",") if args.runtimes else [None]):
         report = measure(args, runtime)
         if report is None:
             return 2
         if reports:
             for name in ("ms_per_click", "first_click_ms", "later_click_ms"):
-                report[name]["x_first"] = {q: round(reports[0][name][q] / report[name][q], 2) for q in ("p50", "p95")}
+                report[name]["speedup"] = {q: round(reports[0][name][q] / report[name][q], 2) for q in ("p50", "p95")}
         reports.append(report)
     if args.json:
         print(json.dumps(reports[0] if len(reports) == 1 else reports))
@@ -313,8 +313,8 @@ def main(argv=None) -> int:
               f"{args.clicks} requests, prompt {args.prompt})")
         for name in ("ms_per_click", "first_click_ms", "later_click_ms"):
             v = report[name]
-            ratio = (f"   x{reports[0]['runtime']}: p50 {v['x_first']['p50']}, p95 {v['x_first']['p95']}"
-                     if "x_first" in v else "")
+            ratio = (f"   {v['speedup']['p50']}x / {v['speedup']['p95']}x faster than {reports[0]['runtime']}"
+                     if "speedup" in v else "")
             print(f"  {name:15s} p50 {v['p50']:8.1f} ms   p95 {v['p95']:8.1f} ms   (n={v['n']}){ratio}")
         print(f"  mean IoU after each click: {report['mean_iou_per_click']}")
     return 0

@@ -234,7 +234,9 @@ def _onnxruntime(net: InteractiveSegNet, names: list[str], cache: Path | None, k
         blob = _to_onnx(net, names)
         if path is not None:
             target = path
-            _publish([path], lambda d: (d / target.name).write_bytes(blob))
+            def write(folder: Path) -> None:
+                (folder / target.name).write_bytes(blob)
+            _publish([path], write)
             source = str(path)
         session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
 

@@ -8,8 +8,8 @@ for PyTorch and the optimised CPU inference runtime side by side (model/runtime.
 For each backbone, device present (CPU; CUDA when available), image size in megapixels and
 runtime, an image gets a warm-up of 3 clicks and then `--clicks` timed clicks; the median is
 reported. Each configuration runs in a fresh process so the peak resident memory is its own, and
-the runtimes of one size run back to back: "x torch" is PyTorch's total over that runtime's, the
-ratio that means something on a machine whose speed varies from day to day (absolute ms do not).
+the runtimes of one size run back to back: "speedup" ("x torch") is the first runtime's (PyTorch's)
+median total over this one's, the ratio that means something on a machine whose speed varies from day to day (absolute ms do not).
 The image is a real photo (the first Berkeley benchmark image, resized) when the data sets are
 present. A runtime other than torch applies on CPU only (CUDA rows are PyTorch's).
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
             with ctx.Pool(1) as pool:  # a fresh process per configuration: clean peak memory
                 row = pool.apply(_run_one, (job,))
             first = first or row
-            row["x_first"] = round(first["total_ms"] / row["total_ms"], 2)
+            row["speedup"] = round(first["total_ms"] / row["total_ms"], 2)
             rows.append(row)
             if not args.json:
                 if len(rows) == 1:
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                 print(f"{row['backbone']:<20}{row['device'][:9]:<10}{row['runtime']:<13}{row['image']:>11}"
                       f"{row['coarse_ms']:>9}{row['refine_ms']:>9}{row['total_ms']:>9}{row['p90_ms']:>8}"
                       f"{row['mean_refine_passes']:>8}{row['peak_memory_mib']:>10}{row['parameters_m']:>10}"
-                      f"{row['x_first']:>9}", flush=True)
+                      f"{row['speedup']:>9}", flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
     return 0
