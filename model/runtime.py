@@ -187,8 +187,10 @@ def _openvino(net: InteractiveSegNet, names: list[str], cache: Path | None, key:
         shapes = [(ov.PartialShape([1, t.shape[1], -1, -1]) if t.dim() == 4 else ov.PartialShape([1, -1, 3]),
                    ov.Type.f32) for t in example]
         with torch.inference_mode(), warnings.catch_warnings():
+            # OpenVINO's converter traces with torch.jit (deprecated in torch, still what it uses), and
             # the tracer warns of the batch check in decode_maps: the graph serves batch 1 only
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             model = ov.convert_model(_Graph(net, names).eval(), example_input=example, input=shapes)
         for port, name in zip(model.inputs, names):
             port.get_tensor().set_names({name})
