@@ -76,6 +76,15 @@ def test_the_converted_model_is_cached_by_checkpoint_hash(shipped, caplog):
     assert other is not None and other.parent == cache and str(other) != ov.compiled.source
 
 
+def test_training_export_converts_into_the_cache(shipped, monkeypatch, capsys):
+    from training import export
+
+    _, ov, cache = shipped
+    monkeypatch.setenv("INFERENCE_CACHE", str(cache))
+    assert export.main([str(DEFAULT_CHECKPOINT), "--convert", "openvino"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"for openvino: {ov.compiled.source}")
+
+
 def test_an_unreadable_cached_model_is_converted_again(shipped, caplog):
     torch_p, ov, cache = shipped
     assert ov.compiled is not None

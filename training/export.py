@@ -77,12 +77,12 @@ def _architecture(header: dict) -> dict:
 
 
 def convert(checkpoint: Path, runtime: str) -> str:
-    """Convert an inference checkpoint for `runtime` into the cache; returns the cached file. Raises
+    """Convert an inference checkpoint for `runtime` into the cache; returns "runtime: cached file". Raises
     when the conversion fails (a server would fall back to PyTorch: here the user wants to know)."""
     predictor = Predictor.load(str(checkpoint), device="cpu", runtime=runtime)
     if predictor.compiled is None:
         raise RuntimeError(f"{checkpoint}: the conversion for {runtime} failed (the log above says why)")
-    return predictor.compiled.source
+    return f"{predictor.compiled.runtime}: {predictor.compiled.source}"
 
 
 def main(argv=None) -> int:
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     if args.convert:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        print(f"converted for {args.convert}: {convert(path, args.convert)}")
+        print(f"converted {path} for {convert(path, args.convert)}")
     return 0
 
 
