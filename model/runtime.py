@@ -206,14 +206,23 @@ def _openvino(net: InteractiveSegNet, names: list[str], cache: Path | None, key:
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = core.compile_model(model, "CPU", config)
-    local = threading.local()
+    # An infer request holds one inference's buffers and runs one inference at a time. Idle ones are
+    # kept and reused by whichever thread asks next (not one per thread: a threaded server starts a
+    # thread per request, and a new request allocates its buffers again); at most one per
+    # concurrent inference is ever made.
+    idle: list = []
+    lock = threading.Lock()
 
     def run(inputs: dict) -> np.ndarray:
-        # an infer request holds one inference's buffers: one per serving thread
-        req = getattr(local, "request", None)
+        with lock:
+            req = idle.pop() if idle else None
         if req is None:
-            req = local.request = compiled.create_infer_request()
-        return req.infer(inputs)[0]
+            req = compiled.create_infer_request()
+        try:
+            return req.infer(inputs)[0]          # a copy (share_outputs=False): the request may be reused
+        finally:
+            with lock:
+                idle.append(req)
 
     return CompiledNet("openvino", run, source)
 
