@@ -133,7 +133,7 @@ class Backend:
                          shared=self.shared_prompts)
 
     def load_predictor(self, path) -> ClickPredictor:
-        return Predictor.load(str(path), device=self.cfg.device or None)
+        return Predictor.load(str(path), device=self.cfg.device or None, runtime=self.cfg.inference_runtime)
 
     # The base model (MODEL_CHECKPOINT): what projects without a promoted version get.
     @property
@@ -150,7 +150,8 @@ class Backend:
 
     def health(self) -> dict:
         return {"status": "UP", "model_class": MODEL_CLASS, "model_version": self.version,
-                "device": str(getattr(self.predictor, "device", "")), "sessions": len(self.sessions),
+                "device": str(getattr(self.predictor, "device", "")),
+                "runtime": str(getattr(self.predictor, "runtime", "torch")), "sessions": len(self.sessions),
                 "projects": self.models.overview(),
                 "caches": {"sessions": self.sessions.stats(), "images": self.images.stats()}}
 
@@ -417,7 +418,7 @@ def create_app(config: Config | None = None, predictor=None) -> Flask:
     does not survive fork)."""
     config = config or Config.from_env()
     if predictor is None:
-        predictor = Predictor.load(config.checkpoint, device=config.device or None)
+        predictor = Predictor.load(config.checkpoint, device=config.device or None, runtime=config.inference_runtime)
     backend = Backend(config, predictor)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_content_length

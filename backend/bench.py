@@ -1,7 +1,7 @@
 """Latency of the backend as Label Studio sees it: HTTP round trip per click.
 
     python -m backend.bench [--images 5] [--clicks 5] [--prompt keypoint|box|brush] [--json]
-                            [--checkpoint default] [--device cpu]
+                            [--checkpoint default] [--device cpu] [--runtimes torch,auto]
 
 Serves the app on a free local port (threaded werkzeug server, as `python -m backend`) and the
 Berkeley images over HTTP, then replays interactive /predict requests in the exact shape Label
@@ -17,6 +17,10 @@ Studio sends them). --prompt brush: a smart-brush scribble along the object's lo
 chord (8 px wide, inside the eroded object), then the same brush region with a vertical chord
 added: "first_click_ms" is the first stroke (with the image download), "later_click_ms" the
 second (image cached), the cost of a stroke.
+
+--runtimes: the whole measurement once per inference runtime (INFERENCE_RUNTIME: torch, openvino,
+onnxruntime, auto), back to back in this process, each with its own app; "speedup" is the first
+runtime's p50 (p95) over this one's (the machine's speed varies from day to day: compare the ratio).
 """
 from __future__ import annotations
 
@@ -183,9 +187,9 @@ class BenchServer:
 
 
 def start_bench(data: Path, images: int, checkpoint: Optional[str] = None, device: Optional[str] = None,
-                timeout: float = 300) -> Optional[BenchServer]:
-    """Serve the app (MODEL_CHECKPOINT, DEVICE... from the environment; `checkpoint` and `device`
-    win) and the first `images` images of `data` (Berkeley layout: images/, masks/), and send one
+                timeout: float = 300, runtime: Optional[str] = None) -> Optional[BenchServer]:
+    """Serve the app (MODEL_CHECKPOINT, DEVICE... from the environment; `checkpoint`, `device` and
+    `runtime` win) and the first `images` images of `data` (Berkeley layout: images/, masks/), and send one
     warm-up click (the first torch call is slow) on a copy of the first image under another URL.
     None, after saying why on stderr, when `data` has no masks."""
     logging.basicConfig(level=logging.WARNING)
@@ -194,7 +198,8 @@ def start_bench(data: Path, images: int, checkpoint: Optional[str] = None, devic
     if not masks:
         print(f"no masks under {data / 'masks'}", file=sys.stderr)
         return None
-    overrides: dict[str, Any] = {k: v for k, v in (("checkpoint", checkpoint), ("device", device)) if v}
+    overrides: dict[str, Any] = {k: v for k, v in (("checkpoint", checkpoint), ("device", device),
+                                                   ("inference_runtime", runtime)) if v}
     t0 = time.perf_counter()
     app = create_app(Config.from_env(**overrides))
     load_s = time.perf_counter() - t0
@@ -217,24 +222,11 @@ def answer_mask(answer: dict, h: int, w: int) -> np.ndarray:
     return pred
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m backend.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(default_data_root() / "Berkeley"),
-                    help="Berkeley folder (images/, masks/); default $SIMCLICK_DATA_ROOT/Berkeley or ../shared/datasets")
-    ap.add_argument("--images", type=int, default=5)
-    ap.add_argument("--clicks", type=int, default=5,
-                    help="requests per image: the box or the strokes count as requests, then robot clicks")
-    ap.add_argument("--prompt", choices=("keypoint", "box", "brush"), default="keypoint",
-                    help="what the first request(s) of each image carry (see above)")
-    ap.add_argument("--checkpoint", default=None, help="default: MODEL_CHECKPOINT or 'default'")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    args = ap.parse_args(argv)
-
-    bench = start_bench(Path(args.data), args.images, args.checkpoint, args.device)
+def measure(args, runtime: Optional[str]) -> Optional[dict]:
+    """One run of the benchmark (see the module doc) with `runtime` (None: INFERENCE_RUNTIME)."""
+    bench = start_bench(Path(args.data), args.images, args.checkpoint, args.device, runtime=runtime)
     if bench is None:
-        return 2
+        return None
     predictor = bench.backend.predictor
     masks, images_url, post = bench.masks, bench.images_url, bench.post
 
@@ -270,8 +262,9 @@ def main(argv=None) -> int:
     bench.close()
 
     every = first + later
-    report = {
+    return {
         "device": str(predictor.device),
+        "runtime": str(getattr(predictor, "runtime", "torch")),
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": __import__("torch").get_num_threads(),
         "model_version": predictor.version,
@@ -282,15 +275,47 @@ def main(argv=None) -> int:
         "later_click_ms": {"p50": round(pct(later, 50), 1), "p95": round(pct(later, 95), 1), "n": len(later)},
         "mean_iou_per_click": [round(float(np.mean(v)), 3) for v in ious],
     }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m backend.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(default_data_root() / "Berkeley"),
+                    help="Berkeley folder (images/, masks/); default $SIMCLICK_DATA_ROOT/Berkeley or ../shared/datasets")
+    ap.add_argument("--images", type=int, default=5)
+    ap.add_argument("--clicks", type=int, default=5,
+                    help="requests per image: the box or the strokes count as requests, then robot clicks")
+    ap.add_argument("--prompt", choices=("keypoint", "box", "brush"), default="keypoint",
+                    help="what the first request(s) of each image carry (see above)")
+    ap.add_argument("--checkpoint", default=None, help="default: MODEL_CHECKPOINT or 'default'")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--runtimes", default=None,
+                    help="comma-separated INFERENCE_RUNTIME values measured one after the other, e.g. torch,auto "
+                         "(default: INFERENCE_RUNTIME alone)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    args = ap.parse_args(argv)
+
+    reports: list[dict] = []
+    for runtime in (args.runtimes.split(",") if args.runtimes else [None]):
+        report = measure(args, runtime)
+        if report is None:
+            return 2
+        if reports:
+            for name in ("ms_per_click", "first_click_ms", "later_click_ms"):
+                report[name]["speedup"] = {q: round(reports[0][name][q] / report[name][q], 2) for q in ("p50", "p95")}
+        reports.append(report)
     if args.json:
-        print(json.dumps(report))
-    else:
-        print(f"backend HTTP latency per click ({report['device']}, {report['torch_threads']} torch threads, "
-              f"model {report['model_version']}, {report['images']} images x {args.clicks} requests, "
-              f"prompt {args.prompt})")
+        print(json.dumps(reports[0] if len(reports) == 1 else reports))
+        return 0
+    for report in reports:
+        print(f"backend HTTP latency per click ({report['device']}, runtime {report['runtime']}, "
+              f"{report['torch_threads']} torch threads, model {report['model_version']}, {report['images']} images x "
+              f"{args.clicks} requests, prompt {args.prompt})")
         for name in ("ms_per_click", "first_click_ms", "later_click_ms"):
             v = report[name]
-            print(f"  {name:15s} p50 {v['p50']:8.1f} ms   p95 {v['p95']:8.1f} ms   (n={v['n']})")
+            ratio = (f"   {v['speedup']['p50']}x / {v['speedup']['p95']}x faster than {reports[0]['runtime']}"
+                     if "speedup" in v else "")
+            print(f"  {name:15s} p50 {v['p50']:8.1f} ms   p95 {v['p95']:8.1f} ms   (n={v['n']}){ratio}")
         print(f"  mean IoU after each click: {report['mean_iou_per_click']}")
     return 0
 

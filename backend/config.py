@@ -14,9 +14,10 @@ from urllib.parse import urlsplit
 
 from model.registry import registry_folder
 from model.settings import (ADMIN_TOKEN, BASIC_AUTH_PASS, BASIC_AUTH_USER, BOX_MARGIN, CACHE_TTL, DATA_DIR, DEVICE,
-                            FETCH_TIMEOUT, IMAGE_CACHE_MB, LABEL_STUDIO_API_KEY, LABEL_STUDIO_URL, LOCAL_FILES_ROOT,
-                            LOG_LEVEL, MASK_ALPHA, MASK_THRESHOLD, MAX_BRUSH_PIXELS, MAX_CLICKS, MAX_CONTENT_LENGTH,
-                            MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MODEL_CHECKPOINT, MODEL_REGISTRY, MODEL_RELOAD_INTERVAL,
+                            FETCH_TIMEOUT, IMAGE_CACHE_MB, INFERENCE_RUNTIME, LABEL_STUDIO_API_KEY, LABEL_STUDIO_URL,
+                            LOCAL_FILES_ROOT, LOG_LEVEL, MASK_ALPHA, MASK_THRESHOLD, MAX_BRUSH_PIXELS, MAX_CLICKS,
+                            MAX_CONTENT_LENGTH, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MODEL_CHECKPOINT, MODEL_REGISTRY,
+                            MODEL_RELOAD_INTERVAL,
                             OUTPUT_FORMAT, POLYGON_TOLERANCE, PREDICT_TIMEOUT, PROJECT_MODELS, REDIS_TIMEOUT,
                             REDIS_URL, SESSION_CACHE_MB, SHARED_PROMPTS, SHARED_SESSION_KB,
                             TRAIN_EVERY_N_ANNOTATIONS, TRAINING_ENQUEUE, TRAINING_QUEUE, WEBHOOK_HISTORY,
@@ -32,6 +33,7 @@ OFF = ("off", "none", "no", "false", "0")
 class Config:
     checkpoint: str = env_field(MODEL_CHECKPOINT)
     device: str = env_field(DEVICE)
+    inference_runtime: str = env_field(INFERENCE_RUNTIME)
     label_studio_url: str = env_field(LABEL_STUDIO_URL)
     label_studio_api_key: str = env_field(LABEL_STUDIO_API_KEY)
     local_files_root: str = env_field(LOCAL_FILES_ROOT)

@@ -26,7 +26,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    options = {}
+    options: dict[str, Any] = {}
     for item in filter(None, args.predictor_options.split(",")):
         k, v = item.split("=", 1)
         options[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     width, height = _size(args.megapixels)
     if not args.cases:
         env.setdefault("MAX_CONTENT_LENGTH", str(256 * 2**20))
-    app = create_app(Config.from_env(env), Predictor.load(args.checkpoint, **options))
+    config = Config.from_env(env)          # --env INFERENCE_RUNTIME=torch measures the PyTorch path
+    app = create_app(config, Predictor.load(args.checkpoint, runtime=config.inference_runtime, **options))
     client = app.test_client()
     start = rss_mb()
     if args.cases:

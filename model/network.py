@@ -69,16 +69,27 @@ class ImageCode:
                                       for t in (self.image, self.s2, self.s4, self.s16)))
 
 
-def guidance(maps: torch.Tensor, clicks: torch.Tensor, prev: torch.Tensor, input_hw: tuple[int, int],
-             size: tuple[int, int], box: torch.Tensor | None = None) -> torch.Tensor:
+def guidance(maps: torch.Tensor, proximity: torch.Tensor, prev: torch.Tensor, size: tuple[int, int],
+             box: torch.Tensor | None = None) -> torch.Tensor:
     """The clicks and the previous mask at a feature stride: max-pooled disks (a 5-px disk stays
-    visible), proximity maps (how near a click, beyond the disk), the average-pooled mask and, for a
-    model with box input, the average-pooled box map."""
-    parts = [F.adaptive_max_pool2d(maps, size), proximity_maps(clicks, input_hw, size).to(maps.dtype),
-             F.adaptive_avg_pool2d(prev, size)]
+    visible), proximity maps (how near a click, beyond the disk; `proximity_maps` at that size), the
+    average-pooled mask and, for a model with box input, the average-pooled box map."""
+    parts = [F.adaptive_max_pool2d(maps, size), proximity, F.adaptive_avg_pool2d(prev, size)]
     if box is not None:
         parts.append(F.adaptive_avg_pool2d(box, size))
     return torch.cat(parts, dim=1)
+
+
+@dataclass
+class PromptMaps:
+    """The prompts of one decode as maps: what `decode` computes from the click list (Python loops
+    over the clicks), so that the rest (`decode_maps`) is tensor operations only, with no loop whose
+    length depends on the number of clicks: model.runtime exports it with dynamic shapes."""
+    maps: torch.Tensor                   # (B, 2, H, W) positive / negative disks
+    prev: torch.Tensor                   # (B, 1, H, W) previous mask
+    box: torch.Tensor | None = None      # (B, 1, H, W) inside-the-box map (box_input models)
+    prox4: torch.Tensor | None = None    # (B, 2, H/4, W/4) proximity maps for the decoder guidance
+    prox16: torch.Tensor | None = None   # (B, 2, H/16, W/16) for the late-fusion context block
 
 
 class InteractiveSegNet(nn.Module):
@@ -148,14 +159,30 @@ class InteractiveSegNet(nn.Module):
         """clicks (B, M, 3) (y, x, sign) in input pixels; prev_mask (B, 1, H, W) in {0, 1}; boxes
         (B, 4) (y0, x0, y1, x1) or None, only for a model with `box_input` (a row of -1: no box). A
         code of batch 1 serves a batch of click sets (several candidates on one image)."""
+        return self.decode_maps(code, clicks, self.prompt_maps(code, clicks, prev_mask, boxes), return_features)
+
+    def prompt_maps(self, code: ImageCode, clicks: torch.Tensor, prev_mask: torch.Tensor,
+                    boxes: torch.Tensor | None = None) -> PromptMaps:
+        """The prompts of `decode` as maps (see PromptMaps)."""
         h, w = code.size
         ref = code.image if code.image is not None else code.s4
         assert ref is not None, "an ImageCode holds the image (early) or the features (late)"
-        maps = disk_maps(clicks, h, w, self.config.click_radius).to(ref.dtype)
-        prev = prev_mask.to(ref.dtype)
         if boxes is not None and not self.config.box_input:
             raise ValueError("this model takes no box prompt (box_input is off in its config)")
         box = box_maps(boxes, clicks.shape[0], h, w, ref.device).to(ref.dtype) if self.config.box_input else None
+        # input sizes are multiples of 16 (encode), so the features are exactly H/4 and H/16
+        prox4 = (proximity_maps(clicks, (h, w), (h // 4, w // 4)).to(ref.dtype)
+                 if self.config.late_fusion or self.context is not None else None)
+        prox16 = proximity_maps(clicks, (h, w), (h // 16, w // 16)).to(ref.dtype) if self.context is not None else None
+        return PromptMaps(disk_maps(clicks, h, w, self.config.click_radius).to(ref.dtype), prev_mask.to(ref.dtype),
+                          box, prox4, prox16)
+
+    def decode_maps(self, code: ImageCode, clicks: torch.Tensor, prompts: PromptMaps,
+                    return_features: bool = False) -> NetOutput:
+        """`decode` from the prompts as maps: tensor operations only (the clicks are read by SPM,
+        which samples the decoder feature at them)."""
+        h, w = code.size
+        maps, prev, box = prompts.maps, prompts.prev, prompts.box
         if code.image is not None:   # early fusion: the whole network sees the clicks
             img = code.image.expand(clicks.shape[0], -1, -1, -1) if code.image.shape[0] != clicks.shape[0] else code.image
             s2, low, high = self.backbone(torch.cat([img, maps, prev] + ([box] if box is not None else []), dim=1))
@@ -163,12 +190,13 @@ class InteractiveSegNet(nn.Module):
             assert code.s2 is not None and code.s4 is not None and code.s16 is not None
             s2, low, high = (self._batch(t, clicks.shape[0]) for t in (code.s2, code.s4, code.s16))
         if self.context is not None:
-            high = self.context(torch.cat([high, guidance(maps, clicks, prev, (h, w), tuple(high.shape[-2:]), box)], 1))
+            assert prompts.prox16 is not None
+            high = self.context(torch.cat([high, guidance(maps, prompts.prox16, prev, tuple(high.shape[-2:]), box)], 1))
         size = low.shape[-2:]
         high = F.interpolate(self.aspp(high), size=size, mode="bilinear", align_corners=False)
         parts = [high, self.low_proj(low)]
-        if self.config.late_fusion or self.context is not None:
-            parts.append(guidance(maps, clicks, prev, (h, w), tuple(size), box))
+        if prompts.prox4 is not None:
+            parts.append(guidance(maps, prompts.prox4, prev, tuple(size), box))
         feat = self.decoder(torch.cat(parts, dim=1))
         click_feats = sample_at_clicks(feat, clicks, (h, w))
         out = self.spm(feat, click_feats, clicks[..., 2]) if self.spm is not None else feat

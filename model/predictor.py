@@ -12,6 +12,7 @@ bounded working resolution (long side <= `max_work_side`) and answers at full re
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, fields, replace
@@ -29,9 +30,13 @@ from .config import ModelConfig, check_types
 from .fold import fold_batchnorm
 from .guided_filter import guided_filter
 from .images import to_rgb8
+from .runtime import CompiledNet, choose, compile_net, default_cache, graph_inputs
+from .settings import INFERENCE_RUNTIME, INFERENCE_THREADS
 
 if TYPE_CHECKING:
     from .network import InteractiveSegNet
+
+log = logging.getLogger("simclick.predictor")
 
 
 @dataclass(frozen=True)
@@ -83,23 +88,47 @@ def _round32(v: float) -> int:
 
 class Predictor:
     """Holds one network in eval mode; sessions share it. Thread-safe: the weights are read-only
-    under inference_mode and each session serialises its own calls."""
+    under inference_mode and each session serialises its own calls.
+
+    `runtime` (CPU only): "torch", or "openvino" / "onnxruntime" / "auto" to serve the network through
+    that runtime (model/runtime.py), converted here (or read from the cache under the checkpoint's
+    sha256 in `info`); if that fails, the reason is logged and PyTorch serves. `self.runtime` is what
+    serves."""
 
     def __init__(self, net: torch.nn.Module, info: dict | None = None, device=None,
-                 options: PredictorOptions | None = None):
+                 options: PredictorOptions | None = None, runtime: str = "torch", threads: int = 0,
+                 cache=None):
         self.device = pick_device(device)
         self.info = info or {}
         self.options = options or PredictorOptions()
         self.config: ModelConfig = cast(ModelConfig, net.config)
         # A folded copy: BN costs nothing at inference, and a network still being trained is untouched.
         net = fold_batchnorm(net).to(self.device)
+        self.compiled: CompiledNet | None = None
+        wanted = choose(runtime) if self.device.type == "cpu" else "torch"
+        if wanted != "torch":
+            try:
+                # as many threads as the PyTorch path would use (evaluation workers set it to 1)
+                self.compiled = compile_net(cast("InteractiveSegNet", net), wanted, cache,
+                                            self.info.get("checkpoint_sha256"), threads or torch.get_num_threads())
+            except Exception as e:   # any failure of a converter: serve with PyTorch rather than not at all
+                log.warning("inference runtime %s unavailable for %s, serving with PyTorch: %s: %s", wanted,
+                            self.info.get("version", "this network"), type(e).__name__, e)
         if self.device.type == "cpu":
             net = net.to(memory_format=torch.channels_last)  # faster oneDNN convolutions
         self.net: InteractiveSegNet = cast("InteractiveSegNet", net)
         self.version = str(self.info.get("version", "unversioned"))
 
+    @property
+    def runtime(self) -> str:
+        """What runs the network: "torch", "openvino" or "onnxruntime"."""
+        return self.compiled.runtime if self.compiled is not None else "torch"
+
     @classmethod
-    def load(cls, checkpoint: str | None = "default", device=None, **options) -> "Predictor":
+    def load(cls, checkpoint: str | None = "default", device=None, runtime: str | None = None,
+             **options) -> "Predictor":
+        """runtime: see the class; None = INFERENCE_RUNTIME (default auto), with INFERENCE_THREADS and
+        INFERENCE_CACHE."""
         path = resolve(checkpoint)
         net, info = build_model(path)
         info = dict(info, checkpoint_path=str(path), checkpoint_sha256=file_sha256(path))
@@ -114,17 +143,18 @@ class Predictor:
             check_types(PredictorOptions, chosen, "the card's predictor option")
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from None
-        chosen_options = PredictorOptions(**{**chosen, **options})
+        runtime = INFERENCE_RUNTIME.parse(runtime) if runtime else INFERENCE_RUNTIME.read()
+        kw = dict(device=device, options=PredictorOptions(**{**chosen, **options}), runtime=runtime,
+                  threads=INFERENCE_THREADS.read(), cache=default_cache())
         if "routing" in info:      # a fine-tuned expert with its fallback (model.routing)
             from .routing import RoutedPredictor
             try:
-                return RoutedPredictor(net, build_model(path, fallback=True)[0], info, device=device,
-                                       options=chosen_options)
+                return RoutedPredictor(net, build_model(path, fallback=True)[0], info, **kw)
             except (KeyError, TypeError, ValueError) as e:     # a malformed routing entry
                 if isinstance(e, CheckpointError):
                     raise
                 raise CheckpointError(f"{path}: bad routing entry in its card: {e!r}") from None
-        return cls(net, info, device=device, options=chosen_options)
+        return cls(net, info, **kw)
 
     def with_options(self, **changes) -> "Predictor":
         """Same weights, other options (ablations: coarse/refine/intention on or off)."""
@@ -163,8 +193,16 @@ class Predictor:
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = self.net.decode(code, cl, prev_t, boxes).logits
-        else:
-            logits = self.net.decode(code, cl, prev_t, boxes).logits
+            return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+        compiled = self.compiled
+        if compiled is not None:
+            try:
+                return compiled.run(graph_inputs(self.net, code, cl, self.net.prompt_maps(code, cl, prev_t, boxes)))
+            except Exception as e:   # a runtime failing at run time: this and later clicks run in PyTorch
+                log.warning("inference runtime %s failed, serving with PyTorch from now on: %s: %s",
+                            compiled.runtime, type(e).__name__, e)
+                self.compiled = None
+        logits = self.net.decode(code, cl, prev_t, boxes).logits
         return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
     def to_tensor(self, rgb: np.ndarray) -> torch.Tensor:

@@ -119,12 +119,15 @@ class RoutedPredictor(Predictor):
     """The expert's Predictor, whose open() hands an image unlike the project's to the fallback's.
     Both answer with the same options (the card's "predictor" settings and the caller's)."""
 
-    def __init__(self, expert_net, fallback_net, info: dict, device=None, options: PredictorOptions | None = None):
-        super().__init__(expert_net, info, device=device, options=options)
+    def __init__(self, expert_net, fallback_net, info: dict, device=None, options: PredictorOptions | None = None,
+                 **runtime):
+        super().__init__(expert_net, info, device=device, options=options, **runtime)
         routing = info["routing"]
         fb_info = {k: v for k, v in info.items() if k != "routing"}
         fb_info["version"] = routing["fallback"].get("version") or "fallback"
-        self.fallback = Predictor(fallback_net, fb_info, device=device, options=self.options)
+        if fb_info.get("checkpoint_sha256"):      # the converted-network cache's key: not the expert's
+            fb_info["checkpoint_sha256"] += "-fallback"
+        self.fallback = Predictor(fallback_net, fb_info, device=device, options=self.options, **runtime)
         self.router = Router.from_dict(routing["router"])
 
     def routes_to_expert(self, image: np.ndarray) -> bool:

@@ -330,6 +330,16 @@ SIMCLICK_CHECKPOINT = _declare(
     "SIMCLICK_CHECKPOINT", str, "", ("model",),
     "the checkpoint 'default' means (MODEL_CHECKPOINT, the CLIs); empty = the shipped "
     "model/weights/simclick-lite2.safetensors")
+INFERENCE_RUNTIME = _declare(
+    "INFERENCE_RUNTIME", ("auto", "openvino", "onnxruntime", "torch"), "auto", ("backend", "worker", "evaluation"),
+    "what runs the network on CPU (model/runtime.py): auto = OpenVINO if installed, else ONNX Runtime, else "
+    "PyTorch; a conversion that fails is logged and PyTorch serves. GPUs and training always use PyTorch")
+INFERENCE_CACHE = _declare(
+    "INFERENCE_CACHE", str, "", ("backend", "worker", "evaluation"),
+    "folder of the converted models, one per checkpoint hash and runtime; empty = $DATA_DIR/inference-cache")
+INFERENCE_THREADS = _declare(
+    "INFERENCE_THREADS", int, "0", ("backend", "worker", "evaluation"),
+    "CPU threads of the OpenVINO / ONNX Runtime inference; 0 = as many as PyTorch uses (torch.get_num_threads)")
 SIMCLICK_EVAL_DB = _declare(
     "SIMCLICK_EVAL_DB", str, "", ("evaluation",),
     "evaluation history database: a SQLite path or a PostgreSQL URL; empty = data/evaluation.sqlite in the "

@@ -13,6 +13,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Idle OpenMP threads sleep instead of spinning: on a loaded machine (a training run beside the
 # tests) spinning threads made a small forward pass 36x slower; on an idle one it costs nothing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The tests' predictors run in PyTorch unless INFERENCE_RUNTIME says otherwise: converting each test's
+# checkpoint to OpenVINO would cost seconds apiece and fill a cache. tests/test_model_runtime.py
+# tests the runtimes themselves.
+os.environ.setdefault("INFERENCE_RUNTIME", "torch")
 
 DATASETS = Path(os.environ.get("SIMCLICK_DATA_ROOT", ROOT.parent / "shared" / "datasets"))
 

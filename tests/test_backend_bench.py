@@ -40,3 +40,16 @@ def test_replaybench_runs_on_the_shared_setup(args, capsys):
 def test_start_bench_without_masks(tmp_path, capsys):
     assert bench.start_bench(tmp_path, 1) is None
     assert "no masks under" in capsys.readouterr().err
+
+
+def test_bench_compares_runtimes_in_one_run(args, capsys, monkeypatch, tmp_path):
+    from model.runtime import installed
+
+    if not installed("openvino"):
+        pytest.skip("openvino is not installed")
+    monkeypatch.setenv("INFERENCE_CACHE", str(tmp_path))
+    assert bench.main(args + ["--runtimes", "torch,openvino"]) == 0
+    first, second = json.loads(capsys.readouterr().out)
+    assert (first["runtime"], second["runtime"]) == ("torch", "openvino")
+    assert second["ms_per_click"]["speedup"]["p50"] > 0 and "speedup" not in first["ms_per_click"]
+    assert first["mean_iou_per_click"] == second["mean_iou_per_click"]      # the same masks

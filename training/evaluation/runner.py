@@ -156,9 +156,15 @@ def _predictor_info(predictor: Any) -> Dict[str, Optional[str]]:
     card = card if isinstance(card, dict) else {}
     path = getattr(predictor, "checkpoint_path", None) or card.get("checkpoint_path")
     return {"version": str(getattr(predictor, "version", type(predictor).__name__)),
-            "device": str(getattr(predictor, "device", "cpu")),
+            "device": _device(predictor),
             "checkpoint_path": str(path) if path else None,
             "checkpoint_sha256": card.get("checkpoint_sha256")}
+
+
+def _device(predictor: Any) -> str:
+    """The device, and the inference runtime when it is not PyTorch: "cpu (openvino)"."""
+    device, runtime = str(getattr(predictor, "device", "cpu")), getattr(predictor, "runtime", "torch")
+    return device if runtime == "torch" else f"{device} ({runtime})"
 
 
 def _single_thread() -> None:
@@ -169,13 +175,13 @@ def _single_thread() -> None:
 
 def _init_worker(factory: Callable[[], Any], protocol: Protocol, keep_masks: bool) -> None:
     _single_thread()
+    if "torch" in sys.modules:   # before the factory: an inference runtime takes PyTorch's thread count
+        sys.modules["torch"].set_num_threads(1)
     try:
         _WORKER["predictor"] = factory()
     except BaseException as e:  # re-raised by _work: a failing initializer would make Pool respawn forever
         _WORKER["error"] = e
         return
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
     _WORKER.update(protocol=protocol, keep_masks=keep_masks, info=_predictor_info(_WORKER["predictor"]))
 
 
