@@ -12,7 +12,7 @@ Routes (what Label Studio 1.23 calls, plus some for operators):
   POST /admin/rollback  {"project": N, "to": optional version}: serve another registry version
   POST /admin/jobs/<id>/cancel  cancel a fine-tuning job (queued, running or abandoned)
 
-Each project is served by its promoted registry version (backend/models.py), reloaded within
+Each project is served by its promoted registry version (backend/model_router.py), reloaded within
 MODEL_RELOAD_INTERVAL seconds of a promotion or rollback, without a restart.
 
 Access (README, Security): with BASIC_AUTH_USER/PASS every route but GET /health needs them.
@@ -38,7 +38,7 @@ from flask import Flask
 
 from model.interface import ClickPredictor
 from model.predictor import Predictor
-from model.registry import ProjectRegistry, RegistryError, projects
+from .registry import ProjectRegistry, RegistryError, projects
 from training.redisconn import connect
 
 from .bytecache import ByteCache
@@ -50,7 +50,7 @@ from .labelstudio.fetch import ImageFetcher, SetupInfo
 from .labelstudio.labelconfig import LabelConfigError, parse_label_config
 from .labelstudio.masks import mask_to_polygons, mask_to_rle
 from .labelstudio.urls import UrlError, parse_http_url
-from .models import ModelRouter, Served
+from .model_router import ModelRouter, Served
 from .payload import PayloadError, decode_brushes, parse_predict, parse_prompts, scale_prompt
 from .projects import KnownProjects
 from .routes import bp

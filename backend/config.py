@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
-from model.registry import registry_folder
+from .registry import registry_folder
 from model.settings import (ADMIN_TOKEN, BASIC_AUTH_PASS, BASIC_AUTH_USER, BOX_MARGIN, CACHE_TTL, DATA_DIR, DEVICE,
                             FETCH_TIMEOUT, IMAGE_CACHE_MB, INFERENCE_RUNTIME, LABEL_STUDIO_API_KEY, LABEL_STUDIO_URL,
                             LOCAL_FILES_ROOT, LOG_LEVEL, MASK_ALPHA, MASK_THRESHOLD, MAX_BRUSH_PIXELS, MAX_CLICKS,
@@ -21,7 +21,7 @@ from model.settings import (ADMIN_TOKEN, BASIC_AUTH_PASS, BASIC_AUTH_USER, BOX_M
                             OUTPUT_FORMAT, POLYGON_TOLERANCE, PREDICT_TIMEOUT, PROJECT_MODELS, REDIS_TIMEOUT,
                             REDIS_URL, SESSION_CACHE_MB, SHARED_PROMPTS, SHARED_SESSION_KB,
                             TRAIN_EVERY_N_ANNOTATIONS, TRAINING_ENQUEUE, TRAINING_QUEUE, WEBHOOK_HISTORY,
-                            SettingError, env_field, read_fields, retired, variable)
+                            SettingError, env_field, read_with_overrides, retired, variable)
 
 from .labelstudio.urls import UrlError, parse_http_url
 
@@ -71,11 +71,11 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Config":
-        """The backend's variables from `env` (default os.environ); `overrides` (field=value) win."""
+        """The backend's variables from `env` (default os.environ); `overrides` (field=value) by the
+        settings objects' one rule (model.settings.read_with_overrides)."""
         for warning in retired(env):
             logging.getLogger("backend").warning("%s", warning)
-        values = read_fields(cls, env)
-        values.update(overrides)
+        values = read_with_overrides(cls, env, overrides, "backend")
         enqueue = values["training_enqueue"].strip()
         if enqueue.lower() in OFF:
             values["training_enqueue"] = ""

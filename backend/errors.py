@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import jsonify
 
-from model.registry import RegistryError, RollbackConflict, VersionNotFound
+from .registry import RegistryError, RollbackConflict, VersionNotFound
 
 from .jobs import JobConflict, JobNotFound
 

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from model.registry import RegistryError, project_key
+from .registry import RegistryError, project_key
 from training.redisconn import connect
 
 from .bytecache import ByteCache

@@ -1,7 +1,7 @@
 """What the backend needs of a predictor and of its click session, as typing Protocols.
 
 model.predictor.Predictor and its Session satisfy them; the backend (backend/engine.py,
-backend/models.py, backend/app.py) is typed against these, so another predictor (a test double, an
+backend/model_router.py, backend/app.py) is typed against these, so another predictor (a test double, an
 evaluation wrapper) only has to provide these members. Static typing only: nothing checks them at
 run time.
 """

@@ -15,7 +15,7 @@ the default checkpoint and the registry's folders; training: torchrun's variable
 evaluation paths, the evaluation queue's REDIS_URL; backend: the rest), and the layering (backend
 -> training -> model, tests/test_import_layers.py) lets every package import `model` and no other.
 One table per package would declare a shared variable (REDIS_URL: backend, worker, evaluation;
-DATA_DIR and MODEL_REGISTRY: backend, worker, model/registry.py) in two places, or put it in the
+DATA_DIR and MODEL_REGISTRY: backend, worker, backend/registry.py) in two places, or put it in the
 lowest package that happens to read it, where it would move whenever a new reader appears. The
 table holds names, types, defaults and text only, and imports nothing: it knows no more of the
 backend than the names of the variables it reads.

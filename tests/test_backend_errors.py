@@ -10,7 +10,7 @@ from backend.app import Backend, create_app
 from backend.config import Config
 from backend.errors import ERROR_STATUS, ApiError, api_error, status_for
 from backend.jobs import JobConflict, JobInterrupted, JobNotFound
-from model.registry import ProjectRegistry, RegistryError, RollbackConflict, VersionNotFound
+from backend.registry import ProjectRegistry, RegistryError, RollbackConflict, VersionNotFound
 
 ADMIN = {"Authorization": "Bearer an-admin-token-for-tests"}
 

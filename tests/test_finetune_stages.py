@@ -90,15 +90,15 @@ def test_run_finetune_goes_through_the_stages_in_order(tmp_path, tiny_checkpoint
         (stage, percent, kw)), export=str(export), registry_root=str(tmp_path / "registry"),
         base_checkpoint=str(tiny_checkpoint), work_root=str(tmp_path / "jobs"))
     stages = list(dict.fromkeys(c[0] for c in calls))
-    assert stages[:5] == ["pull", "evaluate_parent", "train", "evaluate_candidate", "register"], stages
+    assert stages[:6] == ["pull", "evaluate_parent", "train", "route", "evaluate_candidate", "register"], stages
     assert stages[-1] == "done"
     assert [c[1] for c in calls] == sorted(c[1] for c in calls)           # percent never goes back
     steps = [c[2]["step"] for c in calls if c[0] == "train" and "step" in c[2]]
     assert steps and steps[-1] == 3                                        # the last step is reported
     assert result["status"] in ("promoted", "kept") and result["version"] == "p5-v001"
     assert result["train"] == {"steps": 3, "resumed": False, "device": result["train"]["device"]}
-    assert list(result["timings"]) == ["pull_s", "evaluate_parent_s", "train_s", "evaluate_candidate_s", "register_s",
-                                       "total_s"]
+    assert list(result["timings"]) == ["pull_s", "evaluate_parent_s", "train_s", "route_s", "evaluate_candidate_s",
+                                       "register_s", "total_s"]
     assert calls[-1][2]["timings"] == result["timings"]                   # in job.meta: where the time went
     assert list(result["metrics"]) == ["holdout", "benchmarks", "history_runs"]
     assert not Path(tmp_path / "jobs" / "job-stages").exists()            # work folder cleaned up

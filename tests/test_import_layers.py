@@ -1,6 +1,6 @@
 """The packages depend one way: model <- training <- backend.
 
-model is the network, predictor, checkpoints and registry, and imports nothing of ours; training
+model is the network, predictor and checkpoints, and imports nothing of ours; training
 (data, losses, the train loop, evaluation, export) imports model only; backend (the HTTP app, the
 Label Studio integration, the fine-tuning job service) imports both. Every import counts, at the
 top of a module or inside a function, absolute or relative.
@@ -64,7 +64,7 @@ def test_dependencies_point_one_way():
     ("model", "from .checkpoint import resolve\nimport numpy\n", False),
     ("training", "import backend.jobs\n", True),
     ("training", "from model.checkpoint import resolve\n", False),
-    ("backend", "from training.redisconn import connect\nfrom model import registry\n", False),
+    ("backend", "from training.redisconn import connect\nfrom model import files\n", False),
 ])
 def test_the_check_sees_every_kind_of_import(tmp_path, package, source, bad):
     f = tmp_path / package / "sub" / "mod.py"

@@ -23,7 +23,7 @@ import redis
 
 from backend import jobs
 from backend.labelstudio.make_export import make_export
-from model.registry import ProjectRegistry
+from backend.registry import ProjectRegistry
 
 pytestmark = pytest.mark.e2e          # real Redis and worker processes that fine-tune
 

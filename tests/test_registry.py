@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from tests.conftest import make_tiny_checkpoint
-from model.registry import ProjectRegistry, RegistryError, default_root, project_key, projects
+from backend.registry import ProjectRegistry, RegistryError, default_root, project_key, projects
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from backend.app import create_app
 from backend.bench import keypoint, predict_body
 from backend.config import Config
 from tests.conftest import make_tiny_checkpoint
-from model.registry import ProjectRegistry
+from backend.registry import ProjectRegistry
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_a_request_waits_for_the_watcher_loading_its_project(base_predictor, tin
     the load waits for it instead of answering with the base model (the load is slowed down here
     to make the overlap certain)."""
     from backend.engine import ByteCache, Segmenter
-    from backend.models import ModelRouter, Served
+    from backend.model_router import ModelRouter, Served
     from model.predictor import Predictor
 
     root = tmp_path / "registry"

@@ -19,7 +19,7 @@ from backend.app import create_app
 from backend.bench import keypoint, predict_body
 from backend.config import Config
 from tests.conftest import make_tiny_checkpoint
-from model.registry import ProjectRegistry
+from backend.registry import ProjectRegistry
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 from image_server import ImageServer  # noqa: E402

@@ -206,7 +206,7 @@ def test_predict_has_a_time_budget_and_keeps_its_progress(predictor):
 @pytest.mark.e2e  # slow (1.3 s of CPU): the unit tier stays within a minute (issue 24)
 def test_sessions_of_all_models_share_one_byte_budget(predictor, tmp_path, tiny_checkpoint):
     from tests.conftest import make_tiny_checkpoint
-    from model.registry import ProjectRegistry
+    from backend.registry import ProjectRegistry
 
     reg = ProjectRegistry(tmp_path / "registry", 5)
     base = reg.ensure_base(tiny_checkpoint)

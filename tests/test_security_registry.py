@@ -15,7 +15,7 @@ from backend.bench import keypoint, predict_body
 from backend.config import Config
 from model.checkpoint import file_sha256
 from tests.conftest import make_tiny_checkpoint
-from model.registry import ProjectRegistry
+from backend.registry import ProjectRegistry
 from tests.security_fixtures import one_torch_thread, predictor  # noqa: F401  (fixtures, found by pytest here)
 
 def _uri() -> str:

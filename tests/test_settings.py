@@ -147,10 +147,14 @@ def test_gunicorn_conf_reads_the_declared_settings(monkeypatch):
     assert (set_["bind"], set_["workers"]) == ("0.0.0.0:9090", 2)
 
 
-def test_the_job_queue_and_fine_tuning_settings_take_overrides_by_one_rule():
+def test_the_settings_objects_take_overrides_by_one_rule():
     """An override that is not None wins, None keeps the variable's value, an unknown name raises
-    (model.settings.read_with_overrides), for JobSettings and FinetuneSettings alike."""
-    env = {"TRAINING_QUEUE": "from-env", "FINETUNE_STEPS": "12"}
+    (model.settings.read_with_overrides), for Config, JobSettings and FinetuneSettings alike."""
+    env = {"TRAINING_QUEUE": "from-env", "FINETUNE_STEPS": "12", "MAX_CLICKS": "7"}
+    assert Config.from_env(env, max_clicks=9).max_clicks == 9
+    assert Config.from_env(env, max_clicks=None).max_clicks == 7
+    with pytest.raises(ValueError, match="unknown backend settings"):
+        Config.from_env(env, max_clikcs=3)
     assert JobSettings.from_env(env, queue="given").queue == "given"
     assert JobSettings.from_env(env, queue=None).queue == "from-env"
     assert FinetuneSettings.from_env(env, steps=30).steps == 30

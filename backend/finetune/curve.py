@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from model.files import file_sha256, read_info, resolve
-from model.registry import ProjectRegistry
+from ..registry import ProjectRegistry
 from model.settings import LOCAL_FILES_ROOT
 
 from .evaluation import PROTOCOL, ModelSpec, eval_workers

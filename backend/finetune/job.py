@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from model.files import atomic_write_bytes, file_sha256, resolve
-from model.registry import ProjectRegistry, data_dir, default_root, project_key
+from ..registry import ProjectRegistry, data_dir, default_root, project_key
 from model.settings import MODEL_CHECKPOINT
 from training.config import TrainConfig
 

@@ -13,7 +13,7 @@ import sys
 from rq import Queue, SimpleWorker, Worker
 from rq.registry import clean_registries
 
-from model.registry import ProjectRegistry, RegistryError, default_root
+from ..registry import ProjectRegistry, RegistryError, default_root
 from model.settings import help_text
 from training.redisconn import connect
 

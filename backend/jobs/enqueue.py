@@ -23,7 +23,7 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
-from model.registry import ProjectRegistry, default_root, project_key
+from ..registry import ProjectRegistry, default_root, project_key
 from training.redisconn import connect
 
 from ..config import Config

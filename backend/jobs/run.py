@@ -16,7 +16,7 @@ from typing import Any, Optional, cast
 from rq import get_current_job
 from rq.job import Job
 
-from model.registry import project_key
+from ..registry import project_key
 
 from ..finetune import FinetuneSettings, run_finetune
 from .guard import JobGuard, JobInterrupted, forking_worker_pid, interruptible

@@ -1,7 +1,7 @@
 """Which model answers a project: its promoted registry version, hot-reloaded without a restart.
 
 Each project (Label Studio sends "3.1795584533" as the project of /setup and /predict) is served
-by the version its registry pointer names (model/registry.py: <registry>/<project>/promoted.json),
+by the version its registry pointer names (backend/registry.py: <registry>/<project>/promoted.json),
 or by the base checkpoint (MODEL_CHECKPOINT) while it has none. A watcher thread stats every
 project's pointer file every MODEL_RELOAD_INTERVAL seconds; when its (inode, mtime, size)
 changed, the pointer is read and, if it names another version, that version is loaded in the
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, cast
 
 from model.interface import ClickPredictor
-from model.registry import ProjectRegistry, RegistryError, project_key, projects
+from .registry import ProjectRegistry, RegistryError, project_key, projects
 
 if TYPE_CHECKING:
     from .engine import Segmenter
