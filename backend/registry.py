@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, List, Mapping, Optional
 
-from model.files import atomic_write_bytes, file_sha256, read_info
+from model.files import REPO_ROOT, atomic_write_bytes, file_sha256, read_info
 from model.settings import DATA_DIR, MODEL_REGISTRY
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 POINTER = "promoted.json"
 CHECKPOINT = "model.safetensors"
 INFO = "version.json"

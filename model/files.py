@@ -19,6 +19,8 @@ from .settings import SIMCLICK_CHECKPOINT
 FORMAT = "simclick-checkpoint/1"
 META_KEY = "simclick"
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "simclick-lite2.safetensors"
+# Relative paths in settings (DATA_DIR, MODEL_REGISTRY, INFERENCE_CACHE) are taken from here.
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class CheckpointError(ValueError):

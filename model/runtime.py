@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .network import ImageCode, InteractiveSegNet, PromptMaps
-from .registry import REPO_ROOT
+from .files import REPO_ROOT
 from .settings import DATA_DIR, INFERENCE_CACHE
 
 log = logging.getLogger("simclick.runtime")

@@ -23,7 +23,7 @@ from backend.registry import ProjectRegistry
 
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 from image_server import ImageServer  # noqa: E402
-from tests.security_fixtures import one_torch_thread, predictor  # noqa: F401  (fixtures, found by pytest here)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 W, H = 128, 96
 
@@ -55,8 +55,8 @@ def attacker():
         yield s
 
 
-def client(predictor, **env):
-    return create_app(Config.from_env({k.upper(): str(v) for k, v in env.items()}), predictor).test_client()
+def client(tiny_predictor, **env):
+    return create_app(Config.from_env({k.upper(): str(v) for k, v in env.items()}), tiny_predictor).test_client()
 
 
 def predict(c, url, project="1.1795584533", **headers):
@@ -79,10 +79,10 @@ def leaked(server, *secrets) -> list:
     "http://127.0.0.1:{evil}#@127.0.0.1:{ls}/data/upload/1/img.png",
     "http://127.0.0.1:{evil}?@127.0.0.1:{ls}/data/upload/1/img.png",
 ])
-def test_key_never_follows_a_url_the_parsers_read_differently(predictor, ls, attacker, template):
+def test_key_never_follows_a_url_the_parsers_read_differently(tiny_predictor, ls, attacker, template):
     port = lambda s: s.url.rsplit(":", 1)[1]  # noqa: E731
     url = template.format(evil=port(attacker), ls=port(ls))
-    c = client(predictor, label_studio_url=ls.url, label_studio_api_key=ls.legacy_token)
+    c = client(tiny_predictor, label_studio_url=ls.url, label_studio_api_key=ls.legacy_token)
     r = predict(c, url)
     assert not leaked(attacker, ls.legacy_token), attacker.requests
     assert ls.legacy_token not in r.get_data(as_text=True)
@@ -92,11 +92,11 @@ def test_key_never_follows_a_url_the_parsers_read_differently(predictor, ls, att
 
 
 # -- 2: /setup cannot redirect the configured key ------------------------------------------------------
-def test_setup_hostname_never_gets_the_configured_key(predictor, ls, attacker):
+def test_setup_hostname_never_gets_the_configured_key(tiny_predictor, ls, attacker):
     """LABEL_STUDIO_API_KEY set, LABEL_STUDIO_URL not: an unauthenticated /setup names another
     server. Neither the legacy key nor a personal access token (its exchange) may reach it."""
     for key in (ls.legacy_token, ls.pat):
-        c = client(predictor, label_studio_api_key=key)
+        c = client(tiny_predictor, label_studio_api_key=key)
         r = c.post("/setup", json={"project": "1.1795584533", "schema": SETUP_SCHEMA,
                                    "hostname": attacker.url, "access_token": ""})
         assert r.status_code == 200
@@ -104,7 +104,7 @@ def test_setup_hostname_never_gets_the_configured_key(predictor, ls, attacker):
         assert not leaked(attacker, key), attacker.requests
         assert r.status_code >= 400 and "LABEL_STUDIO_URL" in r.get_json()["error"]
     # A hostname from /setup gets the token that came with it, and only that one.
-    c = client(predictor, label_studio_api_key=ls.legacy_token)
+    c = client(tiny_predictor, label_studio_api_key=ls.legacy_token)
     c.post("/setup", json={"project": "2.1", "schema": SETUP_SCHEMA, "hostname": attacker.url,
                            "access_token": attacker.legacy_token})
     r = predict(c, "/data/upload/1/img.png", project="2.1")
@@ -124,8 +124,8 @@ def test_setup_hostname_never_gets_the_configured_key(predictor, ls, attacker):
     "/tasks/1/../../api/projects/",
     "/storage-data/../api/projects/",
 ])
-def test_task_paths_cannot_reach_the_label_studio_api(predictor, ls, url):
-    c = client(predictor, label_studio_url=ls.url, label_studio_api_key=ls.legacy_token)
+def test_task_paths_cannot_reach_the_label_studio_api(tiny_predictor, ls, url):
+    c = client(tiny_predictor, label_studio_url=ls.url, label_studio_api_key=ls.legacy_token)
     n = len(ls.requests)
     r = predict(c, url)
     # Refused before any request, always with the same status: no probing of what exists.
@@ -134,8 +134,8 @@ def test_task_paths_cannot_reach_the_label_studio_api(predictor, ls, url):
     assert "/data/upload/" in r.get_json()["error"]
 
 
-def test_absolute_urls_on_the_label_studio_server_get_the_key_only_for_files(predictor, ls):
-    c = client(predictor, label_studio_url=ls.url, label_studio_api_key=ls.legacy_token)
+def test_absolute_urls_on_the_label_studio_server_get_the_key_only_for_files(tiny_predictor, ls):
+    c = client(tiny_predictor, label_studio_url=ls.url, label_studio_api_key=ls.legacy_token)
     assert predict(c, f"{ls.url}/data/upload/1/img.png").status_code == 200
     assert ls.requests[-1][2] == f"Token {ls.legacy_token}"
     predict(c, f"{ls.url}/api/projects/")
@@ -154,9 +154,9 @@ def registry(tmp_path, tiny_checkpoint):
     return root, reg
 
 
-def test_admin_routes_are_off_without_a_credential(predictor, registry):
+def test_admin_routes_are_off_without_a_credential(tiny_predictor, registry):
     root, reg = registry
-    c = client(predictor, model_registry=root)            # the default: no basic auth, no token
+    c = client(tiny_predictor, model_registry=root)            # the default: no basic auth, no token
     r = c.post("/admin/rollback", json={"project": 5})
     assert r.status_code == 403 and "ADMIN_TOKEN" in r.get_json()["error"]
     assert reg.promoted().name == "p5-v001"
@@ -164,10 +164,10 @@ def test_admin_routes_are_off_without_a_credential(predictor, registry):
     assert r.status_code == 403 and not (root / "999").exists()
 
 
-def test_admin_token(predictor, registry):
+def test_admin_token(tiny_predictor, registry):
     root, reg = registry
     token = "admin-token-0123456789"
-    c = client(predictor, model_registry=root, admin_token=token)
+    c = client(tiny_predictor, model_registry=root, admin_token=token)
     for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "Basic eDp5"},
                     {"Authorization": "Bearer adm\u00efn"}):
         r = c.post("/admin/rollback", json={"project": 5}, headers=headers)
@@ -186,17 +186,17 @@ def _basic(user: str, pw: str, encoding: str = "utf-8") -> dict:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{pw}".encode(encoding)).decode()}
 
 
-def test_basic_auth_with_non_ascii_credentials(predictor):
-    c = client(predictor, basic_auth_user="ls", basic_auth_pass="p\u00e4ssw\u00f6rd-\u2713")
+def test_basic_auth_with_non_ascii_credentials(tiny_predictor):
+    c = client(tiny_predictor, basic_auth_user="ls", basic_auth_pass="p\u00e4ssw\u00f6rd-\u2713")
     assert c.get("/versions").status_code == 401
     assert c.get("/versions", headers=_basic("ls", "p\u00e4ssw\u00f6rd-\u2713")).status_code == 200
     assert c.get("/versions", headers=_basic("ls", "passwort")).status_code == 401
-    ascii_app = client(predictor, basic_auth_user="ls", basic_auth_pass="s3cret-pass")
+    ascii_app = client(tiny_predictor, basic_auth_user="ls", basic_auth_pass="s3cret-pass")
     for headers in (_basic("l\u00df", "s3cret-pass"), _basic("ls", "\u00e9t\u00e9"),
                     _basic("ls", "\u00e9t\u00e9", "latin-1"), {"Authorization": "Basic \u00e9\u00e9"},
                     {"Authorization": "Basic !!!"}):
         r = ascii_app.get("/versions", headers=headers)
         assert r.status_code == 401, (headers, r.status)
     # Python requests (Label Studio's client) encodes basic auth as latin-1.
-    latin = client(predictor, basic_auth_user="ls", basic_auth_pass="p\u00e4ss")
+    latin = client(tiny_predictor, basic_auth_user="ls", basic_auth_pass="p\u00e4ss")
     assert latin.get("/versions", headers=_basic("ls", "p\u00e4ss", "latin-1")).status_code == 200

@@ -29,7 +29,7 @@ from backend.bench import keypoint, predict_body
 from backend.config import Config
 from backend.labelstudio.masks import mask_to_rle
 from backend.membench import data_uri, ico_bomb
-from tests.security_fixtures import one_torch_thread  # noqa: F401  (fixtures, found by pytest here)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FIX = Path(__file__).parent / "fixtures" / "labelstudio"
 REDIS_DB = 14

@@ -31,7 +31,7 @@ from backend.labelstudio.masks import mask_to_rle
 from model.images import load_image, load_mask
 
 from .conftest import DATASETS
-from tests.security_fixtures import one_torch_thread, predictor  # noqa: F401  (fixtures, found by pytest here)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 W, H = 128, 96
 REDIS_DB = 14
@@ -53,8 +53,8 @@ def data_uri(data: bytes, mime="image/png") -> str:
 URI = data_uri(png())
 
 
-def client(predictor, **env):
-    return create_app(Config.from_env({k.upper(): str(v) for k, v in env.items()}), predictor).test_client()
+def client(tiny_predictor, **env):
+    return create_app(Config.from_env({k.upper(): str(v) for k, v in env.items()}), tiny_predictor).test_client()
 
 
 def predict(c, url=URI, regions=None):
@@ -92,8 +92,8 @@ class Server:
 
 
 # -- 8: declared sizes -------------------------------------------------------------------------------
-def test_declared_size_must_match_the_image(predictor):
-    c = client(predictor)
+def test_declared_size_must_match_the_image(tiny_predictor):
+    c = client(tiny_predictor)
     r = predict(c, regions=[keypoint(64, 50, 6000, 6000)])       # 36 MP declared on a 128x96 image
     assert r.status_code == 400, r.get_json()
     assert "6000x6000" in r.get_json()["error"] and "128x96" in r.get_json()["error"]
@@ -101,8 +101,8 @@ def test_declared_size_must_match_the_image(predictor):
     assert predict(c, regions=[keypoint(50, 64, H, W)]).status_code == 200        # EXIF-transposed
 
 
-def test_declared_size_over_max_image_pixels_is_refused_before_decoding(predictor):
-    c = client(predictor, max_image_pixels=20000)                  # the image: 12288 px
+def test_declared_size_over_max_image_pixels_is_refused_before_decoding(tiny_predictor):
+    c = client(tiny_predictor, max_image_pixels=20000)                  # the image: 12288 px
     stroke = np.zeros((200, 200), bool)
     stroke[90:110, 90:110] = True
     brush = {"original_width": 200, "original_height": 200, "image_rotation": 0, "type": "brushlabels",
@@ -115,9 +115,9 @@ def test_declared_size_over_max_image_pixels_is_refused_before_decoding(predicto
 
 
 # -- 9: clicks, download time, predict time ---------------------------------------------------------------
-def test_clicks_per_request_are_capped(predictor, caplog):
+def test_clicks_per_request_are_capped(tiny_predictor, caplog):
     caplog.set_level(logging.INFO, logger="backend")
-    c = client(predictor, max_clicks=5)
+    c = client(tiny_predictor, max_clicks=5)
     kps = [keypoint(20 + 10 * i, 50, W, H, i=i) for i in range(6)]
     r = predict(c, regions=kps)
     assert r.status_code == 400 and "MAX_CLICKS=5" in r.get_json()["error"], r.get_json()
@@ -148,10 +148,10 @@ def _drip(body_first: bool):
 
 
 @pytest.mark.parametrize("body_first", [True, False], ids=["body", "headers"])
-def test_download_has_a_total_deadline(predictor, body_first):
+def test_download_has_a_total_deadline(tiny_predictor, body_first):
     server = Server(_drip(body_first))
     try:
-        c = client(predictor, fetch_timeout=1.5)
+        c = client(tiny_predictor, fetch_timeout=1.5)
         t0 = time.monotonic()
         r = predict(c, f"{server.url}/slow.png")
         took = time.monotonic() - t0
@@ -169,12 +169,12 @@ def _labels_config(n: int) -> str:
 
 
 @pytest.mark.e2e  # slow (2.2 s of CPU): the unit tier stays within a minute (issue 24)
-def test_predict_timeout_holds_across_labels(predictor):
+def test_predict_timeout_holds_across_labels(tiny_predictor):
     """The attack: PREDICT_TIMEOUT=5 and one request of 100 labels x 1 keypoint answered 200 after
     14.3 s: the deadline was checked between the clicks of a label, never between labels. Here the
     deadline passes at once: one label runs (a request always makes progress), then 503, and each
     retry runs one more label from where the last one stopped."""
-    c = client(predictor, predict_timeout=0.001)
+    c = client(tiny_predictor, predict_timeout=0.001)
     sessions = c.application.extensions["simclick"].sessions
     body = predict_body(1, URI, [keypoint(10 + i, 10 + i % 50, W, H, i=i, label=f"L{i}") for i in range(100)])
     body["label_config"] = _labels_config(100)
@@ -189,8 +189,8 @@ def test_predict_timeout_holds_across_labels(predictor):
     assert statuses == [503] * 99 + [200]
 
 
-def test_predict_has_a_time_budget_and_keeps_its_progress(predictor):
-    c = client(predictor, predict_timeout=0.001)
+def test_predict_has_a_time_budget_and_keeps_its_progress(tiny_predictor):
+    c = client(tiny_predictor, predict_timeout=0.001)
     kps = [keypoint(10 + 5 * i, 20 + 3 * i, W, H, i=i) for i in range(5)]
     statuses = []
     for _ in range(len(kps) + 1):
@@ -204,7 +204,7 @@ def test_predict_has_a_time_budget_and_keeps_its_progress(predictor):
 
 # -- 10, 11: caches sized by memory ------------------------------------------------------------------------
 @pytest.mark.e2e  # slow (1.3 s of CPU): the unit tier stays within a minute (issue 24)
-def test_sessions_of_all_models_share_one_byte_budget(predictor, tmp_path, tiny_checkpoint):
+def test_sessions_of_all_models_share_one_byte_budget(tiny_predictor, tmp_path, tiny_checkpoint):
     from tests.conftest import make_tiny_checkpoint
     from backend.registry import ProjectRegistry
 
@@ -213,7 +213,7 @@ def test_sessions_of_all_models_share_one_byte_budget(predictor, tmp_path, tiny_
     reg.add("p5-v001", make_tiny_checkpoint(tmp_path / "v1.safetensors", seed=1, version="p5-v001"),
             parent=base.name)
     reg.promote("p5-v001", served_before=base.name)
-    c = client(predictor, model_registry=tmp_path / "registry", session_cache_mb=4, image_cache_mb=1)
+    c = client(tiny_predictor, model_registry=tmp_path / "registry", session_cache_mb=4, image_cache_mb=1)
     backend = c.application.extensions["simclick"]
     for i in range(6):
         for project in ("5.1", "6.1"):                          # two models: p5-v001 and the base
@@ -235,10 +235,10 @@ def test_sessions_of_all_models_share_one_byte_budget(predictor, tmp_path, tiny_
     assert 0 < held <= 4 * 2**20
 
 
-def test_sixteen_annotators_keep_their_sessions(predictor, caplog):
+def test_sixteen_annotators_keep_their_sessions(tiny_predictor, caplog):
     """20 annotators on 20 images, click after click in turn: every later click runs the model once."""
     caplog.set_level(logging.INFO, logger="backend")
-    c = client(predictor)                                          # the default settings
+    c = client(tiny_predictor)                                          # the default settings
     uris = [data_uri(png(seed=100 + i)) for i in range(20)]
     replays = []
     for n in range(1, 3):
@@ -262,13 +262,13 @@ def test_undo_deeper_than_the_history_replays(tmp_path):
     image, gt = load_image(img_path), load_mask(DATASETS / "Berkeley" / "masks" / "376043.png")
     h, w = gt.shape
     # The shipped model (its masks are not empty, so a wrong empty one shows), coarse pass only.
-    predictor = Predictor.load("default", refine=False).with_options(max_history=4)
+    shipped = Predictor.load("default", refine=False).with_options(max_history=4)
     ys, xs = np.nonzero(gt)
     cy, cx = int(np.median(ys)), int(np.median(xs))
     clicks = [(cx, cy)] + [(cx + dx, cy + dy) for dx, dy in ((6, 0), (0, 6), (-6, 0), (0, -6), (9, 9))]
     clicks = [(x, y) for x, y in clicks if gt[y, x]]
     assert len(clicks) == 6
-    c = create_app(Config.from_env({}), predictor).test_client()
+    c = create_app(Config.from_env({}), shipped).test_client()
     uri = data_uri(img_path.read_bytes(), "image/jpeg")
     kps = [keypoint(x, y, w, h, i=i) for i, (x, y) in enumerate(clicks)]
     for n in range(1, len(kps) + 1):
@@ -278,7 +278,7 @@ def test_undo_deeper_than_the_history_replays(tmp_path):
     items = r.get_json()["results"][0]["result"]
     from backend.labelstudio.masks import rle_to_mask
     got = rle_to_mask(items[0]["value"]["rle"], h, w) if items else np.zeros((h, w), bool)
-    expected = predictor.open(image).add_click(*clicks[0], True) > 0.5
+    expected = shipped.open(image).add_click(*clicks[0], True) > 0.5
     assert expected.sum() > 1000 and np.array_equal(got, expected)
 
 
@@ -294,9 +294,9 @@ def _bomb_png(w=30000, h=30000) -> bytes:
     return bytes(data)
 
 
-def test_bad_input_gets_4xx_with_a_reason(predictor, tmp_path):
+def test_bad_input_gets_4xx_with_a_reason(tiny_predictor, tmp_path):
     token = "admin-token-0123456789"
-    c = client(predictor, admin_token=token, model_registry=tmp_path / "registry")
+    c = client(tiny_predictor, admin_token=token, model_registry=tmp_path / "registry")
 
     def post(path, raw):
         return c.post(path, data=raw, content_type="application/json")
@@ -327,12 +327,12 @@ def test_bad_input_gets_4xx_with_a_reason(predictor, tmp_path):
     assert c.get("/health").status_code == 200
 
 
-def test_image_bomb_is_413(predictor):
-    r = predict(client(predictor), data_uri(_bomb_png()))
+def test_image_bomb_is_413(tiny_predictor):
+    r = predict(client(tiny_predictor), data_uri(_bomb_png()))
     assert r.status_code == 413 and "MAX_IMAGE_PIXELS" in r.get_json()["error"], r.get_json()
 
 
-def test_redirect_loop_is_named(predictor):
+def test_redirect_loop_is_named(tiny_predictor):
     def handle(h):
         n = int(h.path.rsplit("/", 1)[-1] or 0)
         h.send_response(302)
@@ -341,7 +341,7 @@ def test_redirect_loop_is_named(predictor):
         h.end_headers()
     server = Server(handle)
     try:
-        r = predict(client(predictor), f"{server.url}/r/0")
+        r = predict(client(tiny_predictor), f"{server.url}/r/0")
     finally:
         server.close()
     assert r.status_code == 502, r.get_json()
@@ -349,12 +349,12 @@ def test_redirect_loop_is_named(predictor):
     assert "redirect" in err and "LABEL_STUDIO_URL" not in err
 
 
-def test_fifo_under_local_files_root_does_not_block(predictor, tmp_path):
+def test_fifo_under_local_files_root_does_not_block(tiny_predictor, tmp_path):
     root = tmp_path / "files"
     root.mkdir()
     fifo = root / "pipe.png"
     os.mkfifo(fifo)
-    c = client(predictor, local_files_root=root)
+    c = client(tiny_predictor, local_files_root=root)
     out = {}
     t = threading.Thread(target=lambda: out.setdefault("r", predict(c, str(fifo))), daemon=True)
     t.start()
@@ -371,12 +371,12 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_a_directory_under_local_files_root_is_400_and_leaks_no_fd(predictor, tmp_path):
+def test_a_directory_under_local_files_root_is_400_and_leaks_no_fd(tiny_predictor, tmp_path):
     """The attack: an image URL naming a directory under LOCAL_FILES_ROOT answered 500 and leaked a
     file descriptor per request (after ~122 of them under `ulimit -n 128` every image failed)."""
     root = tmp_path / "files"
     (root / "sub").mkdir(parents=True)
-    c = client(predictor, local_files_root=root)
+    c = client(tiny_predictor, local_files_root=root)
     urls = ["/data/local-files/?d=", "/data/local-files/?d=sub", f"file://{root}/sub/", str(root / "sub")]
     for url in urls:                                   # one of each first: the lazy imports open files
         predict(c, url)
@@ -388,15 +388,15 @@ def test_a_directory_under_local_files_root_is_400_and_leaks_no_fd(predictor, tm
     assert _open_fds() == before, f"{_open_fds() - before} file descriptors leaked in 40 requests"
 
 
-def test_forbidden_local_path_does_not_show_the_root(predictor, tmp_path):
+def test_forbidden_local_path_does_not_show_the_root(tiny_predictor, tmp_path):
     root = tmp_path / "secret-layout" / "files"
     root.mkdir(parents=True)
-    r = predict(client(predictor, local_files_root=root), "/etc/passwd")
+    r = predict(client(tiny_predictor, local_files_root=root), "/etc/passwd")
     assert r.status_code == 403
     assert "secret-layout" not in r.get_data(as_text=True) and "secret-layout" not in r.status
 
 
-def test_a_redis_that_never_answers_costs_the_webhook_under_a_second(predictor, tmp_path):
+def test_a_redis_that_never_answers_costs_the_webhook_under_a_second(tiny_predictor, tmp_path):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -412,7 +412,7 @@ def test_a_redis_that_never_answers_costs_the_webhook_under_a_second(predictor, 
                 pass
     threading.Thread(target=accept, daemon=True).start()
     try:
-        c = client(predictor, redis_url=f"redis://127.0.0.1:{listener.getsockname()[1]}/0", data_dir=tmp_path)
+        c = client(tiny_predictor, redis_url=f"redis://127.0.0.1:{listener.getsockname()[1]}/0", data_dir=tmp_path)
         t0 = time.monotonic()
         r = c.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 5}})
         took = time.monotonic() - t0
@@ -425,11 +425,11 @@ def test_a_redis_that_never_answers_costs_the_webhook_under_a_second(predictor, 
     assert took < 1.0, f"/webhook took {took:.2f} s; Label Studio waits about 1 s"
 
 
-def test_jobs_limit_must_be_positive(predictor, tmp_path):
+def test_jobs_limit_must_be_positive(tiny_predictor, tmp_path):
     conn = redis.Redis(db=REDIS_DB)
     conn.flushdb()
     try:
-        c = client(predictor, redis_url=f"redis://127.0.0.1:6379/{REDIS_DB}", data_dir=tmp_path)
+        c = client(tiny_predictor, redis_url=f"redis://127.0.0.1:6379/{REDIS_DB}", data_dir=tmp_path)
         for bad in ("-1", "0", "abc", "100000"):
             r = c.get(f"/jobs?limit={bad}")
             assert r.status_code == 400 and "limit" in r.get_json()["error"], (bad, r.get_json())

@@ -16,7 +16,7 @@ from backend.config import Config
 from model.checkpoint import file_sha256
 from tests.conftest import make_tiny_checkpoint
 from backend.registry import ProjectRegistry
-from tests.security_fixtures import one_torch_thread, predictor  # noqa: F401  (fixtures, found by pytest here)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _uri() -> str:
     import base64
@@ -60,9 +60,9 @@ def project(tmp_path, tiny_checkpoint, ckpts):
     return reg
 
 
-def app_for(reg, predictor):
+def app_for(reg, tiny_predictor):
     return create_app(Config.from_env({"MODEL_REGISTRY": str(reg.root), "MODEL_RELOAD_INTERVAL": "0"}),
-                      predictor)
+                      tiny_predictor)
 
 
 def served_weights(c, project="5.1795584533"):
@@ -124,9 +124,9 @@ def tamper_no_version(reg, ckpts):
 @pytest.mark.e2e  # slow (3.8 s of CPU): the unit tier stays within a minute (issue 24)
 @pytest.mark.parametrize("tamper", [tamper_absolute, tamper_relative, tamper_symlinked_version,
                                     tamper_symlinked_file, tamper_sha, tamper_no_version])
-def test_a_tampered_pointer_never_serves_foreign_weights(project, predictor, ckpts, tamper, caplog):
+def test_a_tampered_pointer_never_serves_foreign_weights(project, tiny_predictor, ckpts, tamper, caplog):
     caplog.set_level(logging.INFO)
-    c = app_for(project, predictor).test_client()
+    c = app_for(project, tiny_predictor).test_client()
     assert served_weights(c) == "p5-v001"
     tamper(project, ckpts)
     assert served_weights(c) == "p5-v001"          # the previous model, not "evil", and no 500
@@ -156,13 +156,13 @@ def test_registering_copies_the_checkpoint(tmp_path, tiny_checkpoint, ckpts):
     assert oct(base.checkpoint.stat().st_mode & 0o777) == "0o444"
 
 
-def test_restart_with_a_corrupt_promoted_version_serves_the_last_good_one(project, predictor, ckpts, caplog):
+def test_restart_with_a_corrupt_promoted_version_serves_the_last_good_one(project, tiny_predictor, ckpts, caplog):
     caplog.set_level(logging.INFO)
     v2 = project.add("p5-v002", private(ckpts["p5-v002"], project.root.parent), parent="p5-v001")
     project.promote(v2.name)
     v2.checkpoint.chmod(0o644)
     v2.checkpoint.write_bytes(b"\x80\x04corrupt")
-    c = app_for(project, predictor).test_client()        # a restart: nothing loaded yet
+    c = app_for(project, tiny_predictor).test_client()        # a restart: nothing loaded yet
     assert served_weights(c) == "p5-v001"
     listing = c.get("/versions?project=5").get_json()
     assert listing["promoted"] == "p5-v002" and listing["model_version"] == "p5-v001"
@@ -175,8 +175,8 @@ def test_restart_with_a_corrupt_promoted_version_serves_the_last_good_one(projec
         cp = project.get(name).checkpoint
         cp.chmod(0o644)
         cp.write_bytes(b"\x80\x04corrupt")
-    c = app_for(project, predictor).test_client()
-    assert served_weights(c) == predictor.version
+    c = app_for(project, tiny_predictor).test_client()
+    assert served_weights(c) == tiny_predictor.version
     assert "p5-v002" in c.get("/versions?project=5").get_json()["fallback"]
 
 
@@ -237,7 +237,7 @@ def test_the_cli_exits_2_on_a_malformed_card(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.e2e  # slow (1.1 s of CPU): the unit tier stays within a minute (issue 24)
-def test_the_fallback_note_names_versions_not_paths(project, predictor, ckpts, tiny_checkpoint, tmp_path):
+def test_the_fallback_note_names_versions_not_paths(project, tiny_predictor, ckpts, tiny_checkpoint, tmp_path):
     """GET /versions (and /health) said why the promoted version is not served, with the absolute
     path of its file on the server, to any client."""
     v2 = project.add("p5-v002", private(ckpts["p5-v002"], project.root.parent), parent="p5-v001")
@@ -251,7 +251,7 @@ def test_the_fallback_note_names_versions_not_paths(project, predictor, ckpts, t
         sha = file_sha256(v2.checkpoint)              # registered as it is now: it passes the hashes
         (v2.path / "version.json").write_text(json.dumps(dict(v2.info, sha256=sha)))
         write_pointer(project, dict(project.pointer(), sha256=sha))
-        c = app_for(project, predictor).test_client()
+        c = app_for(project, tiny_predictor).test_client()
         assert served_weights(c) == "p5-v001"
         note = c.get("/versions?project=5").get_json()["fallback"]
         shown = json.dumps(c.get("/health").get_json()["projects"])
