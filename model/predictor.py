@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import torch
 
-from . import focus
+from . import focus, zoom
 from .box_seed import deepest_point, grabcut_seed
 from .checkpoint import CheckpointError, build_model, file_sha256, resolve
 from .clicks import Click
@@ -32,6 +32,7 @@ from .guided_filter import guided_filter
 from .images import to_rgb8
 from .runtime import CompiledNet, choose, compile_net, default_cache, graph_inputs
 from .settings import INFERENCE_RUNTIME, INFERENCE_THREADS
+from .views import Box, Prompt, View, inside, round32
 
 if TYPE_CHECKING:
     from .network import InteractiveSegNet
@@ -67,8 +68,7 @@ class PredictorOptions:
     zoom_expand: float = 1.4
     zoom_min_side: int = 200
     # A box alone (box-trained models): after the coarse view, this many passes on the square around
-    # the box, each fed the answer before it (TrainVal box-only mIoU, s5450 weights: 0.741 with one
-    # pass only where it zoomed in, 0.753 with one pass always, 0.765 with two, 0.767 with three).
+    # the box, each fed the answer before it (chosen on TrainVal: the model card's "Box prompts").
     box_passes: int = 2
 
     def __post_init__(self):
@@ -80,10 +80,6 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _round32(v: float) -> int:
-    return max(32, int(round(v / 32)) * 32)
 
 
 class Predictor:
@@ -226,7 +222,7 @@ class Session:
         self.wh, self.ww = self.work.shape[:2]
         # Coarse view, computed once per image (the per-image cache).
         s = opt.coarse_size / max(self.wh, self.ww)
-        self.coarse_hw = (_round32(self.wh * s), _round32(self.ww * s))
+        self.coarse_hw = (round32(self.wh * s), round32(self.ww * s))
         coarse = cv2.resize(self.work, self.coarse_hw[::-1], interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
         self.coarse_tensor = predictor.to_tensor(coarse)
         self._coarse_code = None   # the coarse view's encoding, computed at the first click
@@ -298,8 +294,8 @@ class Session:
                 t0 = time.perf_counter()
                 seeded = grabcut_seed(self.work, self.box)
                 seed_ms = (time.perf_counter() - t0) * 1000
-                iy, ix = deepest_point(seeded)
-                self.seed = [Click((ix + 0.5) / s - 0.5, (iy + 0.5) / s - 0.5, True)]
+                y, x = View.scaled(1 / s).point(*deepest_point(seeded))     # back to full resolution
+                self.seed = [Click(x, y, True)]
                 self.prob = self._snap_edges(self._predict(seeded.astype(np.float32)))
                 self.last_timing["seed_ms"] = seed_ms
             return self.full_prob()
@@ -401,10 +397,9 @@ class Session:
             return a.astype(np.float32)
         return cv2.resize(a.astype(np.float32), (self.ww, self.wh), interpolation=cv2.INTER_AREA)
 
-    def _work_clicks(self):
-        # Full-res pixel centre -> working-res pixel centre.
-        s = self.scale
-        return [((c.y + 0.5) * s - 0.5, (c.x + 0.5) * s - 0.5, c.positive) for c in self.seed + self.clicks]
+    def _work_clicks(self) -> list[Prompt]:
+        """The seed and the clicks as (y, x, positive) at working resolution (model.views)."""
+        return View.scaled(self.scale).prompts((c.y, c.x, c.positive) for c in self.seed + self.clicks)
 
     def _predict(self, prev_prob: np.ndarray) -> np.ndarray:
         p = self.predictor
@@ -423,16 +418,15 @@ class Session:
         t0 = time.perf_counter()
         coarse_scale = 0.0   # network pixels per working pixel of the coarse (or zoom-in) view
         if opt.coarse:
-            view = self._zoom_view(prev, clicks) if opt.zoom_in else None
+            view = zoom.view(prev, clicks, self.box, opt) if opt.zoom_in else None
             if view is None:
                 h, w = self.coarse_hw
-                sy, sx = h / self.wh, w / self.ww
-                net_clicks = [((y + 0.5) * sy - 0.5, (x + 0.5) * sx - 0.5, pos) for y, x, pos in clicks]
+                net_clicks = View.of((0, 0, self.wh, self.ww), h, w).prompts(clicks)
                 prev_small = cv2.resize(prev.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
                 prob = self._coarse_pass(net_clicks, prev_small)
                 coarse_scale = max(self.coarse_hw) / max(self.wh, self.ww)
             else:
-                prob, coarse_scale = self._zoom_pass(view, clicks, prev, prev_prob)
+                prob, coarse_scale = zoom.coarse_pass(p, self.work, view, clicks, prev, prev_prob, self._view_box)
                 self._touched = np.zeros(prev.shape, bool)
                 self._touched[view[0]:view[2], view[1]:view[3]] = True
         t1 = time.perf_counter()
@@ -473,48 +467,12 @@ class Session:
         h, w = self.coarse_hw
         if self._coarse_code is None:
             self._coarse_code = p.encode(self.coarse_tensor)
-        box = self._view_box((0, 0, self.wh, self.ww), h / self.wh, w / self.ww)
-        coarse = p.run_net(self._coarse_code, net_clicks, prev_small, box)
+        coarse = p.run_net(self._coarse_code, net_clicks, prev_small, self._view_box(View.of((0, 0, self.wh, self.ww), h, w)))
         return cv2.resize(coarse, (self.ww, self.wh), interpolation=cv2.INTER_LINEAR)
 
-    def _zoom_view(self, prev: np.ndarray, clicks) -> tuple[int, int, int, int] | None:
-        """The zoom-in view at working resolution (focus.object_view), None for the whole image. A
-        box prompt frames the object from the start: the view then holds the box."""
-        opt = self.predictor.options
-        points = [(y, x) for y, x, pos in clicks if pos]
-        if self.box is not None:
-            y0, x0, y1, x1 = self.box
-            points += [(y0, x0), (y1 - 1, x1 - 1)]
-        elif len(clicks) <= opt.zoom_skip_clicks:
-            return None
-        return focus.object_view(prev, points, opt.zoom_expand, opt.zoom_min_side)
-
-    def _zoom_pass(self, view, clicks, prev: np.ndarray, prev_prob: np.ndarray) -> tuple[np.ndarray, float]:
-        """The coarse pass on the zoom-in view: the crop at the coarse size (long side), the answer
-        pasted into the previous map (outside the view the previous answer stays). Returns the map
-        and the view's scale (network pixels per working pixel)."""
-        p = self.predictor
-        y0, x0, y1, x1 = view
-        vh, vw = y1 - y0, x1 - x0
-        s = p.options.coarse_size / max(vh, vw)
-        h, w = _round32(vh * s), _round32(vw * s)
-        crop = cv2.resize(self.work[y0:y1, x0:x1], (w, h), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-        sy, sx = h / vh, w / vw
-        net_clicks = [((y - y0 + 0.5) * sy - 0.5, (x - x0 + 0.5) * sx - 0.5, pos) for y, x, pos in clicks
-                      if y0 - 0.5 <= y < y1 - 0.5 and x0 - 0.5 <= x < x1 - 0.5]
-        prev_small = cv2.resize(prev[y0:y1, x0:x1].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-        out = p.run_net(p.encode(p.to_tensor(crop)), net_clicks, prev_small, self._view_box(view, sy, sx))
-        prob = prev_prob.copy()
-        prob[y0:y1, x0:x1] = cv2.resize(out, (vw, vh), interpolation=cv2.INTER_LINEAR)
-        return prob, max(h, w) / max(vh, vw)
-
-    def _view_box(self, view, sy: float, sx: float):
-        """The session's box in the pixels of a view (y0, x0, ...) of the working image scaled by (sy, sx)."""
-        if self.box is None or not self.predictor.accepts_box:   # a click-only model's box is in its seed
-            return None
-        y0, x0 = view[0], view[1]
-        by0, bx0, by1, bx1 = self.box
-        return ((by0 - y0) * sy, (bx0 - x0) * sx, (by1 - y0) * sy, (bx1 - x0) * sx)
+    def _view_box(self, view: View) -> Box | None:
+        """The session's box in a view's pixels (a click-only model's box is in its seed instead)."""
+        return view.box(self.box) if self.box is not None and self.predictor.accepts_box else None
 
     def _predict_box(self) -> np.ndarray:
         """A box alone: the coarse view, then `box_passes` focus passes on a square around the box
@@ -554,13 +512,13 @@ class Session:
         s = self.focus_size
         crop = cv2.resize(self.work[y0:y1, x0:x1], (s, s),
                           interpolation=cv2.INTER_AREA if max(ch, cw) > s else cv2.INTER_LINEAR)
-        sy, sx = s / ch, s / cw
-        inside = [c for c in clicks[:-1] if y0 - 0.5 <= c[0] < y1 - 0.5 and x0 - 0.5 <= c[1] < x1 - 0.5]
+        to_view = View.of(box, s, s)
+        kept = [c for c in clicks[:-1] if inside(c[:2], box)]
         if clicks:
             ly, lx, lpos = clicks[-1]  # the latest click is the crop's reason to exist: always in it
-            inside.append((min(max(ly, y0), y1 - 1), min(max(lx, x0), x1 - 1), lpos))
-        net_clicks = [((y - y0 + 0.5) * sy - 0.5, (x - x0 + 0.5) * sx - 0.5, pos) for y, x, pos in inside]
+            kept.append((min(max(ly, y0), y1 - 1), min(max(lx, x0), x1 - 1), lpos))
+        net_clicks = to_view.prompts(kept)
         prev = cv2.resize(current[y0:y1, x0:x1].astype(np.uint8), (s, s), interpolation=cv2.INTER_NEAREST).astype(bool)
         p = self.predictor
-        out = p.run_net(p.encode(p.to_tensor(crop)), net_clicks, prev, self._view_box(box, sy, sx))
+        out = p.run_net(p.encode(p.to_tensor(crop)), net_clicks, prev, self._view_box(to_view))
         return cv2.resize(out, (cw, ch), interpolation=cv2.INTER_LINEAR)
