@@ -9,14 +9,9 @@
     python -m backend.jobs cancel JOB [--wait 30]       # queued: never runs; running: ended (resumable)
     python -m backend.jobs resync --project P           # re-derive the annotation counter from Label Studio
 
-Enqueueing (the backend's /webhook calls `enqueue_webhook`; it only talks to Redis, a few ms):
-- START_TRAINING enqueues a job for the project; ANNOTATION_CREATED/UPDATED with a mask region
-  count towards TRAIN_EVERY_N_ANNOTATIONS (0 = count only) and enqueue when the count is reached.
-- At most one *pending* job per project: simclick:pending:<project> names the job that has not
-  started pulling annotations yet; later triggers fold into it (the answer names that job). The job
-  clears the pointer when it starts pulling, so triggers during a training queue one more job.
-- The same delivery twice (identical body within WEBHOOK_DEDUP_SECONDS) is handled once; the
-  second answer names the first one's job.
+Enqueueing (the backend's /webhook calls `enqueue_webhook`; it only talks to Redis, a few ms): the
+triggers, the one pending job per project and the dedup of repeated deliveries are described in
+backend/jobs/enqueue.py.
 - Redis unreachable: the enqueue raises, the backend answers 503 with the reason. Nothing is lost
   for good: a job pulls every finished annotation of the project from Label Studio, so the next
   trigger (Train button, `enqueue`, or `resync`) covers whatever arrived meanwhile.
