@@ -192,7 +192,7 @@ def test_a_new_domain_project_is_fine_tuned_promoted_and_served(label_studio_ser
     """Issue 21's loop on a domain the base model never saw, at a test's size: PH2 dermoscopy
     images imported into a real Label Studio with their lesion masks as annotations (its API),
     Train pressed, the worker fine-tunes the shipped model with the default recipe (rehearsal,
-    BatchNorm kept) on a few steps, the router tells the lesions from the base training images
+    BatchNorm kept) on 80 steps, the router tells the lesions from the base training images
     (a routed candidate), the gate promotes it on the holdout (no benchmark, for the test's time),
     and the backend serves the promoted version without a restart: /versions names it and
     /predict answers with it."""
@@ -233,8 +233,7 @@ def test_a_new_domain_project_is_fine_tuned_promoted_and_served(label_studio_ser
                                      if e["action"] == "START_TRAINING" and e.get("job")), None),
                        60, "the START_TRAINING webhook", blog)
         wlog = tmp_path / "worker.log"
-        wenv = dict(os.environ, **common, LABEL_STUDIO_API_KEY=label_studio_pat, FINETUNE_STEPS="24",
-                    FINETUNE_CROP_SIZE="192", FINETUNE_WARMUP_STEPS="2", FINETUNE_LR="4e-4",
+        wenv = dict(os.environ, **common, LABEL_STUDIO_API_KEY=label_studio_pat, FINETUNE_STEPS="80",
                     FINETUNE_HOLDOUT_FRACTION="0.25", FINETUNE_BENCH_DATASETS="", FINETUNE_EVAL_COARSE_SIZE="256",
                     FINETUNE_THREADS="2", SIMCLICK_EVAL_DB=str(tmp_path / "eval.sqlite"))
         w = subprocess.run([sys.executable, "-m", "backend.jobs", "worker", "--burst", "--name", "e2e-ph2"],
