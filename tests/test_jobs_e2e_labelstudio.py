@@ -53,6 +53,17 @@ def rconn():
     conn.flushdb()
 
 
+def start_backend(tmp_path, common: dict, ls_token: str):
+    """Our backend as a real process with `common` settings: (process, its URL, its log file)."""
+    port = ls_harness.free_port()
+    blog = tmp_path / "backend.log"
+    backend = subprocess.Popen([sys.executable, "-m", "backend", "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=REPO, env=dict(os.environ, **common, LABEL_STUDIO_API_KEY=ls_token,
+                                                  MODEL_RELOAD_INTERVAL="0.5"),
+                               stdout=open(blog, "wb"), stderr=subprocess.STDOUT)
+    return backend, f"http://127.0.0.1:{port}", blog
+
+
 def test_train_button_to_a_registered_version(label_studio_server, label_studio_pat, rconn, tiny_checkpoint, tmp_path,
                                               monkeypatch):
     ls = label_studio_server
@@ -61,13 +72,7 @@ def test_train_button_to_a_registered_version(label_studio_server, label_studio_
     common = dict(REDIS_URL=url, TRAINING_QUEUE=QUEUE, DATA_DIR=str(data_dir), MODEL_CHECKPOINT=str(tiny_checkpoint),
                   LABEL_STUDIO_URL=ls.url, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     # -- our backend, a real process, connected to a project -----------------------------------------
-    port = ls_harness.free_port()
-    blog = tmp_path / "backend.log"
-    backend = subprocess.Popen([sys.executable, "-m", "backend", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=REPO, env=dict(os.environ, **common, LABEL_STUDIO_API_KEY=ls.token,
-                                                  MODEL_RELOAD_INTERVAL="0.5"),
-                               stdout=open(blog, "wb"), stderr=subprocess.STDOUT)
-    burl = f"http://127.0.0.1:{port}"
+    backend, burl, blog = start_backend(tmp_path, common, ls.token)
     try:
         r = ls.api("POST", "/api/projects", json={"title": "simclick-finetune-e2e", "label_config": LABEL_CONFIG})
         assert r.status_code == 201, r.text
@@ -202,13 +207,7 @@ def test_a_new_domain_project_is_fine_tuned_promoted_and_served(label_studio_ser
     url = f"redis://127.0.0.1:6379/{DB}"
     common = dict(REDIS_URL=url, TRAINING_QUEUE=QUEUE, DATA_DIR=str(tmp_path / "data"), LABEL_STUDIO_URL=ls.url,
                   PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    port = ls_harness.free_port()
-    blog = tmp_path / "backend.log"
-    backend = subprocess.Popen([sys.executable, "-m", "backend", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=REPO, env=dict(os.environ, **common, LABEL_STUDIO_API_KEY=ls.token,
-                                                  MODEL_RELOAD_INTERVAL="0.5"),
-                               stdout=open(blog, "wb"), stderr=subprocess.STDOUT)
-    burl = f"http://127.0.0.1:{port}"
+    backend, burl, blog = start_backend(tmp_path, common, ls.token)
     try:
         r = ls.api("POST", "/api/projects", json={"title": "simclick-ph2-e2e", "label_config": LABEL_CONFIG})
         assert r.status_code == 201, r.text

@@ -73,7 +73,8 @@ def make_candidate(trained: Path, parent: Path, parent_name: str, data: Path, se
     out = trained.with_name("candidate.safetensors")
     made: dict = {"kind": "trained", "routing": None}
     if settings.routing:
-        loaded = Predictor.load(str(parent))
+        # the router reads the PyTorch backbone only: no runtime conversion of the parent here
+        loaded = Predictor.load(str(parent), runtime="torch")
         fallback = getattr(loaded, "fallback", loaded)       # a routed parent: embed with its own fallback
         router, validation, usable = fit_router(fallback, data, settings.route_min)
         made["routing"] = dict(validation, used=usable)
