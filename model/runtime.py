@@ -169,12 +169,30 @@ def _unreadable(path: Path, e: Exception) -> None:
     log.warning("the converted model %s is unreadable (%s: %s): converting again", path, type(e).__name__, e)
 
 
+_OV_CORE: list = []
+_OV_CORE_LOCK = threading.Lock()
+
+
+def _openvino_core() -> Any:
+    """The process's one OpenVINO Core. Its CPU plugin, when a Core loads it, replaces the calling
+    thread's signal stack (sigaltstack) with its own and puts the previous one back when that Core
+    is freed. Cores freed in another order than made (an old model version dropped after a new one
+    loaded) left a freed stack installed, and the next signal to that thread (SIGCHLD, SIGTERM)
+    killed the process with SIGSEGV. One Core, never freed, keeps one valid stack."""
+    import openvino as ov
+
+    with _OV_CORE_LOCK:
+        if not _OV_CORE:
+            _OV_CORE.append(ov.Core())
+        return _OV_CORE[0]
+
+
 def _openvino(net: InteractiveSegNet, names: list[str], cache: Path | None, key: str | None,
               threads: int) -> CompiledNet:
     import openvino as ov
 
     xml = _cache_path(cache, key, "openvino", ov.__version__, ".xml")
-    core = ov.Core()
+    core = _openvino_core()
     model, source = None, "converted"
     if xml is not None and xml.is_file():
         try:

@@ -131,3 +131,36 @@ def test_onnxruntime_gives_the_answers_of_pytorch(tmp_path, tiny_checkpoint):
     a, b = ref.open(image), ort.open(image)
     for x, y, pos in [(80, 60, True), (10, 10, False), (100, 70, True)]:
         assert np.abs(a.add_click(x, y, pos) - b.add_click(x, y, pos)).max() < 1e-3
+
+
+# A child process: the crash this guards against kills the process it happens in.
+_TWO_VERSIONS = """
+import gc, os, signal, sys
+from model.predictor import Predictor
+path = sys.argv[1]
+old = Predictor.load(path, device="cpu", runtime="openvino")
+new = Predictor.load(path, device="cpu", runtime="openvino")   # a promotion: the new one loads
+assert old.runtime == new.runtime == "openvino"
+del old; gc.collect()                                                          # then the old one goes
+del new; gc.collect()
+signal.signal(signal.SIGUSR1, lambda *a: print("signal handled"))
+os.kill(os.getpid(), signal.SIGUSR1)                                           # as SIGCHLD or SIGTERM would
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not installed("openvino"), reason="openvino is not installed")
+def test_a_signal_after_versions_were_swapped_is_handled(tmp_path, tiny_checkpoint):
+    """OpenVINO's CPU plugin swaps the thread's signal stack per Core; models freed out of order left
+    a freed stack installed and the next signal was a SIGSEGV (the test suite died of it in a
+    DataLoader's SIGCHLD). model/runtime.py keeps one Core per process."""
+    import os
+    import subprocess
+    import sys
+
+    from model.files import REPO_ROOT
+
+    env = {**os.environ, "INFERENCE_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _TWO_VERSIONS, str(tiny_checkpoint)],
+                       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "signal handled" in r.stdout, (r.returncode, r.stderr[-2000:])
