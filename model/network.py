@@ -69,14 +69,24 @@ class ImageCode:
                                       for t in (self.image, self.s2, self.s4, self.s16)))
 
 
+def pool_to(x: torch.Tensor, size: tuple[int, int], stride: int, mode: str) -> torch.Tensor:
+    """Max or average pooling of `x` down to `size`, `stride` times smaller. Where the sizes divide
+    (always: inputs are multiples of 16) a fixed stride x stride window: the numbers of adaptive
+    pooling, and a constant kernel that torch.onnx's tracer exports with dynamic sizes
+    (model/runtime.py). Else adaptive pooling."""
+    if x.shape[-2] == stride * size[0] and x.shape[-1] == stride * size[1]:
+        return (F.max_pool2d if mode == "max" else F.avg_pool2d)(x, stride)
+    return (F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d)(x, size)
+
+
 def guidance(maps: torch.Tensor, proximity: torch.Tensor, prev: torch.Tensor, size: tuple[int, int],
-             box: torch.Tensor | None = None) -> torch.Tensor:
+             stride: int, box: torch.Tensor | None = None) -> torch.Tensor:
     """The clicks and the previous mask at a feature stride: max-pooled disks (a 5-px disk stays
     visible), proximity maps (how near a click, beyond the disk; `proximity_maps` at that size), the
     average-pooled mask and, for a model with box input, the average-pooled box map."""
-    parts = [F.adaptive_max_pool2d(maps, size), proximity, F.adaptive_avg_pool2d(prev, size)]
+    parts = [pool_to(maps, size, stride, "max"), proximity, pool_to(prev, size, stride, "avg")]
     if box is not None:
-        parts.append(F.adaptive_avg_pool2d(box, size))
+        parts.append(pool_to(box, size, stride, "avg"))
     return torch.cat(parts, dim=1)
 
 
@@ -191,12 +201,12 @@ class InteractiveSegNet(nn.Module):
             s2, low, high = (self._batch(t, clicks.shape[0]) for t in (code.s2, code.s4, code.s16))
         if self.context is not None:
             assert prompts.prox16 is not None
-            high = self.context(torch.cat([high, guidance(maps, prompts.prox16, prev, tuple(high.shape[-2:]), box)], 1))
+            high = self.context(torch.cat([high, guidance(maps, prompts.prox16, prev, tuple(high.shape[-2:]), 16, box)], 1))
         size = low.shape[-2:]
         high = F.interpolate(self.aspp(high), size=size, mode="bilinear", align_corners=False)
         parts = [high, self.low_proj(low)]
         if prompts.prox4 is not None:
-            parts.append(guidance(maps, prompts.prox4, prev, tuple(size), box))
+            parts.append(guidance(maps, prompts.prox4, prev, tuple(size), 4, box))
         feat = self.decoder(torch.cat(parts, dim=1))
         click_feats = sample_at_clicks(feat, clicks, (h, w))
         out = self.spm(feat, click_feats, clicks[..., 2]) if self.spm is not None else feat
@@ -207,7 +217,7 @@ class InteractiveSegNet(nn.Module):
             up = F.interpolate(logits4, size=s2_size, mode="bilinear", align_corners=False)
             fine_in = torch.cat([
                 F.interpolate(self.fine_reduce(out), size=s2_size, mode="bilinear", align_corners=False),
-                s2, up, F.adaptive_max_pool2d(maps, s2_size), F.adaptive_avg_pool2d(prev, s2_size)], dim=1)
+                s2, up, pool_to(maps, s2_size, 2, "max"), pool_to(prev, s2_size, 2, "avg")], dim=1)
             coarse, logits4 = logits4, up + self.fine(fine_in)
         logits = F.interpolate(logits4, size=(h, w), mode="bilinear", align_corners=False)
         if return_features:

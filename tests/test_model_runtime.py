@@ -119,9 +119,8 @@ def test_auto_picks_an_installed_runtime():
     assert choose("auto") == want and choose("torch") == "torch"
 
 
-# The slow tier: torch.onnx's export of even the small network takes minutes on 2 cores.
 @pytest.mark.e2e
-@pytest.mark.skipif(not installed("onnxruntime") or not installed("onnxscript"), reason="onnxruntime not installed")
+@pytest.mark.skipif(not installed("onnxruntime") or not installed("onnx"), reason="onnxruntime not installed")
 def test_onnxruntime_gives_the_answers_of_pytorch(tmp_path, tiny_checkpoint):
     ref = Predictor.load(str(tiny_checkpoint), device="cpu", runtime="torch")
     ort = Predictor(ref.net, ref.info, device="cpu", options=ref.options, runtime="onnxruntime", cache=tmp_path)
