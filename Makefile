@@ -21,8 +21,12 @@ run: $(VENV)/.installed
 
 # Both tiers: unit and e2e (real Label Studio, Redis, PostgreSQL, browser, real training runs).
 # --durations=15: the 15 slowest tests are printed (in CI's output too: .ci/run runs make test).
+# -n 2: two test processes (pytest-xdist); the e2e tests mostly wait on servers and subprocesses.
+# --dist loadfile: a module's tests run in one process, in order (module fixtures made once; a
+# module's Redis db is its own). (loadgroup does not group under pytest 9.2: xdist 3.8 renames
+# node ids in a way pytest 9 no longer reads.)
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # The unit tier only (pytest marker `unit`: everything not marked `e2e`).
 test-fast: $(VENV)/.installed

@@ -239,6 +239,7 @@ def test_a_new_domain_project_is_fine_tuned_promoted_and_served(label_studio_ser
                            cwd=REPO, env=wenv, stdout=open(wlog, "wb"), stderr=subprocess.STDOUT, timeout=600)
         assert w.returncode == 0, wlog.read_text(errors="replace")[-3000:]
         status = requests.get(f"{burl}/jobs/{job_id}", timeout=10).json()
+        assert status["status"] == "finished", (status, wlog.read_text(errors="replace")[-3000:])
         res = status["result"]
         h = res["metrics"]["holdout"]
         print(f"\nPH2 project {pid}: {res['version']} {res['status']} in {res['timings']['total_s']:.0f} s "

@@ -34,7 +34,7 @@ from .conftest import DATASETS
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 W, H = 128, 96
-REDIS_DB = 14
+REDIS_DB = 7
 
 
 def png(h=H, w=W, seed=0) -> bytes:

@@ -1,7 +1,7 @@
 """The training queue's routes, /webhook and /jobs, against unauthenticated requests (issue 22,
 items 8 and 10): what they can make Redis hold, and their statuses.
 
-The real app with a small real model and the real Redis (127.0.0.1:6379, db 12, flushed before
+The real app with a small real model and the real Redis (127.0.0.1:6379, db 8, flushed before
 and after each test); the default enqueue (backend.jobs:enqueue_webhook, RQ).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from backend.app import create_app
 from backend.bench import LABEL_CONFIG
 from backend.config import Config
 
-REDIS_DB = 12
+REDIS_DB = 8
 QUEUE = "simclick-test-security-queue"
 
 
