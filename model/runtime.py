@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import logging
 import os
 import tempfile
@@ -283,14 +282,14 @@ def _to_onnx(net: InteractiveSegNet, names: list[str]) -> bytes:
     t0 = time.perf_counter()
     example = _example(net)
     axes = {n: ({1: "clicks"} if n == "clicks" else {2: f"{n}_h", 3: f"{n}_w"}) for n in names}
-    buffer = io.BytesIO()
-    with torch.inference_mode(), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode(), warnings.catch_warnings():
         # the tracer warns of the batch check in decode_maps (the graph serves batch 1 only), and
         # torch of the tracer being the older of its two exporters
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(_Graph(net, names).eval(), example, buffer, dynamo=False, input_names=names,
+        out = Path(tmp) / "net.onnx"
+        torch.onnx.export(_Graph(net, names).eval(), example, out, dynamo=False, input_names=names,
                           output_names=["prob"], dynamic_axes=axes, opset_version=17)
-    blob = buffer.getvalue()
+        blob = out.read_bytes()
     log.info("converted the network to ONNX in %.1f s", time.perf_counter() - t0)
     return blob
