@@ -42,6 +42,7 @@ def test_start_bench_without_masks(tmp_path, capsys):
     assert "no masks under" in capsys.readouterr().err
 
 
+@pytest.mark.e2e          # converts the model to OpenVINO and serves it twice: seconds of CPU
 def test_bench_compares_runtimes_in_one_run(args, capsys, monkeypatch, tmp_path):
     from model.runtime import installed
 

@@ -32,6 +32,7 @@ def shipped(tmp_path_factory):
     return torch_p, ov, cache
 
 
+@pytest.mark.e2e          # converts the shipped model to OpenVINO: seconds of CPU
 def test_openvino_gives_the_masks_of_pytorch_on_a_real_image(shipped):
     if not (BERKELEY / "masks").is_dir():
         pytest.skip(f"no Berkeley data under {BERKELEY}")
@@ -58,6 +59,7 @@ def test_openvino_gives_the_masks_of_pytorch_on_a_real_image(shipped):
     assert np.array_equal(torch_p.open(image).set_box(*box) > 0.49, ov.open(image).set_box(*box) > 0.49)
 
 
+@pytest.mark.e2e          # converts the shipped model to OpenVINO: seconds of CPU
 def test_the_converted_model_is_cached_by_checkpoint_hash(shipped, caplog):
     torch_p, ov, cache = shipped
     files = sorted(p.name for p in cache.iterdir())
@@ -76,6 +78,7 @@ def test_the_converted_model_is_cached_by_checkpoint_hash(shipped, caplog):
     assert other is not None and other.parent == cache and str(other) != ov.compiled.source
 
 
+@pytest.mark.e2e          # converts the shipped model to OpenVINO: seconds of CPU
 def test_training_export_converts_into_the_cache(shipped, monkeypatch, capsys):
     from training import export
 
@@ -85,6 +88,7 @@ def test_training_export_converts_into_the_cache(shipped, monkeypatch, capsys):
     assert capsys.readouterr().out.strip().endswith(f"for openvino: {ov.compiled.source}")
 
 
+@pytest.mark.e2e          # converts the shipped model to OpenVINO: seconds of CPU
 def test_an_unreadable_cached_model_is_converted_again(shipped, caplog):
     torch_p, ov, cache = shipped
     assert ov.compiled is not None
