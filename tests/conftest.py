@@ -20,6 +20,14 @@ os.environ.setdefault("INFERENCE_RUNTIME", "torch")
 
 DATASETS = Path(os.environ.get("SIMCLICK_DATA_ROOT", ROOT.parent / "shared" / "datasets"))
 
+# The Redis db each test module flushes, in one table: make test runs modules in two processes at
+# once, and two modules sharing a db flushed each other's jobs. (Tests on db 0 keep to key names of
+# their own and flush nothing.)
+REDIS_DBS = {"test_security_limits": 7, "test_security_queue": 8, "test_jobs_enqueue": 9,
+             "test_jobs_enqueue_lock": 10, "test_jobs_worker": 11, "test_jobs_stop": 12,
+             "test_jobs_e2e_labelstudio": 13, "test_security_fuzz": 14, "test_jobs_attempts": 15}
+assert len(set(REDIS_DBS.values())) == len(REDIS_DBS), "two test modules share a Redis db"
+
 
 # -- shared by the fine-tuning tests (test_jobs_*, test_registry*, test_finetune_*) ----------------
 import pytest  # noqa: E402

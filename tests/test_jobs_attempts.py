@@ -27,10 +27,12 @@ from PIL import Image
 from backend import jobs
 from backend.labelstudio.make_export import brush_result
 
+from .conftest import REDIS_DBS
+
 pytestmark = pytest.mark.e2e          # real Redis and fine-tuning job processes
 
 REPO = Path(__file__).resolve().parents[1]
-DB = 15
+DB = REDIS_DBS["test_jobs_attempts"]
 QUEUE = "simclick-test-attempts"
 
 

@@ -26,8 +26,10 @@ import requests
 from backend.bench import LABEL_CONFIG, keypoint, predict_body
 from backend.labelstudio.make_export import brush_result, sod_pairs
 
+from .conftest import REDIS_DBS
+
 REPO = Path(__file__).resolve().parents[1]
-DB = 13
+DB = REDIS_DBS["test_jobs_e2e_labelstudio"]
 QUEUE = "simclick-test-e2e"
 sys.path.insert(0, str(Path(__file__).parent / "e2e"))
 import ls_harness  # noqa: E402

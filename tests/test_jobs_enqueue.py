@@ -22,6 +22,8 @@ from backend.config import Config
 from backend import jobs
 from backend.jobs.lock import waiting_for
 
+from .conftest import REDIS_DBS
+
 FIX = Path(__file__).parent / "fixtures" / "labelstudio"
 QUEUE = "simclick-test-enqueue"
 
@@ -32,7 +34,7 @@ def capture(name):
 
 @pytest.fixture
 def rdb(request):
-    db = getattr(request, "param", 9)
+    db = getattr(request, "param", REDIS_DBS["test_jobs_enqueue"])
     conn = redis.Redis(db=db)
     conn.flushdb()
     yield f"redis://127.0.0.1:6379/{db}", conn
@@ -120,7 +122,7 @@ def test_same_delivery_twice_is_one_job_and_triggers_fold(rdb, predictor, tmp_pa
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("rdb", [10], indirect=True)
+@pytest.mark.parametrize("rdb", [REDIS_DBS["test_jobs_enqueue_lock"]], indirect=True)
 def test_every_n_annotations_enqueues(rdb, predictor, tmp_path):
     url, conn = rdb
     c = make_app(predictor, tmp_path, redis_url=url, train_every_n_annotations=3).test_client()
@@ -173,7 +175,7 @@ def test_redis_down_webhook_503_predictions_served(predictor, tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("rdb", [10], indirect=True)
+@pytest.mark.parametrize("rdb", [REDIS_DBS["test_jobs_enqueue_lock"]], indirect=True)
 def test_project_lock(rdb):
     url, conn = rdb
     a = jobs.ProjectLock(conn, "5", "job-a", ttl=1.0)

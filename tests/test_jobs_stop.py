@@ -26,13 +26,14 @@ from PIL import Image
 from backend import jobs
 from backend.labelstudio.make_export import brush_result
 
+from .conftest import REDIS_DBS
 from .test_jobs_attempts import HeldImageServer
 from .test_jobs_worker import cli, start_worker, wait_for, worker_env, workers_listening
 
 pytestmark = pytest.mark.e2e          # real Redis and fine-tuning jobs
 
 REPO = Path(__file__).resolve().parents[1]
-DB = 12
+DB = REDIS_DBS["test_jobs_stop"]
 URL = f"redis://127.0.0.1:6379/{DB}"
 
 

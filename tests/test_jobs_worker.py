@@ -25,6 +25,8 @@ from backend import jobs
 from backend.labelstudio.make_export import make_export
 from backend.registry import ProjectRegistry
 
+from .conftest import REDIS_DBS
+
 pytestmark = pytest.mark.e2e          # real Redis and worker processes that fine-tune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +92,7 @@ def wait_for(pred, timeout, what, log_path=None):
     raise AssertionError(f"timed out waiting for {what}\n{tail}")
 
 
-DB = 11
+DB = REDIS_DBS["test_jobs_worker"]
 
 
 @pytest.fixture(scope="module")

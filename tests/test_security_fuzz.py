@@ -29,10 +29,12 @@ from backend.bench import keypoint, predict_body
 from backend.config import Config
 from backend.labelstudio.masks import mask_to_rle
 from backend.membench import data_uri, ico_bomb
+
+from .conftest import REDIS_DBS
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FIX = Path(__file__).parent / "fixtures" / "labelstudio"
-REDIS_DB = 14
+REDIS_DB = REDIS_DBS["test_security_fuzz"]
 W, H = 128, 96
 EXAMPLES = 500          # per route: about 5 s for both
 

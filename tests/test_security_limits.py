@@ -30,11 +30,11 @@ from backend.config import Config
 from backend.labelstudio.masks import mask_to_rle
 from model.images import load_image, load_mask
 
-from .conftest import DATASETS
+from .conftest import DATASETS, REDIS_DBS
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 W, H = 128, 96
-REDIS_DB = 7
+REDIS_DB = REDIS_DBS["test_security_limits"]
 
 
 def png(h=H, w=W, seed=0) -> bytes:

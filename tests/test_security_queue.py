@@ -13,7 +13,9 @@ from backend.app import create_app
 from backend.bench import LABEL_CONFIG
 from backend.config import Config
 
-REDIS_DB = 8
+from .conftest import REDIS_DBS
+
+REDIS_DB = REDIS_DBS["test_security_queue"]
 QUEUE = "simclick-test-security-queue"
 
 
