@@ -262,8 +262,12 @@ FINETUNE_FOCUS_PROB = _declare(
     "FINETUNE_FOCUS_PROB", float, "0.5", _WORKER, "share of steps that also train the focus view (a second pass)")
 FINETUNE_REHEARSAL = _declare(
     "FINETUNE_REHEARSAL", float, "0.5", _WORKER,
-    "share of each batch drawn from the base model's training data (SIMCLICK_TRAIN_ROOT), against forgetting; "
-    "0 = the project's annotations only")
+    "share of each batch drawn from the base model's training data (SIMCLICK_TRAIN_ROOT), against forgetting, "
+    "when the candidate cannot be routed (its weights then answer every image); 0 = the project's annotations only")
+FINETUNE_ROUTED_REHEARSAL = _declare(
+    "FINETUNE_ROUTED_REHEARSAL", float, "0", _WORKER,
+    "the same share when the router tells the project's images apart (decided before training): the fine-tuned "
+    "network then answers only images like the project's, and the parent keeps the rest")
 FINETUNE_FREEZE_BN = _declare(
     "FINETUNE_FREEZE_BN", bool, "true", _WORKER,
     "every BatchNorm keeps the parent's statistics (the project's images would otherwise replace them)")

@@ -128,7 +128,9 @@ def test_the_job_routes_a_new_domain_and_a_second_round_keeps_the_first_fallback
     save_checkpoint(trained, {k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}, config,
                     dict(info, version="p7-v001"))
     settings = FinetuneSettings.from_env({}, routing=True, route_min=0.9)
-    path, made = cand.make_candidate(trained, DEFAULT_CHECKPOINT, "base-v", data, settings)
+    routing = cand.plan_routing(DEFAULT_CHECKPOINT, data, settings)
+    assert routing is not None and routing.usable
+    path, made = cand.make_candidate(trained, DEFAULT_CHECKPOINT, "base-v", routing, settings)
     assert made["kind"] == "routed" and made["routing"]["used"], made
     assert made["routing"]["own"] == 3 and made["routing"]["other"] == 20
     p = Predictor.load(str(path))
@@ -138,7 +140,7 @@ def test_the_job_routes_a_new_domain_and_a_second_round_keeps_the_first_fallback
     # round 2: from the routed version; the fallback stays the original model, not the first expert
     trained2 = tmp_path / "train2" / "last.safetensors"
     save_checkpoint(trained2, state, config, dict(info, version="p7-v002"))
-    path2, made2 = cand.make_candidate(trained2, path, "p7-v001", data, settings)
+    path2, made2 = cand.make_candidate(trained2, path, "p7-v001", cand.plan_routing(path, data, settings), settings)
     assert made2["kind"] == "routed"
     fb2 = load_checkpoint(path2, fallback=True)[0]
     np.testing.assert_array_equal(fb2["head.weight"].numpy(), state["head.weight"].half().float().numpy())
@@ -146,7 +148,8 @@ def test_the_job_routes_a_new_domain_and_a_second_round_keeps_the_first_fallback
 
     # routing off: parent + 0.5 x (trained - parent)
     off = FinetuneSettings.from_env({}, routing=False, interpolate=0.5)
-    path3, made3 = cand.make_candidate(trained, DEFAULT_CHECKPOINT, "base-v", data, off)
+    assert cand.plan_routing(DEFAULT_CHECKPOINT, data, off) is None
+    path3, made3 = cand.make_candidate(trained, DEFAULT_CHECKPOINT, "base-v", None, off)
     assert made3 == {"kind": "interpolated", "routing": None}
     w = load_checkpoint(path3)[0]["head.weight"]
     torch.testing.assert_close(w, state["head.weight"] * 1.005)

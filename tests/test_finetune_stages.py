@@ -9,6 +9,7 @@ import pytest
 
 from backend.finetune import (Eta, Evaluation, FinetuneJob, FinetuneSettings, decide_promotion, job, run_finetune,
                               step_reporter, train_candidate)
+from backend.finetune import candidate as job_module_candidate
 from backend.finetune.evaluation import EvalSet
 
 
@@ -26,7 +27,7 @@ def test_step_reports_are_throttled_and_the_last_one_is_sent(tmp_path):
     for step in range(1, 6):
         on_step(step, 5, {"loss": 0.5})
     assert [(c[0], c[1], c[2]["step"], c[2]["detail"]) for c in calls] == [
-        ("train", 31, 1, "step 1/5"), ("train", 66, 4, "step 4/5"), ("train", 78, 5, "step 5/5")]
+        ("train", 34, 1, "step 1/5"), ("train", 68, 4, "step 4/5"), ("train", 80, 5, "step 5/5")]
     assert all("eta_s" in c[2] for c in calls)
 
 
@@ -43,14 +44,30 @@ def test_train_stage_reports_steps_from_either_path(tmp_path, monkeypatch, gpus)
 
     monkeypatch.setattr(training.train, "train", fake)
     monkeypatch.setattr(training.distributed, "torchrun_train", fake)
+    monkeypatch.setattr(job_module_candidate, "make_candidate",
+                        lambda trained, parent, name, routing, settings: (trained, {"kind": "trained", "routing": None}))
     calls = []
     job = make_job(tmp_path, lambda stage, percent, **kw: calls.append((stage, percent, kw)), steps=3,
                    batch_size=4, gpus=gpus)
-    tcfg, trained = train_candidate(job, Eta(3, {}))
+    tcfg, trained, candidate, made = train_candidate(job, Eta(3, {}), None)
     assert trained["resumed"] is False and trained["steps"] == 3 and tcfg.steps == 3
-    assert calls[0][:2] == ("train", 20) and calls[0][2]["detail"] == "starting from p5-base"
-    assert calls[-1][:2] == ("train", 78) and calls[-1][2]["step"] == 3
+    assert candidate == tmp_path / "last.safetensors" and made["kind"] == "trained"
+    assert calls[0][:2] == ("train", 23) and calls[0][2]["detail"] == "starting from p5-base"
+    assert calls[-1][:2] == ("train", 80) and calls[-1][2]["step"] == 3
     assert "train_s" in job.timings
+
+
+def test_a_routed_network_trains_on_the_project_alone(tmp_path):
+    """The router is fitted before training: a network that will answer only the project's images
+    (routed) trains with FINETUNE_ROUTED_REHEARSAL of base data and no distillation (it teaches on
+    the base samples); one that will answer every image rehearses FINETUNE_REHEARSAL of it."""
+    j = make_job(tmp_path, lambda *a, **k: None, rehearsal=0.5, routed_rehearsal=0.0, distill=1.0)
+    routed, alone = job.train_config(j, routed=True), job.train_config(j, routed=False)
+    assert (routed.rehearsal, routed.distill, routed.val_fraction) == (0.0, 0.0, 0.0)
+    assert (alone.rehearsal, alone.distill, alone.val_fraction) == (0.5, 1.0, 0.05)
+    some = job.train_config(make_job(tmp_path, lambda *a, **k: None, rehearsal=0.5, routed_rehearsal=0.2,
+                                     distill=1.0), routed=True)
+    assert (some.rehearsal, some.distill) == (0.2, 1.0)
 
 
 def _set(label, parent, candidate, excluded=()):
@@ -90,14 +107,17 @@ def test_run_finetune_goes_through_the_stages_in_order(tmp_path, tiny_checkpoint
         (stage, percent, kw)), export=str(export), registry_root=str(tmp_path / "registry"),
         base_checkpoint=str(tiny_checkpoint), work_root=str(tmp_path / "jobs"))
     stages = list(dict.fromkeys(c[0] for c in calls))
-    assert stages[:6] == ["pull", "evaluate_parent", "train", "route", "evaluate_candidate", "register"], stages
+    assert stages[:6] == ["pull", "evaluate_parent", "route", "train", "evaluate_candidate", "register"], stages
     assert stages[-1] == "done"
     assert [c[1] for c in calls] == sorted(c[1] for c in calls)           # percent never goes back
     steps = [c[2]["step"] for c in calls if c[0] == "train" and "step" in c[2]]
     assert steps and steps[-1] == 3                                        # the last step is reported
     assert result["status"] in ("promoted", "kept") and result["version"] == "p5-v001"
-    assert result["train"] == {"steps": 3, "resumed": False, "device": result["train"]["device"]}
-    assert list(result["timings"]) == ["pull_s", "evaluate_parent_s", "train_s", "route_s", "evaluate_candidate_s",
+    # SOD masks on BSDS images: the base model's own domain, which no router tells apart, so the
+    # network will answer every image and rehearses the base data
+    assert result["candidate"]["kind"] == "interpolated" and not result["candidate"]["routing"]["used"]
+    assert result["train"] == {"steps": 3, "resumed": False, "device": result["train"]["device"], "rehearsal": 0.5}
+    assert list(result["timings"]) == ["pull_s", "evaluate_parent_s", "route_s", "train_s", "evaluate_candidate_s",
                                        "register_s", "total_s"]
     assert calls[-1][2]["timings"] == result["timings"]                   # in job.meta: where the time went
     assert list(result["metrics"]) == ["holdout", "benchmarks", "history_runs"]

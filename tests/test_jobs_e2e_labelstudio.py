@@ -198,11 +198,11 @@ def test_a_new_domain_project_is_fine_tuned_promoted_and_served(label_studio_ser
                                                                 tmp_path):
     """Issue 21's loop on a domain the base model never saw, at a test's size: PH2 dermoscopy
     images imported into a real Label Studio with their lesion masks as annotations (its API),
-    Train pressed, the worker fine-tunes the shipped model with the default recipe (rehearsal,
-    BatchNorm kept) on 80 steps, the router tells the lesions from the base training images
-    (a routed candidate), the gate promotes it on the holdout (no benchmark, for the test's time),
-    and the backend serves the promoted version without a restart: /versions names it and
-    /predict answers with it."""
+    Train pressed, the worker fine-tunes the shipped model with the default recipe on 80 steps:
+    the router tells the lesions from the base training images, so the network trains on the
+    project alone (BatchNorm kept) and the candidate is routed; the gate promotes it on the
+    holdout (no benchmark, for the test's time), and the backend serves the promoted version
+    without a restart: /versions names it and /predict answers with it."""
     from backend.labelstudio.make_export import folder_pairs
 
     ls = label_studio_server
@@ -249,6 +249,7 @@ def test_a_new_domain_project_is_fine_tuned_promoted_and_served(label_studio_ser
               f"({h['better']} better, {h['worse']} worse of {h['instances']})")
         assert res["data"]["kept"] == 12 and res["data"]["source"].startswith("Label Studio")
         assert res["candidate"]["kind"] == "routed", res["candidate"]      # the router told the lesions apart
+        assert res["train"]["rehearsal"] == 0.0                              # so the network learnt the project alone
         assert res["status"] == "promoted", res["reason"]
         assert set(res["timings"]) >= {"pull_s", "evaluate_parent_s", "train_s", "evaluate_candidate_s"}
         # served without a restart: the watcher loads the promoted version before the next request

@@ -1,4 +1,4 @@
-"""Stage route: the candidate a job evaluates, made from the trained weights.
+"""Stage route (before training) and the candidate a job evaluates, made from the trained weights.
 
 With FINETUNE_ROUTING (the default) the candidate is a routed checkpoint (model/routing.py): the
 trained network answers images like the project's, the parent's network (the parent's own
@@ -6,8 +6,12 @@ fallback, when the parent is routed itself) every other image, so what the paren
 elsewhere is kept as it was. The router learns from the project's training images against base
 training images, and is used only if it sends held-out images of both kinds the right way
 (FINETUNE_ROUTE_MIN): the holdout to the trained network, base images it never saw to the parent.
-Otherwise (a project whose images look like the base data, or routing off) the candidate is the
-parent moved FINETUNE_INTERPOLATE of the way to the trained weights (WiSE-FT).
+The router needs only the parent's backbone, so it is fitted before training, and its answer
+decides how the network trains: a network that will answer only the project's images learns from
+them alone (FINETUNE_ROUTED_REHEARSAL, 0), one that will answer every image also rehearses the
+base data (FINETUNE_REHEARSAL). Otherwise (a project whose images look like the base data, or
+routing off) the candidate is the parent moved FINETUNE_INTERPOLATE of the way to the trained
+weights (WiSE-FT).
 
 Either way the promotion gate then judges the candidate on the holdout and the benchmarks.
 """
@@ -15,8 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Iterator, List, Optional
 
 import numpy as np
 
@@ -60,32 +65,50 @@ def fit_router(fallback, data: Path, route_min: float):
     return router, validation, usable
 
 
-def make_candidate(trained: Path, parent: Path, parent_name: str, data: Path, settings) -> tuple[Path, dict]:
+@dataclass
+class Routing:
+    """The router a job fitted before training, and whether the candidate will use it."""
+    router: Any
+    validation: dict
+    usable: bool
+
+
+def plan_routing(parent: Path, data: Path, settings) -> Optional[Routing]:
+    """The router for the parent and the pulled project `data` (None with routing off). It reads
+    only the parent's backbone, not the trained weights: fitted before training, it decides how
+    the network trains (a routed network answers only images like the project's)."""
+    from model.predictor import Predictor
+
+    if not settings.routing:
+        return None
+    # the router reads the PyTorch backbone only: no runtime conversion of the parent here
+    loaded = Predictor.load(str(parent), runtime="torch")
+    fallback = getattr(loaded, "fallback", loaded)       # a routed parent: embed with its own fallback
+    router, validation, usable = fit_router(fallback, data, settings.route_min)
+    log.info("router: %s", dict(validation, used=usable))
+    return Routing(router, validation, usable)
+
+
+def make_candidate(trained: Path, parent: Path, parent_name: str, routing: Optional[Routing],
+                   settings) -> tuple[Path, dict]:
     """-> (the candidate checkpoint, what was made: {"kind": "routed" | "interpolated" | "trained",
     "routing": the router's validation or None})."""
     from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.predictor import Predictor
     from model.routing import fallback_state, route_card
     from training.train import interpolated
 
     state, config, info = load_checkpoint(trained)
     parent_state, _, parent_info = load_checkpoint(parent)
     out = trained.with_name("candidate.safetensors")
-    made: dict = {"kind": "trained", "routing": None}
-    if settings.routing:
-        # the router reads the PyTorch backbone only: no runtime conversion of the parent here
-        loaded = Predictor.load(str(parent), runtime="torch")
-        fallback = getattr(loaded, "fallback", loaded)       # a routed parent: embed with its own fallback
-        router, validation, usable = fit_router(fallback, data, settings.route_min)
-        made["routing"] = dict(validation, used=usable)
-        log.info("router: %s", made["routing"])
-        if usable:
-            parent_fallback = load_checkpoint(parent, fallback=True)[0] if "routing" in parent_info else None
-            if parent_fallback is None:
-                parent_info = dict(parent_info, version=parent_name)
-            card = dict(info, routing=route_card(router, parent_info, validation))
-            save_checkpoint(out, {**state, **fallback_state(parent_state, parent_fallback)}, config, card, half=True)
-            return out, dict(made, kind="routed")
+    made: dict = {"kind": "trained", "routing": None if routing is None else dict(routing.validation,
+                                                                                  used=routing.usable)}
+    if routing is not None and routing.usable:
+        parent_fallback = load_checkpoint(parent, fallback=True)[0] if "routing" in parent_info else None
+        if parent_fallback is None:
+            parent_info = dict(parent_info, version=parent_name)
+        card = dict(info, routing=route_card(routing.router, parent_info, routing.validation))
+        save_checkpoint(out, {**state, **fallback_state(parent_state, parent_fallback)}, config, card, half=True)
+        return out, dict(made, kind="routed")
     if settings.interpolate < 1:
         card = dict(info, interpolated={"alpha": settings.interpolate, "parent": parent_name})
         save_checkpoint(out, interpolated(parent_state, state, settings.interpolate), config, card)

@@ -13,6 +13,11 @@ it), NoC@85/90 with the protocol's stop rule. Printed as a table and drawn to
 version the job's gate did not promote, so the project would still be served the base model);
 the numbers also go to <out>/learning_curve.json. Every job and evaluation is recorded in the
 evaluation history as usual.
+
+With --chain the sizes are rounds of one project instead: each job starts from the version the
+one before promoted (a team that labels 50, trains, labels 50 more, trains again), and each row
+also says how the first round's holdout instances fared in that round (they stay in the holdout:
+the split is by task).
 """
 from __future__ import annotations
 
@@ -60,8 +65,10 @@ def unseen_noc(spec: ModelSpec, samples: list, settings: FinetuneSettings, name:
 
 def run_curve(export: Path, unseen: str, sizes: List[int], out: Path, unseen_skip: int = 0,
               unseen_limit: int | None = None, settings: FinetuneSettings | None = None,
-              base_checkpoint: str | None = None, images: Path | None = None, log=print) -> Dict[str, Any]:
-    """Fine-tune on each size, measure base and versions on the unseen images; the rows."""
+              base_checkpoint: str | None = None, images: Path | None = None, chain: bool = False,
+              log=print) -> Dict[str, Any]:
+    """Fine-tune on each size (from the base, or with `chain` from the previous round's promoted
+    version), measure base and versions on the unseen images; the rows."""
     from training.evaluation.datasets import dataset_name, load_dataset
 
     settings = settings or FinetuneSettings.from_env()
@@ -75,10 +82,12 @@ def run_curve(export: Path, unseen: str, sizes: List[int], out: Path, unseen_ski
     rows: List[Dict[str, Any]] = [{"labels": 0, "version": base_spec.version, "promoted": None,
                                    "unseen": unseen_noc(base_spec, samples, settings, name)}]
     log(_row_text(rows[-1]))
+    first_holdout: List[str] = []
     for n in sizes:
         t0 = time.perf_counter()
         job_id = f"curve-{n}-{int(time.time())}"
-        summary = run_finetune(f"curve{n}", job_id, settings, export=str(subset_export(export, n, out / f"export-{n}.json")),
+        project = "curve" if chain else f"curve{n}"
+        summary = run_finetune(project, job_id, settings, export=str(subset_export(export, n, out / f"export-{n}.json")),
                                registry_root=str(out / "registry"), base_checkpoint=str(base),
                                work_root=str(out / "jobs"), local_files_root=str(images) if images else None)
         row: Dict[str, Any] = {"labels": n, "version": summary.get("version"), "status": summary["status"],
@@ -87,43 +96,64 @@ def run_curve(export: Path, unseen: str, sizes: List[int], out: Path, unseen_ski
         if summary["status"] != "skipped":
             h = summary["metrics"]["holdout"]
             row["holdout"] = {"instances": h["instances"], "parent": h["parent"], "candidate": h["candidate"]}
-            v = ProjectRegistry(out / "registry", f"curve{n}").get(summary["version"])
+            if chain:
+                row["parent"] = summary["parent"]
+                first_holdout = first_holdout or sorted(h["per_instance"])
+                row["first_holdout"] = _on(h["per_instance"], first_holdout)
+            v = ProjectRegistry(out / "registry", project).get(summary["version"])
             row["unseen"] = unseen_noc(ModelSpec(str(v.checkpoint), v.name, v.info["sha256"], settings.device or None,
                                                  settings.eval_coarse_size), samples, settings, name)
         rows.append(row)
         log(_row_text(row))
     result = {"unseen": {"spec": unseen, "skip": unseen_skip, "limit": unseen_limit, "instances": len(samples)},
-              "settings": settings.to_dict(), "rows": rows}
+              "settings": settings.to_dict(), "chain": chain, "rows": rows}
     (out / "learning_curve.json").write_text(json.dumps(result, indent=2, default=str))
     plot(rows, out / "learning_curve.png", name)
     return result
+
+
+def _on(per_instance: Dict[str, list], ids: List[str]) -> Dict[str, Any]:
+    """NoC@90 of the job's parent and candidate on the given holdout instances (those it has)."""
+    have = [i for i in ids if i in per_instance]
+    parent = [per_instance[i][0] for i in have]
+    candidate = [per_instance[i][1] for i in have]
+    return {"instances": len(have), "parent": sum(parent) / max(1, len(have)),
+            "candidate": sum(candidate) / max(1, len(have)),
+            "worse": sum(c > p for p, c in zip(parent, candidate)), "better": sum(c < p for p, c in zip(parent, candidate))}
 
 
 def _row_text(row: Dict[str, Any]) -> str:
     u = row.get("unseen") or {}
     gate = "" if row["promoted"] is None else (" promoted" if row["promoted"] else " not promoted")
     job = f", job {row['job_s'] / 60:.1f} min" if "job_s" in row else ""
+    f = row.get("first_holdout")
+    first = (f"; first holdout NoC@90 {f['parent']:.2f} -> {f['candidate']:.2f} ({f['better']} better, "
+             f"{f['worse']} worse)" if f else "")
     return (f"{row['labels']:>4} labels: unseen NoC@85 {u.get('noc85', float('nan')):.2f} NoC@90 "
-            f"{u.get('noc90', float('nan')):.2f} (NoF@90 {u.get('nof90', '-')}){gate}{job}")
+            f"{u.get('noc90', float('nan')):.2f} (NoF@90 {u.get('nof90', '-')}){gate}{job}{first}")
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
-    """The curve as a Markdown table (the README's)."""
+    """The curve as a Markdown table (the README's); chained rounds also show the first round's
+    holdout instances."""
     base = rows[0]["unseen"]
-    lines = ["| labels | unseen NoC@85 | unseen NoC@90 | NoF@90 | vs base @90 | holdout NoC@90 parent -> candidate "
-             "| promoted | job time |", "|---|---|---|---|---|---|---|---|"]
+    chained = any("first_holdout" in r for r in rows)
+    head = ["labels", "unseen NoC@85", "unseen NoC@90", "NoF@90", "vs base @90",
+            "holdout NoC@90 parent -> candidate"] + (["first holdout NoC@90"] if chained else []) + ["promoted", "job time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        u = r.get("unseen")
+        u, h, f = r.get("unseen"), r.get("holdout"), r.get("first_holdout")
+        job = f"{r['job_s'] / 60:.1f} min" if "job_s" in r else "-"
         if u is None:
-            lines.append(f"| {r['labels']} | - | - | - | - | - | {r['status']} | {r['job_s'] / 60:.1f} min |")
-            continue
-        h = r.get("holdout")
-        lines.append(
-            f"| {r['labels']} | {u['noc85']:.2f} | {u['noc90']:.2f} | {u['nof90']} | "
-            + ("base" if r["labels"] == 0 else f"{100 * (u['noc90'] / base['noc90'] - 1):+.0f}%") + " | "
-            + (f"{h['parent']['noc90']:.2f} -> {h['candidate']['noc90']:.2f} ({h['instances']})" if h else "-") + " | "
-            + ("-" if r["promoted"] is None else ("yes" if r["promoted"] else "no")) + " | "
-            + (f"{r['job_s'] / 60:.1f} min" if "job_s" in r else "-") + " |")
+            cells = [str(r["labels"])] + ["-"] * (len(head) - 3) + [r["status"], job]
+        else:
+            cells = [str(r["labels"]), f"{u['noc85']:.2f}", f"{u['noc90']:.2f}", str(u["nof90"]),
+                     "base" if r["labels"] == 0 else f"{100 * (u['noc90'] / base['noc90'] - 1):+.0f}%",
+                     f"{h['parent']['noc90']:.2f} -> {h['candidate']['noc90']:.2f} ({h['instances']})" if h else "-"]
+            if chained:
+                cells.append(f"{f['parent']:.2f} -> {f['candidate']:.2f} ({f['worse']} worse)" if f else "-")
+            cells += ["-" if r["promoted"] is None else ("yes" if r["promoted"] else "no"), job]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -169,6 +199,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="25,50,100", help="numbers of labels (default %(default)s)")
     ap.add_argument("--out", type=Path, required=True, help="output folder (registry, jobs, JSON, PNG)")
     ap.add_argument("--checkpoint", default=None, help="base model (default: MODEL_CHECKPOINT / the shipped one)")
+    ap.add_argument("--chain", action="store_true",
+                    help="the sizes are rounds of one project: each job starts from the previous round's promoted version")
     args = ap.parse_args(argv)
     images = args.images
     if images is None and not LOCAL_FILES_ROOT.read():
@@ -177,7 +209,7 @@ def main(argv=None) -> int:
         sizes = sorted({int(x) for x in args.sizes.split(",") if x.strip()})
         result = run_curve(args.export, args.unseen, sizes, args.out, args.unseen_skip, args.unseen_limit,
                            base_checkpoint=args.checkpoint, images=images.resolve() if images else None,
-                           log=lambda text: print(text, file=sys.stderr, flush=True))
+                           chain=args.chain, log=lambda text: print(text, file=sys.stderr, flush=True))
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

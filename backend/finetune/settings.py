@@ -11,7 +11,7 @@ from model.settings import (FINETUNE_BATCH_SIZE, FINETUNE_BENCH_DATASETS, FINETU
                             FINETUNE_FOCUS_PROB,
                             FINETUNE_FREEZE_BN, FINETUNE_GPUS, FINETUNE_HOLDOUT_FRACTION, FINETUNE_INTERPOLATE, FINETUNE_KEEP_WORKDIR,
                             FINETUNE_L2SP, FINETUNE_LABELS, FINETUNE_LR, FINETUNE_MIN_AREA, FINETUNE_MIN_GAIN,
-                            FINETUNE_MIN_HOLDOUT, FINETUNE_MIN_TRAIN, FINETUNE_REHEARSAL, FINETUNE_ROUTE_MIN, FINETUNE_ROUTING, FINETUNE_SEED,
+                            FINETUNE_MIN_HOLDOUT, FINETUNE_MIN_TRAIN, FINETUNE_REHEARSAL, FINETUNE_ROUTED_REHEARSAL, FINETUNE_ROUTE_MIN, FINETUNE_ROUTING, FINETUNE_SEED,
                             FINETUNE_SIM_ROUNDS, FINETUNE_STEPS, FINETUNE_THREADS, FINETUNE_WARMUP_STEPS, env_field,
                             read_with_overrides)
 
@@ -27,6 +27,7 @@ class FinetuneSettings:
     max_sim_rounds: int = env_field(FINETUNE_SIM_ROUNDS)
     focus_prob: float = env_field(FINETUNE_FOCUS_PROB)
     rehearsal: float = env_field(FINETUNE_REHEARSAL)
+    routed_rehearsal: float = env_field(FINETUNE_ROUTED_REHEARSAL)
     freeze_bn: bool = env_field(FINETUNE_FREEZE_BN)
     distill: float = env_field(FINETUNE_DISTILL)
     routing: bool = env_field(FINETUNE_ROUTING)
@@ -62,9 +63,10 @@ class FinetuneSettings:
         if s.gpus < 1 or s.batch_size % s.gpus:
             raise ValueError(f"FINETUNE_GPUS={s.gpus}: must be >= 1 and divide FINETUNE_BATCH_SIZE={s.batch_size} "
                              "(the global batch is split evenly over the processes)")
-        if not 0 <= s.rehearsal < 1 or not 0 <= s.l2sp < 1 or not 0 <= s.focus_prob <= 1 or s.eval_workers < 0:
-            raise ValueError("FINETUNE_REHEARSAL and FINETUNE_L2SP must be in [0, 1), FINETUNE_FOCUS_PROB in [0, 1], "
-                             "FINETUNE_EVAL_WORKERS >= 0")
+        shares = (s.rehearsal, s.routed_rehearsal, s.l2sp)
+        if not all(0 <= x < 1 for x in shares) or not 0 <= s.focus_prob <= 1 or s.eval_workers < 0:
+            raise ValueError("FINETUNE_REHEARSAL, FINETUNE_ROUTED_REHEARSAL and FINETUNE_L2SP must be in [0, 1), "
+                             "FINETUNE_FOCUS_PROB in [0, 1], FINETUNE_EVAL_WORKERS >= 0")
         if not 0 < s.route_min <= 1:
             raise ValueError("FINETUNE_ROUTE_MIN must be in (0, 1]")
         if not 0 < s.interpolate <= 1 or s.distill < 0 or (s.distill > 0 and s.rehearsal <= 0):
