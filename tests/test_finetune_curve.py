@@ -32,5 +32,5 @@ def test_table_and_plot(tmp_path):
     text = table(chained)
     assert "first holdout NoC@90" in text.splitlines()[0]
     assert "| 3.00 -> 2.50 (1 worse) | yes |" in text
-    png = plot(chained, tmp_path / "curve.png", "PH2")
+    png = plot(chained, tmp_path / "curve.png", "PH2", chain=True)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "curve.tmp.png").exists()

@@ -108,7 +108,7 @@ def run_curve(export: Path, unseen: str, sizes: List[int], out: Path, unseen_ski
     result = {"unseen": {"spec": unseen, "skip": unseen_skip, "limit": unseen_limit, "instances": len(samples)},
               "settings": settings.to_dict(), "chain": chain, "rows": rows}
     (out / "learning_curve.json").write_text(json.dumps(result, indent=2, default=str))
-    plot(rows, out / "learning_curve.png", name)
+    plot(rows, out / "learning_curve.png", name, chain)
     return result
 
 
@@ -157,7 +157,7 @@ def table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: List[Dict[str, Any]], path: Path, name: str) -> Path:
+def plot(rows: List[Dict[str, Any]], path: Path, name: str, chain: bool = False) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,9 +172,11 @@ def plot(rows: List[Dict[str, Any]], path: Path, name: str) -> Path:
             hollow = r["promoted"] is False
             ax.scatter([r["labels"]], [r["unseen"][key]], color="white" if hollow else colour, edgecolors=colour,
                        zorder=3, s=40)
-    ax.set_xlabel("project labels used for fine-tuning (0 = base model)")
+    ax.set_xlabel("project labels used for fine-tuning (0 = base model)"
+                  + ("; each round from the one before" if chain else ""))
     ax.set_ylabel(f"clicks on unseen {name} images")
-    ax.set_title(f"Learning curve on {name} (hollow: not promoted by the gate)")
+    ax.set_title(f"{'Rounds of one project' if chain else 'Learning curve'} on {name} "
+                 "(hollow: not promoted by the gate)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
