@@ -157,7 +157,7 @@ def test_killed_worker_fails_the_job_and_a_retry_resumes(workers, export, base_p
     assert job.get_status() == "finished", jobs.job_info(conn, job_id)
     result = job.return_value()
     print("\nretried job timings:", result["timings"])
-    assert result["train"] == {"steps": 8, "resumed": True, "device": result["train"]["device"]}
+    assert result["train"] == {"steps": 8, "resumed": True, "device": result["train"]["device"], "rehearsal": 0.5}
     assert result["version"] == "p5-v001" and result["parent"] == reg.versions()[0].name
     h = result["metrics"]["holdout"]
     better = h["candidate"]["noc90"] < h["parent"]["noc90"]
