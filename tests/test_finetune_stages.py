@@ -9,7 +9,7 @@ import pytest
 
 from backend.finetune import (Eta, Evaluation, FinetuneJob, FinetuneSettings, decide_promotion, job, run_finetune,
                               step_reporter, train_candidate)
-from backend.finetune import candidate as job_module_candidate
+from backend.finetune import candidate as candidate_module
 from backend.finetune.evaluation import EvalSet
 
 
@@ -44,7 +44,7 @@ def test_train_stage_reports_steps_from_either_path(tmp_path, monkeypatch, gpus)
 
     monkeypatch.setattr(training.train, "train", fake)
     monkeypatch.setattr(training.distributed, "torchrun_train", fake)
-    monkeypatch.setattr(job_module_candidate, "make_candidate",
+    monkeypatch.setattr(candidate_module, "make_candidate",
                         lambda trained, parent, name, routing, settings: (trained, {"kind": "trained", "routing": None}))
     calls = []
     job = make_job(tmp_path, lambda stage, percent, **kw: calls.append((stage, percent, kw)), steps=3,

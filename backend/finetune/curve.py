@@ -33,6 +33,7 @@ from model.files import file_sha256, read_info, resolve
 from ..registry import ProjectRegistry
 from model.settings import LOCAL_FILES_ROOT
 
+from .decision import Paired
 from .evaluation import PROTOCOL, ModelSpec, eval_workers
 from .job import run_finetune
 from .settings import FinetuneSettings
@@ -114,12 +115,10 @@ def run_curve(export: Path, unseen: str, sizes: List[int], out: Path, unseen_ski
 
 def _on(per_instance: Dict[str, list], ids: List[str]) -> Dict[str, Any]:
     """NoC@90 of the job's parent and candidate on the given holdout instances (those it has)."""
-    have = [i for i in ids if i in per_instance]
-    parent = [per_instance[i][0] for i in have]
-    candidate = [per_instance[i][1] for i in have]
-    return {"instances": len(have), "parent": sum(parent) / max(1, len(have)),
-            "candidate": sum(candidate) / max(1, len(have)),
-            "worse": sum(c > p for p, c in zip(parent, candidate)), "better": sum(c < p for p, c in zip(parent, candidate))}
+    have = {i: per_instance[i] for i in ids if i in per_instance}
+    p = Paired("first holdout", {i: v[0] for i, v in have.items()}, {i: v[1] for i, v in have.items()})
+    return {"instances": len(p.ids), "parent": p.mean("parent"), "candidate": p.mean("candidate"),
+            "worse": len(p.worse), "better": len(p.better)}
 
 
 def _row_text(row: Dict[str, Any]) -> str:

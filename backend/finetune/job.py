@@ -224,7 +224,7 @@ def train_config(job: FinetuneJob, routed: bool) -> TrainConfig:
     data, on which it also learns the parent's answers (FINETUNE_DISTILL), in the share
     FINETUNE_REHEARSAL when the result will answer every image, FINETUNE_ROUTED_REHEARSAL (0) when
     it will answer only images like the project's (`routed`): there rehearsal only takes steps
-    from the project (PH2, 50 labels: unseen NoC@90 4.49 with rehearsal 0.5, 3.46 without)."""
+    from the project (PH2, 50 labels: unseen NoC@90 4.49 with rehearsal 0.5, 3.57 without)."""
     s, data = job.settings, job.data
     rehearsal = s.routed_rehearsal if routed else s.rehearsal
     return TrainConfig(
@@ -270,7 +270,8 @@ def route(job: FinetuneJob) -> Optional["Routing"]:
     from .candidate import plan_routing  # imports torch: not on the enqueue path
 
     with _timed(job, "route_s"):
-        job.progress("route", PERCENT["route"], detail="fitting the router on the project's images")
+        job.progress("route", PERCENT["route"], detail="fitting the router on the project's images"
+                     if job.settings.routing else "routing off (FINETUNE_ROUTING)")
         return plan_routing(Path(job.parent.checkpoint), job.data, job.settings)
 
 
