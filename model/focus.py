@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 
 def changed_region(prev: np.ndarray, new: np.ndarray, y: int, x: int) -> np.ndarray:
@@ -28,13 +27,33 @@ def focus_radius(prev: np.ndarray, region: np.ndarray, y: int, x: int, min_radiu
         ys, xs = np.nonzero(region)
         r = float(max(np.abs(ys - y).max(), np.abs(xs - x).max()))
     elif prev.any() and not prev.all():
-        # Distance from the click to the nearest pixel of the other label = to the boundary.
-        inside = bool(prev[y, x])
-        dist = ndimage.distance_transform_edt(prev if inside else ~prev)
-        r = float(dist[y, x])
+        r = distance_to_other_label(prev, y, x)
     else:
         r = 0.0
     return max(r, float(min_radius))
+
+
+def distance_to_other_label(mask: np.ndarray, y: int, x: int, start: int = 16) -> float:
+    """Euclidean distance from (y, x) to the nearest pixel whose label differs from mask[y, x] (the
+    click's distance to the mask's boundary): what scipy's distance_transform_edt gives at that
+    pixel, searched in a square window around the click that doubles until it holds the answer, not
+    over the whole working image (a 2 MP transform cost ~25 ms of every click). Exact: a pixel
+    outside a window of half-side r is farther than r, so a nearest pixel found within r is the
+    nearest of all. inf when the mask holds one label only."""
+    height, width = mask.shape
+    label = mask[y, x]
+    r = start
+    while True:
+        y0, x0 = max(0, y - r), max(0, x - r)
+        ys, xs = np.nonzero(mask[y0:y + r + 1, x0:x + r + 1] != label)
+        whole = y0 == 0 and x0 == 0 and y + r + 1 >= height and x + r + 1 >= width
+        if ys.size:
+            d2 = int(((ys + (y0 - y)) ** 2 + (xs + (x0 - x)) ** 2).min())
+            if d2 <= r * r or whole:
+                return float(np.sqrt(d2))
+        elif whole:
+            return float("inf")
+        r *= 2
 
 
 def focus_box(y: float, x: float, half: float, height: int, width: int) -> tuple[int, int, int, int]:

@@ -55,6 +55,34 @@ def test_focus_radius_rules():
     assert focus.focus_radius(np.zeros_like(prev), empty, 30, 30) == 5.0
 
 
+def test_distance_to_other_label_equals_the_euclidean_distance_transform():
+    """The windowed search answers what scipy's whole-image transform answers at the click, for
+    blobs of every size (the answer inside, at or beyond the first window), thin shapes, masks
+    touching the border and clicks on either label."""
+    from scipy import ndimage
+    rng = np.random.default_rng(7)
+    checked = 0
+    for case in range(60):
+        h, w = (int(v) for v in rng.integers(20, 400, 2))
+        mask = np.zeros((h, w), bool)
+        for _ in range(int(rng.integers(1, 4))):
+            cy, cx = rng.integers(0, h), rng.integers(0, w)
+            ry, rx = rng.integers(1, max(2, h // 2)), rng.integers(1, max(2, w // 2))
+            yy, xx = np.ogrid[:h, :w]
+            mask |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        if case % 5 == 0:
+            mask = ~mask                        # mostly foreground, holes
+        if not mask.any() or mask.all():
+            continue
+        for _ in range(5):
+            y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+            ref = ndimage.distance_transform_edt(mask if mask[y, x] else ~mask)[y, x]
+            assert focus.distance_to_other_label(mask, y, x) == ref, (case, y, x)
+            checked += 1
+    assert checked > 200
+    assert focus.distance_to_other_label(np.ones((5, 5), bool), 2, 2) == float("inf")
+
+
 def test_focus_box_is_square_centred_and_inside():
     assert focus.focus_box(50, 50, 10, 200, 200) == (40, 40, 61, 61)
     y0, x0, y1, x1 = focus.focus_box(2, 198, 10, 200, 200)
