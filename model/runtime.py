@@ -13,7 +13,9 @@ features per image in PyTorch and stays there.
 The converted model is made once per checkpoint and runtime and cached on disk under a key that
 holds the checkpoint's sha256, the runtime's version and GRAPH_VERSION: a promoted fine-tuned
 version converts once, the next load of the same file reads the cache. Files are published with
-an atomic rename, so a crash or two processes converting at once never leave a torn file.
+an atomic rename, so a crash or two processes converting at once never leave a torn file. The cache
+keeps the INFERENCE_CACHE_KEEP most recently used models (a read marks one used): every promoted
+version of a fine-tuning loop would otherwise stay on disk for good.
 
 `INFERENCE_RUNTIME` (model.settings): auto picks OpenVINO, else ONNX Runtime, else PyTorch,
 by which package is installed. Training never uses this module.
@@ -37,7 +39,7 @@ from torch import nn
 
 from .network import ImageCode, InteractiveSegNet, PromptMaps
 from .files import REPO_ROOT
-from .settings import DATA_DIR, INFERENCE_CACHE
+from .settings import DATA_DIR, INFERENCE_CACHE, INFERENCE_CACHE_KEEP
 
 log = logging.getLogger("simclick.runtime")
 
@@ -165,6 +167,50 @@ def _publish(finals: list[Path], write: Callable[[Path], None]) -> None:
         tmp.rmdir()
 
 
+# The file a reader looks for, per runtime (an OpenVINO model's weights are the .bin beside its .xml).
+_ENTRY_GLOBS = ("openvino-*.xml", "onnxruntime-*.onnx")
+_STALE_TEMP_S = 3600.0
+
+
+def _used(path: Path) -> None:
+    """Mark a cached model as just used (its mtime): eviction removes the least recently used."""
+    try:
+        os.utime(path)
+    except OSError:        # a read-only cache is still a cache; it is only never evicted from
+        pass
+
+
+def evict(cache: Path, keep: int | None = None) -> list[Path]:
+    """Delete all but the `keep` (default INFERENCE_CACHE_KEEP; 0 = all kept) most recently used
+    converted models in `cache`, and temporary folders a killed conversion left over an hour ago.
+    Returns what was deleted. Safe beside readers: a model already loaded lives in memory, and a
+    reader that finds half of one gone converts again (_unreadable)."""
+    keep = INFERENCE_CACHE_KEEP.read() if keep is None else keep
+    gone: list[Path] = []
+    if keep <= 0 or not cache.is_dir():
+        return gone
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:    # deleted meanwhile by another process's eviction
+            return 0.0
+    entries = sorted((p for g in _ENTRY_GLOBS for p in cache.glob(g)), key=mtime, reverse=True)
+    for entry in entries[keep:]:
+        for p in (entry, entry.with_suffix(".bin")) if entry.suffix == ".xml" else (entry,):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    for tmp in cache.glob(".convert-*"):
+        if time.time() - mtime(tmp) > _STALE_TEMP_S:
+            for p in tmp.iterdir():
+                p.unlink(missing_ok=True)
+            tmp.rmdir()
+            gone.append(tmp)
+    if gone:
+        log.info("inference cache %s: deleted %d file(s) beyond the %d most recently used models", cache,
+                 len(gone), keep)
+    return gone
+
+
 def _unreadable(path: Path, e: Exception) -> None:
     log.warning("the converted model %s is unreadable (%s: %s): converting again", path, type(e).__name__, e)
 
@@ -197,6 +243,7 @@ def _openvino(net: InteractiveSegNet, names: list[str], cache: Path | None, key:
     if xml is not None and xml.is_file():
         try:
             model, source = core.read_model(str(xml)), str(xml)
+            _used(xml)
         except Exception as e:
             _unreadable(xml, e)
     if model is None:
@@ -219,6 +266,7 @@ def _openvino(net: InteractiveSegNet, names: list[str], cache: Path | None, key:
             _publish([xml.with_suffix(".bin"), xml],
                      lambda d: ov.save_model(converted, str(d / target.name), compress_to_fp16=False))
             source = str(xml)
+            evict(xml.parent)
     # f32, not the bf16 the CPU plugin picks on CPUs with AMX: bf16 changes the masks (README, Speed)
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
     if threads:
@@ -257,6 +305,7 @@ def _onnxruntime(net: InteractiveSegNet, names: list[str], cache: Path | None, k
     if path is not None and path.is_file():
         try:
             session, source = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"]), str(path)
+            _used(path)
         except Exception as e:
             _unreadable(path, e)
     if session is None:
@@ -267,6 +316,7 @@ def _onnxruntime(net: InteractiveSegNet, names: list[str], cache: Path | None, k
                 (folder / target.name).write_bytes(blob)
             _publish([path], write)
             source = str(path)
+            evict(path.parent)
         session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
 
     def run(inputs: dict) -> np.ndarray:

@@ -341,6 +341,10 @@ INFERENCE_RUNTIME = _declare(
 INFERENCE_CACHE = _declare(
     "INFERENCE_CACHE", str, "", ("backend", "worker", "evaluation"),
     "folder of the converted models, one per checkpoint hash and runtime; empty = $DATA_DIR/inference-cache")
+INFERENCE_CACHE_KEEP = _declare(
+    "INFERENCE_CACHE_KEEP", int, "8", ("backend", "worker", "evaluation"),
+    "converted models kept in INFERENCE_CACHE, the most recently used; older ones are deleted when a new "
+    "one is written (each is about the checkpoint's size); 0 = keep all")
 INFERENCE_THREADS = _declare(
     "INFERENCE_THREADS", int, "0", ("backend", "worker", "evaluation"),
     "CPU threads of the OpenVINO / ONNX Runtime inference; 0 = as many as PyTorch uses (torch.get_num_threads)")

@@ -3,6 +3,9 @@ converted model is cached by checkpoint hash, and whatever fails falls back to P
 from __future__ import annotations
 
 import logging
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from model.config import ModelConfig
 from model.images import load_image, load_mask
 from model.network import InteractiveSegNet
 from model.predictor import Predictor
-from model.runtime import _cache_path, choose, installed
+from model.runtime import _cache_path, choose, evict, installed
 from tests.conftest import DATASETS
 from training.evaluation.clicker import RobotClicker
 
@@ -71,6 +74,10 @@ def test_the_converted_model_is_cached_by_checkpoint_hash(shipped, caplog):
     assert again.runtime == "openvino" and again.compiled is not None
     assert again.compiled.source == ov.compiled.source
     assert "converted" not in caplog.text                   # read from the cache, not converted again
+    xml = Path(ov.compiled.source)
+    os.utime(xml, (1e9, 1e9))                               # as if last used in 2001
+    Predictor(torch_p.net, torch_p.info, device="cpu", options=torch_p.options, runtime="openvino", cache=cache)
+    assert xml.stat().st_mtime > 1e9 + 1                    # a read marks it used: eviction keeps it
     # another checkpoint (a fine-tuned version: other bytes, other hash) has another file
     import openvino
 
@@ -116,6 +123,31 @@ def test_a_failed_conversion_falls_back_to_pytorch(caplog):
     with caplog.at_level(logging.WARNING, logger="simclick.predictor"):
         q = Predictor(net, {"version": "late"}, device="cpu", runtime="no-such-runtime")
     assert q.runtime == "torch" and "no-such-runtime" in caplog.text
+
+
+def test_the_cache_keeps_the_most_recently_used_models(tmp_path):
+    """Beyond INFERENCE_CACHE_KEEP models, the least recently used go (an OpenVINO model's .xml with
+    its .bin), and so do temporary folders a killed conversion left; nothing else is touched."""
+    now = time.time()
+    for i, name in enumerate(["openvino-a.xml", "openvino-b.xml", "onnxruntime-c.onnx", "openvino-d.xml"]):
+        path = tmp_path / name
+        path.write_text(name)
+        if path.suffix == ".xml":
+            path.with_suffix(".bin").write_text("weights")
+        os.utime(path, (now - 100 * (i + 1),) * 2)          # a newest, d oldest
+    os.utime(tmp_path / "openvino-a.xml", (now - 1000,) * 2)   # a: used long ago
+    (tmp_path / "notes.txt").write_text("not a model")
+    for name, age in ((".convert-old", 7200), (".convert-running", 10)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part.bin").write_text("half")
+        os.utime(tmp_path / name, (now - age,) * 2)
+    gone = evict(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".convert-running", "notes.txt", "onnxruntime-c.onnx", "openvino-b.bin", "openvino-b.xml"]
+    assert {p.name for p in gone} == {"openvino-a.xml", "openvino-a.bin", "openvino-d.xml", "openvino-d.bin",
+                                      ".convert-old"}
+    assert evict(tmp_path, keep=0) == [] and len(list(tmp_path.iterdir())) == 5     # 0 keeps all
+    assert evict(tmp_path / "missing", keep=1) == []
 
 
 def test_auto_picks_an_installed_runtime():
