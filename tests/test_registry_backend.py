@@ -166,7 +166,11 @@ def test_a_promotion_is_loaded_when_it_happens_and_listed_in_health(base_predict
     want = {"4": {"served": "p4-v001", "promoted": "p4-v001"}, "5": {"served": "p5-v001", "promoted": "p5-v001"}}
     assert health_projects(want) == want                              # loaded without a request
     loads = [r.getMessage() for r in caplog.records if "loaded p5-v001" in r.getMessage()]
-    assert len(loads) == 1
+    # Once (a fresh machine's first run) the record was missing although /health showed p5-v001
+    # served; not reproduced since. Say what was captured and how the logger stood, if it happens.
+    router_log = logging.getLogger("backend.model_router")
+    assert len(loads) == 1, ([f"{r.name} {r.levelname} {r.getMessage()}" for r in caplog.records][-15:],
+                             f"disabled={router_log.disabled} level={router_log.getEffectiveLevel()}")
     assert predict(c, "5.1795584533") == "p5-v001"                     # the first request finds it loaded
     assert len([r for r in caplog.records if "loaded p5-v001" in r.getMessage()]) == 1
     app.extensions["simclick"].models.stop()
