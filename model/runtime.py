@@ -194,17 +194,20 @@ def evict(cache: Path, keep: int | None = None) -> list[Path]:
             return p.stat().st_mtime
         except OSError:    # deleted meanwhile by another process's eviction
             return 0.0
-    entries = sorted((p for g in _ENTRY_GLOBS for p in cache.glob(g)), key=mtime, reverse=True)
-    for entry in entries[keep:]:
-        for p in (entry, entry.with_suffix(".bin")) if entry.suffix == ".xml" else (entry,):
-            p.unlink(missing_ok=True)
-            gone.append(p)
-    for tmp in cache.glob(".convert-*"):
-        if time.time() - mtime(tmp) > _STALE_TEMP_S:
-            for p in tmp.iterdir():
+    try:
+        entries = sorted((p for g in _ENTRY_GLOBS for p in cache.glob(g)), key=mtime, reverse=True)
+        for entry in entries[keep:]:
+            for p in (entry, entry.with_suffix(".bin")) if entry.suffix == ".xml" else (entry,):
                 p.unlink(missing_ok=True)
-            tmp.rmdir()
-            gone.append(tmp)
+                gone.append(p)
+        for tmp in cache.glob(".convert-*"):
+            if time.time() - mtime(tmp) > _STALE_TEMP_S:
+                for p in tmp.iterdir():
+                    p.unlink(missing_ok=True)
+                tmp.rmdir()
+                gone.append(tmp)
+    except OSError as e:     # a read-only cache, another process evicting at once: the model still serves
+        log.warning("inference cache %s: eviction stopped: %s: %s", cache, type(e).__name__, e)
     if gone:
         log.info("inference cache %s: deleted %d file(s) beyond the %d most recently used models", cache,
                  len(gone), keep)

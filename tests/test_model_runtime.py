@@ -125,7 +125,7 @@ def test_a_failed_conversion_falls_back_to_pytorch(caplog):
     assert q.runtime == "torch" and "no-such-runtime" in caplog.text
 
 
-def test_the_cache_keeps_the_most_recently_used_models(tmp_path):
+def test_the_cache_keeps_the_most_recently_used_models(tmp_path, monkeypatch):
     """Beyond INFERENCE_CACHE_KEEP models, the least recently used go (an OpenVINO model's .xml with
     its .bin), and so do temporary folders a killed conversion left; nothing else is touched."""
     now = time.time()
@@ -148,6 +148,11 @@ def test_the_cache_keeps_the_most_recently_used_models(tmp_path):
                                       ".convert-old"}
     assert evict(tmp_path, keep=0) == [] and len(list(tmp_path.iterdir())) == 5     # 0 keeps all
     assert evict(tmp_path / "missing", keep=1) == []
+
+    def refused(self, missing_ok=False):                     # a read-only cache (root may write anyway)
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert evict(tmp_path, keep=1) == []                     # logged, not raised: the model still serves
 
 
 def test_auto_picks_an_installed_runtime():
