@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -162,9 +163,7 @@ def _publish(finals: list[Path], write: Callable[[Path], None]) -> None:
         for final in finals:
             os.replace(tmp / final.name, final)
     finally:
-        for p in tmp.iterdir():
-            p.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp)
 
 
 # The file a reader looks for, per runtime (an OpenVINO model's weights are the .bin beside its .xml).
@@ -202,9 +201,7 @@ def evict(cache: Path, keep: int | None = None) -> list[Path]:
                 gone.append(p)
         for tmp in cache.glob(".convert-*"):
             if time.time() - mtime(tmp) > _STALE_TEMP_S:
-                for p in tmp.iterdir():
-                    p.unlink(missing_ok=True)
-                tmp.rmdir()
+                shutil.rmtree(tmp)
                 gone.append(tmp)
     except OSError as e:     # a read-only cache, another process evicting at once: the model still serves
         log.warning("inference cache %s: eviction stopped: %s: %s", cache, type(e).__name__, e)
